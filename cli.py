@@ -1,0 +1,21 @@
+"""Console entry points: ``lopt-convert`` (converter/commands.py) and ``lopt-parity`` (parity_tests/commands.py)."""
+
+from __future__ import annotations
+
+
+def convert_main() -> None:
+    """``lopt-convert``: convert published learned-optimizer checkpoints to safetensors."""
+    from converter.commands import main
+
+    main()
+
+
+def parity_main() -> None:
+    """``lopt-parity``: record, check and report parity against the JAX reference."""
+    from parity_tests.commands import main
+
+    main()
+
+
+if __name__ == "__main__":
+    convert_main()

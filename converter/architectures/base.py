@@ -1,0 +1,46 @@
+"""What every architecture module produces: a validated, named set of theta tensors plus the full config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class ArchSpec:
+    """A validated learned-optimizer checkpoint, ready to be written as safetensors.
+
+    ``tensors`` maps the runtime's tensor names to arrays (values unchanged from the source);
+    ``source_paths`` maps each of those names to ``{"path": "a/b/c", "transform": None | "..."}``,
+    where ``path`` is the original flax tree path joined with "/" (haiku names keep their own "/" and "~"
+    so the components are also stored as a list under ``"keys"``).
+    ``config`` is every constructor argument of the reference class, defaults filled in, JSON-serialisable.
+    """
+
+    name: str
+    config: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+    source_paths: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Architecture(Protocol):
+    """One module per family implements this (module-level functions/attributes are fine)."""
+
+    #: architecture id written to the safetensors metadata, e.g. "velo", "celo", "celo_adam"
+    name: str
+    #: gin configurable names that select this architecture, e.g. ("HyperV2",)
+    gin_names: tuple[str, ...]
+
+    def defaults(self) -> dict[str, Any]:
+        """Every constructor argument of the reference class with its default value."""
+
+    def matches(self, tree: dict[str, Any]) -> bool:
+        """Cheap structural test used by ``lopt-convert auto``: does this theta look like ours?"""
+
+    def build(self, tree: dict[str, Any], bindings: dict[str, Any], *, source: str) -> ArchSpec:
+        """Validate ``tree`` (theta) against ``bindings`` (config overrides) and name its tensors.
+
+        Raises ConversionError(source, ...) listing what was expected and what was found.
+        """

@@ -1,0 +1,1 @@
+"""Parity harness: record the JAX reference on synthetic tasks, replay our runtime, compare step by step."""

@@ -1,0 +1,237 @@
+"""The torch.optim.Optimizer shell every learned optimizer shares.
+
+It owns what the reference puts in wrappers around the learned update (``prefab.LearnedOptimizer``:
+gradient accumulation; ``WeightDecayWrapper``: weight decay; the ``lr`` multiplier torch schedulers drive)
+and the loss plumbing, so that each family module only implements the learned update itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .checkpoint import read_checkpoint
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+#: Key of the optimizer-wide state in ``self.state`` (torch keeps non-tensor keys as they are in state_dict).
+GLOBAL = "global"
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses set ``architecture`` and implement ``_init_global``, ``_init_param`` and ``_update``.
+
+    Args:
+        params: tensors or param groups, as for any torch optimizer.
+        theta: the meta-learned weights, by runtime tensor name (as written by the converter).
+        config: every constructor argument of the reference class (as written by the converter).
+        num_steps: the length of training the optimizer is told about (the reference's ``num_steps``).
+        lr: multiplier on the learned step; ``1.0`` reproduces the reference, schedulers may change it.
+        weight_decay: ``WeightDecayWrapper`` semantics: ``g += wd * p`` and ``loss += wd * sum(p**2)``.
+        max_training_steps: if ``num_steps`` exceeds it, accumulate ``ceil(num_steps / max)`` gradients per
+            update and tell the optimizer ``num_steps // accumulate`` steps (``prefab.LearnedOptimizer``).
+        foreach / fused: like torch.optim.Adam; ``None`` picks the fastest implementation for the device.
+    """
+
+    architecture: ClassVar[str] = ""
+    #: Whether the update reads the training loss (VeLO's loss features). Celo/Adafac do not.
+    uses_loss: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        theta: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+        *,
+        num_steps: int,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        max_training_steps: int | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if not isinstance(num_steps, int) or num_steps <= 0:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+        self.theta = {k: v.detach().to(torch.float32) for k, v in theta.items()}
+        self.config = dict(config)
+        self.num_accumulate = 1
+        if max_training_steps is not None and num_steps > max_training_steps:
+            self.num_accumulate = math.ceil(num_steps / max_training_steps)
+        self.num_steps = num_steps
+        self.inner_num_steps = num_steps // self.num_accumulate
+
+    # ----------------------------------------------------------------------------------------------------
+    # Construction from a converted file.
+    @classmethod
+    def from_checkpoint(cls, path: str, params: ParamsT, *, num_steps: int, **options: Any) -> LearnedOptimizer:
+        """Build the optimizer from a ``.safetensors`` file written by ``lopt-convert``."""
+        ckpt = read_checkpoint(path)
+        if cls.architecture and ckpt.architecture != cls.architecture:
+            raise ValueError(
+                f"{path}: holds a '{ckpt.architecture}' optimizer, not '{cls.architecture}'; "
+                "use pylo_runtime.load_optimizer to pick the class from the file"
+            )
+        return cls(params, ckpt.tensors, ckpt.config, num_steps=num_steps, **options)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Hooks for subclasses.
+    def _init_global(self, device: torch.device) -> dict[str, Any]:
+        """Optimizer-wide state (loss buffer, iteration, ...), created at the first step."""
+        return {}
+
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Fill ``state`` (empty dict) with float32 per-parameter state for ``p``."""
+        raise NotImplementedError
+
+    def _update(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        lrs: list[float],
+        loss: torch.Tensor | None,
+        global_state: dict[str, Any],
+        *,
+        foreach: bool | None,
+        fused: bool | None,
+    ) -> None:
+        """Apply one learned step in place.
+
+        ``grads`` are float32 (weight decay and accumulation already applied); ``lrs[i]`` multiplies the step
+        of ``params[i]``; ``loss`` is a float32 0-d tensor (or None when ``uses_loss`` is False).
+        Per-parameter state is ``self.state[p]``. Params may be float32, bfloat16 or float16.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------------
+    def _theta_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Theta on ``device``, moved once and cached."""
+        cache = self.__dict__.setdefault("_theta_cache", {})
+        if device not in cache:
+            cache[device] = {k: v.to(device) for k, v in self.theta.items()}
+        return cache[device]
+
+    @staticmethod
+    def _as_loss(loss: Any, device: torch.device) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+            return loss.detach().reshape(()).to(device=device, dtype=torch.float32)
+        return torch.tensor(float(loss), dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One optimizer step. The loss is taken from ``loss=`` or from ``closure()``; VeLO needs one."""
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+            if loss is None:
+                loss = closure_loss
+        if self.uses_loss and loss is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs the training loss: call step(loss=loss) or step(closure)"
+            )
+
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        lrs: list[float] = []
+        wd_loss: list[torch.Tensor] = []
+        foreach = fused = None
+        for group in self.param_groups:
+            foreach, fused = group["foreach"], group["fused"]
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:  # like torch optimizers: no gradient, no update, no state change
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                g = p.grad.detach().to(torch.float32)
+                if wd != 0.0:
+                    pf = p.detach().to(torch.float32)
+                    g = g + wd * pf
+                    wd_loss.append(wd * torch.sum(pf * pf))
+                params.append(p)
+                grads.append(g)
+                lrs.append(float(group["lr"]))
+        if not params:
+            return closure_loss
+
+        device = params[0].device
+        loss_t = None
+        if loss is not None:
+            loss_t = self._as_loss(loss, device)
+            for extra in wd_loss:
+                loss_t = loss_t + extra.to(device)
+
+        if GLOBAL not in self.state:
+            self.state[GLOBAL] = self._init_global(device)
+        global_state = self.state[GLOBAL]
+        for p in params:
+            if len(self.state[p]) == 0:
+                self._init_param(p, self.state[p])
+
+        if self.num_accumulate > 1:
+            params, grads, lrs, loss_t = self._accumulate(params, grads, lrs, loss_t, global_state)
+            if not params:
+                return closure_loss
+
+        self._update(params, grads, lrs, loss_t, global_state, foreach=foreach, fused=fused)
+        return closure_loss
+
+    def _accumulate(self, params, grads, lrs, loss_t, global_state):
+        """``GradientAccumulator``: sum gradients and losses, update with their mean every k-th call."""
+        k = self.num_accumulate
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if "grad_accum" not in st:
+                st["grad_accum"] = torch.zeros_like(g)
+            st["grad_accum"].add_(g)
+        if loss_t is not None:
+            acc = global_state.get("loss_accum")
+            global_state["loss_accum"] = loss_t if acc is None else acc + loss_t
+        count = global_state.get("accum_count", 0) + 1
+        global_state["accum_count"] = count
+        if count % k != 0:
+            return [], [], [], None
+        mean_grads = []
+        for p in params:
+            st = self.state[p]
+            mean_grads.append(st["grad_accum"] / k)
+            st["grad_accum"].zero_()
+        mean_loss = None
+        if "loss_accum" in global_state:
+            mean_loss = global_state.pop("loss_accum") / k
+        return params, mean_grads, lrs, mean_loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like torch's, but the optimizer-wide state is deep-copied so the source dict is never aliased."""
+        state_dict = dict(state_dict)
+        state = dict(state_dict["state"])
+        if GLOBAL in state:
+            state[GLOBAL] = _clone_tree(state[GLOBAL])
+        state_dict["state"] = state
+        super().load_state_dict(state_dict)
+
+
+def _clone_tree(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_clone_tree(v) for v in x)
+    return x
+
+
+def write_param(p: torch.Tensor, new_value_f32: torch.Tensor) -> None:
+    """Store a float32 result into ``p`` (rounding to bf16/fp16 params once, at the end)."""
+    p.copy_(new_value_f32)
