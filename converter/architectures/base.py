@@ -26,7 +26,13 @@ class ArchSpec:
 
 
 class Architecture(Protocol):
-    """One module per family implements this (module-level functions/attributes are fine)."""
+    """One module per family implements this (module-level functions/attributes are fine).
+
+    Each module lists its architectures in a module-level ``ARCHITECTURES: list[Architecture]``;
+    ``converter.architectures`` discovers them (``by_name``, ``by_gin_name``, ``detect``).
+    Optional attribute ``expects: str``: a one-line description of the theta this family accepts, shown
+    by ``detect`` when a tree matches no family (default: first line of the ``matches`` docstring).
+    """
 
     #: architecture id written to the safetensors metadata, e.g. "velo", "celo", "celo_adam"
     name: str
