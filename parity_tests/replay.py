@@ -1,0 +1,143 @@
+"""Our side: convert a fixture's checkpoint with our converter and replay its recorded steps in our runtime.
+
+Two modes over the same recorded losses and gradients:
+
+- ``reset``: before each step our parameters are set to the recorded ``param_before[t]`` (our optimizer
+  state still evolves on its own), so the update we compare is not swamped by float32 rounding of ``p + u``
+  when steps are far smaller than the parameters;
+- ``open``: never reset; we follow our own trajectory and report how far it drifts from the recorded one.
+
+Sampled tensors (see fixture.py) are reset at their sampled elements and get their bit-reproducible gradient
+recomputed from our own parameters; their update is compared at the sampled elements.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .compare import TOLERANCES, CaseResult, drift, update_error
+from .fixture import Fixture, load_fixture, sha256_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: ``factory(fixture, params, checkpoint_path) -> optimizer with .step(loss=...)``
+OptimizerFactory = Callable[[Fixture, list[torch.Tensor], Path], Any]
+
+
+def convert_fixture(fx: Fixture, out_dir: Path) -> Path:
+    """Convert the fixture's recorded checkpoint with our converter into ``out_dir``; returns the file."""
+    from converter.convert import convert_source
+
+    src = fx.source_path()
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: checkpoint of fixture {fx.path.name} not found")
+    want = fx.meta.get("source_sha256")
+    if want and src.is_file() and sha256_file(src) != want:
+        raise ValueError(f"{src}: sha256 differs from the one recorded in {fx.path / 'meta.json'}")
+    out = Path(out_dir) / f"{fx.meta['case']}.safetensors"
+    sets = fx.meta.get("convert_sets") or None
+    return Path(convert_source(str(src), out, architecture=fx.meta["architecture"], sets=sets, force=True))
+
+
+def default_factory(fx: Fixture, params: list[torch.Tensor], ckpt: Path) -> Any:
+    """``pylo_runtime.load_optimizer`` on the converted file, told the recorded ``num_steps``."""
+    from pylo_runtime import load_optimizer
+
+    return load_optimizer(str(ckpt), params, num_steps=int(fx.meta["num_steps"]))
+
+
+def replay(
+    fx: Fixture,
+    ckpt: Path | None,
+    *,
+    mode: str = "reset",
+    dtype: str = "float32",
+    device: str = "cpu",
+    factory: OptimizerFactory = default_factory,
+) -> np.ndarray:
+    """Replay ``fx``; returns ``errors[t, i]`` (mode "reset") or ``drifts[t, i]`` (mode "open")."""
+    if mode not in ("reset", "open"):
+        raise ValueError(f"mode must be 'reset' or 'open', got {mode!r}")
+    tdtype = DTYPES[dtype]
+    names = fx.names
+    task = fx.task() if fx.sample_index else None
+    init = fx.initial_params()
+    params = [torch.tensor(init[n], dtype=torch.float32).to(device=device, dtype=tdtype) for n in names]
+    opt = factory(fx, params, ckpt)
+    out = np.zeros((fx.steps, len(names)), dtype=np.float64)
+    sidx = {n: torch.as_tensor(fx.sample_index[n], device=device) for n in fx.sample_index}
+    for t in range(fx.steps):
+        before: list[np.ndarray] = []
+        for n, p in zip(names, params, strict=True):
+            if mode == "reset":
+                with torch.no_grad():
+                    if n in fx.params:
+                        p.copy_(torch.as_tensor(fx.params[n][t], device=device))
+                    else:
+                        p.view(-1)[sidx[n]] = torch.as_tensor(fx.params_sampled[n][t], device=device).to(
+                            tdtype
+                        )
+            pb = p.detach().to(torch.float32).cpu().numpy().copy()
+            before.append(pb)
+            if n in fx.grads:
+                g = torch.as_tensor(fx.grads[n][t], device=device)
+            else:
+                assert task is not None
+                g = torch.as_tensor(task.grad_quadratic(n, pb, t), device=device)
+            p.grad = g.to(tdtype)
+        opt.step(loss=float(fx.loss[t]))
+        for i, (n, p) in enumerate(zip(names, params, strict=True)):
+            after = p.detach().to(torch.float32).cpu().numpy()
+            if n in fx.params:
+                ref_b, ref_a, ours_b, ours_a = fx.params[n][t], fx.params[n][t + 1], before[i], after
+                ref0 = fx.params[n][0]
+            else:
+                idx = fx.sample_index[n]
+                ref_b, ref_a = fx.params_sampled[n][t], fx.params_sampled[n][t + 1]
+                ours_b, ours_a = before[i].reshape(-1)[idx], after.reshape(-1)[idx]
+                ref0 = fx.params_sampled[n][0]
+            if mode == "reset":
+                out[t, i] = update_error(ours_b, ours_a, ref_b, ref_a, dtype)
+            else:
+                out[t, i] = drift(ours_a, ref_a, ref0)
+    return out
+
+
+def check_fixture(
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    open_loop: bool = True,
+    factory: OptimizerFactory = default_factory,
+    convert: Callable[[Fixture, Path], Path] | None = convert_fixture,
+) -> CaseResult:
+    """Convert, replay in reset mode (and open loop), and return the case's parity numbers."""
+    fx = load_fixture(path)
+    with tempfile.TemporaryDirectory(prefix="lopt-parity-") as tmp:
+        ckpt = convert(fx, Path(tmp)) if convert is not None else None
+        errors = replay(fx, ckpt, mode="reset", dtype=dtype, device=device, factory=factory)
+        drifts = (
+            replay(fx, ckpt, mode="open", dtype=dtype, device=device, factory=factory) if open_loop else None
+        )
+    notes = []
+    if fx.sample_index:
+        notes.append(f"sampled tensors ({', '.join(sorted(fx.sample_index))}): compared at recorded elements")
+    return CaseResult(
+        case=str(fx.meta["case"]),
+        family=str(fx.meta["family"]),
+        architecture=str(fx.meta["architecture"]),
+        names=fx.names,
+        errors=errors,
+        drifts=drifts,
+        dtype=dtype,
+        mode="replay",
+        tolerance=TOLERANCES[dtype],
+        notes=notes,
+    )

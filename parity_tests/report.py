@@ -1,0 +1,137 @@
+"""``parity-report/``: the parity table (stdout and report.md), report.json and a plot of error per step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .compare import CaseResult
+
+HEADER = (
+    "case", "arch", "mode", "dtype", "steps", "max rel update err", "tol", "result", "worst (step, tensor)",
+    "open-loop drift",
+)  # fmt: skip
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.2e}"
+
+
+def rows(results: Sequence[CaseResult]) -> list[tuple[str, ...]]:
+    out = []
+    for r in results:
+        worst = f"{r.worst[0]}, {r.worst[1]}" if r.errors.size else "-"
+        out.append(
+            (r.case, r.architecture, r.mode, r.dtype, str(r.steps), _fmt(r.max_error), f"{r.tolerance:g}",
+             "PASS" if r.passed else "FAIL", worst, _fmt(r.max_drift))
+        )  # fmt: skip
+    return out
+
+
+def format_table(results: Sequence[CaseResult], *, markdown: bool = False) -> str:
+    """The parity table, aligned for a terminal or as a Markdown table."""
+    body = rows(results)
+    if markdown:
+        lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(HEADER)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*HEADER), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in body]
+    return "\n".join(lines)
+
+
+def summary(results: Sequence[CaseResult]) -> str:
+    failed = [r.case for r in results if not r.passed]
+    if failed:
+        return f"{len(failed)} of {len(results)} case(s) FAILED: {', '.join(failed)}"
+    return f"all {len(results)} case(s) passed"
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(
+    results: Sequence[CaseResult], out_dir: str | Path, *, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write report.md, report.json and (matplotlib permitting) errors.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_note = write_plot(results, out / "errors.png")
+    md = [
+        "# Parity report",
+        "",
+        "Max over steps and tensors of `|u_ours - u_ref|_inf / |u_ref|_inf` after allowing one ulp of the "
+        "result (parameters reset to the recorded `param_before[t]` each step); open-loop drift is "
+        "`|p_ours - p_ref|_inf / |p_ref[t] - p_ref[0]|_inf` without the reset. See parity_tests/compare.py.",
+        "",
+        format_table(results, markdown=True),
+        "",
+        summary(results),
+        "",
+    ]
+    notes = [f"- {r.case}: {n}" for r in results for n in r.notes]
+    if notes:
+        md += ["Notes:", "", *notes, ""]
+    md += [f"![error per step]({plot_note})" if plot_note == "errors.png" else f"Plot: {plot_note}", ""]
+    _atomic_write(out / "report.md", "\n".join(md))
+    payload = {
+        "passed": all(r.passed for r in results),
+        "cases": [r.to_json() for r in results],
+        **(extra or {}),
+    }
+    _atomic_write(out / "report.json", json.dumps(payload, indent=2) + "\n")
+    return out
+
+
+def write_plot(results: Sequence[CaseResult], path: Path) -> str:
+    """Plot max-over-tensors error per step for every case (log scale); returns the file name or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped (matplotlib is not installed; pip install matplotlib)"
+    if not results:
+        return "skipped (no cases)"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    floor = 1e-12  # log axis: exact zeros are drawn at the floor
+    for r in results:
+        y = [max(float(v), floor) if math.isfinite(float(v)) else 1.0 for v in r.per_step()]
+        ax.semilogy(range(len(y)), y, label=f"{r.case} ({r.dtype})", linewidth=1.2)
+    tols = sorted({r.tolerance for r in results})
+    for tol in tols:
+        ax.axhline(tol, color="k", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("max rel. update error (after 1 ulp)")
+    ax.set_title("Parity against the JAX reference")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".errors.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path.name
