@@ -1,0 +1,269 @@
+"""``lopt-parity``: record fixtures with the JAX reference, check one, or run every fixture into a report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .compare import TOLERANCES, CaseResult
+from .fixture import discover, repo_root
+
+DEFAULT_FIXTURES = "parity_tests/fixtures"
+RECORDERS_DIR = Path(__file__).resolve().parent / "recorders"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(
+    epilog="""\b
+Examples:
+  lopt-parity run                                  # replay every committed fixture, write parity-report/
+  lopt-parity check parity_tests/fixtures/velo_default
+  PYTHONPATH=/path/to/learned_optimization lopt-parity record velo --case velo_default \\
+      --out parity_tests/fixtures/velo_default
+  PYTHONPATH=/path/to/learned_optimization lopt-parity run --live --family velo
+"""
+)
+def main() -> None:
+    """Parity of lopt-bridge's PyTorch optimizers against the JAX reference, step by step.
+
+    A fixture is a recording of the reference optimizer on a synthetic multi-tensor task (loss, gradients,
+    parameters before and after each step, provenance). `check` and `run` convert the recorded checkpoint with
+    our converter, replay the recorded steps through our runtime and compare each step's update per tensor:
+    max |u_ours - u_ref|_inf / |u_ref|_inf (one ulp of the result allowed) must be <= 1e-5 in float32.
+    """
+
+
+@main.command()
+@click.argument("family")
+@click.option("--case", "case", required=True, help="Case name from the family recorder's CASES.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help=f"Fixture directory to write (default: {DEFAULT_FIXTURES}/CASE).")  # fmt: skip
+@click.option("--seed", default=0, show_default=True, help="Seed of the task and of the random theta.")
+@click.option("--steps", default=50, show_default=True, help="Reference steps to record.")
+@click.option("--num-steps", default=100, show_default=True, help="Training length the optimizer is told.")
+@click.option("--shapes", type=click.Choice(["default", "large"]), default="default", show_default=True,
+              help="Task tensor set; 'large' adds a 512x384 tensor (stored sampled).")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace an existing fixture directory.")
+def record(
+    family: str, case: str, out: Path | None, seed: int, steps: int, num_steps: int, shapes: str, force: bool
+) -> None:
+    """Record CASE of FAMILY (velo, celo, small_fc_lopt, ...) with the JAX reference into a fixture.
+
+    \b
+    Needs jax and the reference on PYTHONPATH (google/learned_optimization, or amoudgl/celo for celo).
+    Example:
+      PYTHONPATH=$LO_SRC lopt-parity record velo --case velo_default --out parity_tests/fixtures/velo_default
+    """
+    from .record import ReferenceUnavailable, record_case
+
+    out = out if out is not None else repo_root() / DEFAULT_FIXTURES / case
+    command = shlex.join(["lopt-parity", *sys.argv[1:]])
+    try:
+        path = record_case(
+            family, case, out, seed=seed, steps=steps, num_steps=num_steps, shapes=shapes, force=force,
+            command=command,
+        )  # fmt: skip
+    except ReferenceUnavailable as e:
+        _fail(str(e))
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        _fail(str(e))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    click.echo(f"recorded {family}/{case}: {steps} steps -> {path} ({size / 1e6:.2f} MB)")
+
+
+def _check_one(path: Path, dtype: str, open_loop: bool) -> CaseResult:
+    """check_fixture, turning any failure (missing converter/runtime, bad file) into a failing result."""
+    from .replay import check_fixture
+
+    try:
+        return check_fixture(path, dtype=dtype, open_loop=open_loop)
+    except Exception as e:  # a broken case is reported as FAIL with the reason, others still run
+        meta: dict[str, Any] = {}
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            pass
+        r = CaseResult(
+            case=str(meta.get("case", path.name)),
+            family=str(meta.get("family", "?")),
+            architecture=str(meta.get("architecture", "?")),
+            names=["-"],
+            errors=np.full((1, 1), np.inf),
+            dtype=dtype,
+            tolerance=TOLERANCES[dtype],
+            notes=[f"error: {type(e).__name__}: {e}"],
+        )
+        r.mode = "error"
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            traceback.print_exc()
+        return r
+
+
+@main.command()
+@click.argument("fixture", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dtype", type=click.Choice(list(TOLERANCES)), default="float32", show_default=True,
+              help="Parameter dtype of our side (bf16/fp16 have their own stated tolerance).")  # fmt: skip
+@click.option("--no-open-loop", is_flag=True, help="Skip the open-loop replay (drift).")
+def check(fixture: Path, dtype: str, no_open_loop: bool) -> None:
+    """Replay one FIXTURE directory through our converter and runtime; exit 1 if it fails.
+
+    \b
+    Example:
+      lopt-parity check parity_tests/fixtures/velo_default
+    """
+    from .report import format_table
+
+    r = _check_one(fixture, dtype, not no_open_loop)
+    click.echo(format_table([r]))
+    for note in r.notes:
+        click.echo(f"  {note}")
+    if not r.passed:
+        click.echo(f"FAIL: {r.case}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--fixtures", type=click.Path(path_type=Path), default=None,
+              help=f"Folder of fixture directories (default: {DEFAULT_FIXTURES}).")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=Path("parity-report"), show_default=True,
+              help="Report folder (report.md, report.json, errors.png).")  # fmt: skip
+@click.option("--dtype", "dtypes", type=click.Choice(list(TOLERANCES)), multiple=True,
+              help="Parameter dtype(s) to replay in (repeatable; default float32).")  # fmt: skip
+@click.option("--live", is_flag=True,
+              help="Reference and ours side by side (no fixtures), also closed loop.")  # fmt: skip
+@click.option(
+    "--family", "families", multiple=True, help="With --live: families to run (default: all recorders)."
+)
+@click.option("--case", "cases", multiple=True, help="With --live: only these cases.")
+@click.option("--steps", default=50, show_default=True, help="With --live: steps per case.")
+def run(
+    fixtures: Path | None,
+    out: Path,
+    dtypes: tuple[str, ...],
+    live: bool,
+    families: tuple[str, ...],
+    cases: tuple[str, ...],
+    steps: int,
+) -> None:
+    """Replay every committed fixture, print the parity table, write the report; exit 1 if any case fails.
+
+    \b
+    Examples:
+      lopt-parity run
+      lopt-parity run --dtype float32 --dtype bfloat16 --out parity-report
+      PYTHONPATH=$LO_SRC lopt-parity run --live --family velo --steps 20
+    """
+    from .report import format_table, summary, write_report
+
+    results: list[CaseResult] = []
+    if live:
+        results = _run_live(families, cases, steps)
+    else:
+        root = fixtures if fixtures is not None else repo_root() / DEFAULT_FIXTURES
+        found = discover(root)
+        if not found:
+            click.echo(f"no parity fixtures under {root} yet: nothing to check (record some with "
+                       "`lopt-parity record`)")  # fmt: skip
+            return
+        for dtype in dtypes or ("float32",):
+            for path in found:
+                results.append(_check_one(path, dtype, open_loop=True))
+    click.echo(format_table(results))
+    for r in results:
+        for note in r.notes:
+            click.echo(f"  {r.case}: {note}")
+    report = write_report(results, out)
+    click.echo(summary(results))
+    click.echo(f"report: {report / 'report.md'}")
+    if not results or not all(r.passed for r in results):
+        sys.exit(1)
+
+
+def _recorder_families() -> list[str]:
+    return sorted(p.stem for p in RECORDERS_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _run_live(families: tuple[str, ...], cases: tuple[str, ...], steps: int) -> list[CaseResult]:
+    """One subprocess per family (celo and learned_optimization cannot share a process)."""
+    results: list[CaseResult] = []
+    for family in families or tuple(_recorder_families()):
+        with tempfile.TemporaryDirectory(prefix="lopt-parity-live-") as tmp:
+            out = Path(tmp) / "results.json"
+            cmd = [sys.executable, "-m", "parity_tests.commands", "live-family", family, "--json", str(out),
+                   "--steps", str(steps), *(a for c in cases for a in ("--case", c))]  # fmt: skip
+            click.echo(f"live: {family} ...", err=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0 or not out.is_file():
+                results.append(
+                    _error_result(family, f"live run failed (exit {proc.returncode}); see messages above")
+                )
+                continue
+            for d in json.loads(out.read_text()):
+                results.append(_result_from_dict(d))
+    return results
+
+
+def _error_result(family: str, note: str) -> CaseResult:
+    r = CaseResult(family, family, "?", ["-"], np.full((1, 1), np.inf), notes=[note])
+    r.mode = "error"
+    return r
+
+
+def _result_to_dict(r: CaseResult) -> dict[str, Any]:
+    return {
+        "case": r.case, "family": r.family, "architecture": r.architecture, "names": r.names,
+        "errors": r.errors.tolist(), "drifts": None if r.drifts is None else r.drifts.tolist(),
+        "dtype": r.dtype, "mode": r.mode, "tolerance": r.tolerance, "notes": r.notes,
+    }  # fmt: skip
+
+
+def _result_from_dict(d: dict[str, Any]) -> CaseResult:
+    drifts = None if d["drifts"] is None else np.asarray(d["drifts"], dtype=np.float64)
+    return CaseResult(
+        d["case"], d["family"], d["architecture"], list(d["names"]),
+        np.asarray(d["errors"], dtype=np.float64), drifts, d["dtype"], d["mode"], float(d["tolerance"]),
+        list(d["notes"]),
+    )  # fmt: skip
+
+
+@main.command("live-family", hidden=True)
+@click.argument("family")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), required=True)
+@click.option("--case", "cases", multiple=True)
+@click.option("--steps", default=50)
+def live_family(family: str, json_out: Path, cases: tuple[str, ...], steps: int) -> None:
+    """(internal) Live parity for one family's cases in this process; results as JSON."""
+    from .live import family_cases, live_case
+    from .record import ReferenceUnavailable
+
+    try:
+        names = [c for c in family_cases(family) if not cases or c in cases]
+    except ReferenceUnavailable as e:
+        _fail(str(e))
+    results: list[CaseResult] = []
+    for case in names:
+        try:
+            results.extend(live_case(family, case, steps=steps))
+        except ReferenceUnavailable as e:
+            _fail(str(e))
+        except Exception as e:  # report and continue with the next case
+            traceback.print_exc()
+            results.append(_error_result(case, f"error: {type(e).__name__}: {e}"))
+    json_out.write_text(json.dumps([_result_to_dict(r) for r in results]))
+
+
+if __name__ == "__main__":
+    main()
