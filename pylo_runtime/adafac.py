@@ -1,0 +1,387 @@
+"""small_fc_lopt: learned_optimization's ``AdafacMLPLOpt`` (a per-element MLP over Adafactor-style features).
+
+The update is the reference's ``opt_fn(theta).update`` exactly: momentum / rms / factored accumulators with
+decays read from theta, 28 per-element features normalised per tensor, 11 tanh time features, an MLP
+``[hidden_size] * hidden_layers + [2]`` and ``step = direction * exp(exp_mult * magnitude) * step_mult``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .base import LearnedOptimizer, ParamsT, write_param
+
+#: Every constructor argument of ``AdafacMLPLOpt`` with its default (learned_optimization @32186aa4).
+DEFAULTS: dict[str, Any] = {
+    "exp_mult": 0.001,
+    "step_mult": 0.001,
+    "hidden_size": 4,
+    "hidden_layers": 2,
+    "initial_momentum_decays": [0.9, 0.99, 0.999],
+    "initial_rms_decays": [0.999],
+    "initial_adafactor_decays": [0.9, 0.99, 0.999],
+    "concat_weights": True,
+    "make_separate_weights": False,
+    "split_weights": False,
+}
+
+#: Time scales of the tanh step embedding (``tanh_embedding``).
+TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small pure functions (optax-like): decays, accumulators, features.
+def decay_from_offset(initial: Any, offset: torch.Tensor) -> torch.Tensor:
+    """``param_to_decay(decay_to_param(d0) + offset)`` = ``1 - exp(10 * (log(1 - d0) / 10 + offset))``."""
+    d0 = torch.as_tensor(initial, dtype=torch.float32, device=offset.device)
+    return 1.0 - torch.exp((torch.log(1.0 - d0) / 10.0 + offset.to(torch.float32)) * 10.0)
+
+
+def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The reference's choice: the two largest dims by ``numpy.argsort`` (same tie order), None below 2-D."""
+    import numpy as np
+
+    if len(shape) < 2:
+        return None
+    order = np.argsort(shape)
+    return int(order[-2]), int(order[-1])
+
+
+def tanh_embedding(iteration: torch.Tensor) -> torch.Tensor:
+    """``tanh(t / timescale - 1)`` for the 11 timescales; ``iteration`` is an integer 0-d tensor."""
+    ts = torch.tensor(TIMESCALES, dtype=torch.float32, device=iteration.device)
+    return torch.tanh(iteration.to(torch.float32) / ts - 1.0)
+
+
+def second_moment_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Divide each feature (last axis) by its root mean square over the tensor's elements (all other axes)."""
+    dims = list(range(x.dim() - 1))
+    return x * torch.rsqrt(eps + torch.mean(torch.square(x), dim=dims, keepdim=True))
+
+
+def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    return torch.rsqrt(torch.clamp(x, min=1e-9))
+
+
+def update_momentum(m: torch.Tensor, g: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """``decay * m + (1 - decay) * g`` for every decay (last axis); momentum decays are not clipped."""
+    return decay * m + (1.0 - decay) * g.unsqueeze(-1)
+
+
+def update_rms(v: torch.Tensor, g: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """``d * v + (1 - d) * g**2`` with ``d`` clipped to [0, 1]."""
+    d = torch.clamp(decay, 0.0, 1.0)
+    return d * v + (1.0 - d) * (g * g).unsqueeze(-1)
+
+
+def update_factored(
+    v_row: torch.Tensor,
+    v_col: torch.Tensor,
+    v_diag: torch.Tensor,
+    g: torch.Tensor,
+    decay: torch.Tensor,
+    fdims: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adafactor accumulators (``common.factored_rolling``); returns new (v_row, v_col, v_diag) and fac_g.
+
+    ``v_row`` drops dim ``d0`` and ``v_col`` drops dim ``d1``; non-factored tensors use ``v_diag``.
+    """
+    d = torch.clamp(decay, 0.0, 1.0)
+    mix = 1.0 - d
+    grad_sqr = g * g + 1e-30
+    if fdims is None:
+        v_diag = d * v_diag + mix * grad_sqr.unsqueeze(-1)
+        return v_row, v_col, v_diag, g.unsqueeze(-1) * safe_rsqrt(v_diag + 1e-9)
+    d1, d0 = fdims
+    v_row = d * v_row + mix * torch.mean(grad_sqr, dim=d0).unsqueeze(-1)
+    v_col = d * v_col + mix * torch.mean(grad_sqr, dim=d1).unsqueeze(-1)
+    row_factor, col_factor = _row_col_factors(v_row, v_col, fdims)
+    fac_g = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+    return v_row, v_col, v_diag, fac_g
+
+
+def _row_col_factors(
+    v_row: torch.Tensor, v_col: torch.Tensor, fdims: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    d1, d0 = fdims
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_col_mean = torch.mean(v_row, dim=reduced_d1, keepdim=True)
+    return safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col)
+
+
+def adafac_features(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    rms: torch.Tensor,
+    fac_g: torch.Tensor,
+    v_row: torch.Tensor,
+    v_col: torch.Tensor,
+    v_diag: torch.Tensor,
+    fdims: tuple[int, int] | None,
+) -> torch.Tensor:
+    """The 28 un-normalised per-element inputs of ``AdafacMLPLOpt._mod``, shape ``p.shape + (28,)``."""
+    rsqrt = torch.rsqrt(rms + 1e-6)
+    inps = [g.unsqueeze(-1), p.unsqueeze(-1), m, rms, m * rsqrt, rsqrt, fac_g]
+    full = p.shape + (v_row.shape[-1] if fdims is not None else v_diag.shape[-1],)
+    if fdims is not None:
+        d1, d0 = fdims
+        row_feat = v_row.unsqueeze(d0).expand(full)
+        col_feat = v_col.unsqueeze(d1).expand(full)
+        row_factor, col_factor = _row_col_factors(v_row, v_col, fdims)
+        fac_mom_mult = m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+        inps += [row_feat, col_feat, torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8), fac_mom_mult]
+    else:
+        rs = torch.rsqrt(v_diag + 1e-8)
+        inps += [v_diag, v_diag, rs, rs, m * torch.pow(v_diag + 1e-6, -0.5)]
+    return torch.cat([x.expand(p.shape + (x.shape[-1],)) for x in inps], dim=-1)
+
+
+def mlp_matmul(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """``relu(x @ w + b)`` per layer, no activation after the last (the concat_weights path)."""
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        x = x @ w + b
+        if i != len(weights) - 1:
+            x = torch.relu(x)
+    return x
+
+
+def mlp_scalar(
+    feats: list[torch.Tensor],
+    time_feat: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """The reference's scalar-math path (``concat_weights=False``): sums in its order, feature by feature."""
+    inp = feats
+    for wi, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        outs = []
+        for oi in range(w.shape[1]):
+            acc = inp[0] * w[0, oi]
+            for vi in range(1, len(inp)):
+                acc = acc + inp[vi] * w[vi, oi]
+            if wi == 0:
+                for k in range(time_feat.shape[0]):
+                    acc = acc + time_feat[k] * w[len(inp) + k, oi]
+            acc = acc + b[oi]
+            outs.append(torch.relu(acc) if wi != len(weights) - 1 else acc)
+        inp = outs
+    return inp
+
+
+def mlp_layers(theta: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[list, list]:
+    """Weights and biases per layer: full ``nn.w{i}`` matrices, or the separate scalars stacked."""
+    n_layers = int(config["hidden_layers"]) + 1
+    separate = not config["concat_weights"] and config["make_separate_weights"]
+    weights, biases = [], []
+    for i in range(n_layers):
+        if not separate:
+            weights.append(theta[f"nn.w{i}"])
+            biases.append(theta[f"nn.b{i}"])
+            continue
+        n_out = int(config["hidden_size"]) if i < n_layers - 1 else 2
+        n_in = 0
+        while f"nn.w{i}_{n_in}_0" in theta:
+            n_in += 1
+        w = torch.stack(
+            [torch.stack([theta[f"nn.w{i}_{v}_{o}"].reshape(()) for o in range(n_out)]) for v in range(n_in)]
+        )
+        weights.append(w)
+        biases.append(torch.stack([theta[f"nn.b{i}_{o}"].reshape(()) for o in range(n_out)]))
+    return weights, biases
+
+
+def n_inputs(config: Mapping[str, Any]) -> int:
+    """Width of the MLP input: per-element features (broadcast as the reference does) + 11 time features."""
+    n_mom = len(config["initial_momentum_decays"])
+    n_rms = len(config["initial_rms_decays"])
+    n_fac = len(config["initial_adafactor_decays"])
+    bc = lambda a, b: max(a, b) if min(a, b) == 1 or a == b else -1  # noqa: E731
+    return (
+        2 + n_mom + n_rms + bc(n_mom, n_rms) + n_rms + n_fac + 4 * n_fac + bc(n_mom, n_fac) + len(TIMESCALES)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+class SmallFCLOpt(LearnedOptimizer):
+    """small_fc_lopt (``AdafacMLPLOpt``) as a torch optimizer; ``lr`` multiplies the learned step.
+
+    Build it with ``SmallFCLOpt.from_checkpoint(path, params, num_steps=...)`` or
+    ``pylo_runtime.load_optimizer``. ``num_steps`` is kept for the interface; the reference stores it unused.
+    """
+
+    architecture: ClassVar[str] = "small_fc_lopt"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        theta: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+        *,
+        num_steps: int,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        max_training_steps: int | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        full = {**DEFAULTS, **dict(config)}
+        super().__init__(
+            params,
+            theta,
+            full,
+            num_steps=num_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_training_steps=max_training_steps,
+            foreach=foreach,
+            fused=fused,
+        )
+        if fused:
+            raise RuntimeError(f"{type(self).__name__}: fused=True is not available (no fused kernel yet)")
+        n_mom = len(full["initial_momentum_decays"])
+        for key, init in (
+            ("momentum_decays", "initial_momentum_decays"),
+            ("rms_decays", "initial_rms_decays"),
+            ("adafactor_decays", "initial_adafactor_decays"),
+        ):
+            if key not in self.theta:
+                raise ValueError(
+                    f"{type(self).__name__}: theta has no '{key}' (the meta-learned decay offsets)"
+                )
+            if tuple(self.theta[key].shape) != (len(full[init]),):
+                raise ValueError(
+                    f"{type(self).__name__}: theta '{key}' has shape {tuple(self.theta[key].shape)}, "
+                    f"config '{init}' has {len(full[init])} decays"
+                )
+        self._n_decays = (n_mom, len(full["initial_rms_decays"]), len(full["initial_adafactor_decays"]))
+        weights, biases = mlp_layers(self.theta, full)
+        if weights[0].shape[0] != n_inputs(full):
+            raise ValueError(
+                f"{type(self).__name__}: the first MLP layer takes {weights[0].shape[0]} inputs, "
+                f"the config gives {n_inputs(full)} features"
+            )
+
+    # ----------------------------------------------------------------------------------------------------
+    def _decays(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_decay_cache", {})
+        if device not in cache:
+            th = self._theta_on(device)
+            c = self.config
+            cache[device] = (
+                decay_from_offset(c["initial_momentum_decays"], th["momentum_decays"]),
+                decay_from_offset(c["initial_rms_decays"], th["rms_decays"]),
+                decay_from_offset(c["initial_adafactor_decays"], th["adafactor_decays"]),
+            )
+        return cache[device]
+
+    def _mlp(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cache = self.__dict__.setdefault("_mlp_cache", {})
+        if device not in cache:
+            cache[device] = mlp_layers(self._theta_on(device), self.config)
+        return cache[device]
+
+    def _init_global(self, device: torch.device) -> dict[str, Any]:
+        return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}
+
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        shape = tuple(p.shape) or (1,)  # the reference reshapes 0-d params to (1,)
+        n_mom, n_rms, n_fac = self._n_decays
+        kw = dict(dtype=torch.float32, device=p.device)
+        state["m"] = torch.zeros(shape + (n_mom,), **kw)
+        state["rms"] = torch.zeros(shape + (n_rms,), **kw)
+        fdims = factored_dims(shape)
+        if fdims is None:
+            state["v_diag"] = torch.zeros(shape + (n_fac,), **kw)
+        else:
+            d1, d0 = fdims
+            state["v_row"] = torch.zeros(tuple(s for i, s in enumerate(shape) if i != d0) + (n_fac,), **kw)
+            state["v_col"] = torch.zeros(tuple(s for i, s in enumerate(shape) if i != d1) + (n_fac,), **kw)
+
+    def _scales(self, params: list[torch.Tensor]) -> list[Any] | None:
+        """Per-tensor multipliers applied to the step before ``lr`` (muLO's muP scales); None here."""
+        return None
+
+    def _prepare_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Hook for muLO's gradient clipping and nan_to_num; identity for AdafacMLPLOpt."""
+        return grads
+
+    def _features(
+        self, p: torch.Tensor, g: torch.Tensor, decays: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update ``p``'s accumulators; return (float32 param in the reference's shape, its features)."""
+        st = self.state[p]
+        shape = tuple(p.shape) or (1,)
+        pf = p.detach().to(torch.float32).reshape(shape)
+        g = g.reshape(shape)
+        mom_d, rms_d, fac_d = decays
+        fdims = factored_dims(shape)
+        st["m"] = update_momentum(st["m"], g, mom_d)
+        st["rms"] = update_rms(st["rms"], g, rms_d)
+        empty = st["m"].new_zeros(())
+        v_row, v_col, v_diag, fac_g = update_factored(
+            st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
+        )
+        if fdims is None:
+            st["v_diag"] = v_diag
+        else:
+            st["v_row"], st["v_col"] = v_row, v_col
+        feats = adafac_features(pf, g, st["m"], st["rms"], fac_g, v_row, v_col, v_diag, fdims)
+        return pf, feats
+
+    def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
+        device = params[0].device
+        grads = self._prepare_grads(grads)
+        decays = self._decays(device)
+        weights, biases = self._mlp(device)
+        it = global_state["iteration"]
+        time_feat = tanh_embedding(it)
+        scales = self._scales(params)
+        exp_mult, step_mult = float(self.config["exp_mult"]), float(self.config["step_mult"])
+        concat = bool(self.config["concat_weights"])
+        if foreach is None:
+            foreach = concat and len(params) > 1
+        if foreach and not concat:
+            foreach = False  # the scalar-math path is per tensor by definition
+
+        prepared = [self._features(p, g, decays) for p, g in zip(params, grads, strict=True)]
+        if foreach:
+            # One MLP over every element of every tensor: normalise per tensor, then one matmul chain.
+            rows = [
+                _with_time(second_moment_normalize(f), time_feat).reshape(-1, f.shape[-1] + 11)
+                for _, f in prepared
+            ]
+            out = mlp_matmul(torch.cat(rows, dim=0), weights, biases)
+            outs = torch.split(out, [r.shape[0] for r in rows], dim=0)
+            steps = [_step(o[:, 0], o[:, 1], exp_mult, step_mult) for o in outs]
+        else:
+            steps = []
+            for _, f in prepared:
+                if concat:
+                    o = mlp_matmul(_with_time(second_moment_normalize(f), time_feat), weights, biases)
+                    steps.append(_step(o[..., 0], o[..., 1], exp_mult, step_mult))
+                else:
+                    feats = [x.squeeze(-1) for x in torch.split(second_moment_normalize(f), 1, dim=-1)]
+                    d, mag = mlp_scalar(feats, time_feat, weights, biases)
+                    steps.append(_step(d, mag, exp_mult, step_mult))
+        for i, (p, (pf, _), step, lr) in enumerate(zip(params, prepared, steps, lrs, strict=True)):
+            step = step.reshape(pf.shape)
+            if scales is not None:
+                step = step * scales[i]
+            if lr != 1.0:
+                step = step * lr
+            write_param(p, (pf - step).reshape(p.shape))
+        global_state["iteration"] = it + 1
+
+
+def _with_time(x: torch.Tensor, time_feat: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, time_feat.expand(x.shape[:-1] + time_feat.shape)], dim=-1)
+
+
+def _step(
+    direction: torch.Tensor, magnitude: torch.Tensor, exp_mult: float, step_mult: float
+) -> torch.Tensor:
+    return direction * torch.exp(magnitude * exp_mult) * step_mult
