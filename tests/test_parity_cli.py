@@ -1,0 +1,62 @@
+"""The lopt-parity command line: exit codes and messages (no reference needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+from click.testing import CliRunner
+
+from parity_tests.commands import main
+from tests.test_parity_compare import _sgd_fixture
+
+
+def test_help_has_examples():
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "Examples:" in res.output and "lopt-parity run" in res.output
+    for sub in ("record", "check", "run"):
+        res = CliRunner().invoke(main, [sub, "--help"])
+        assert res.exit_code == 0 and "Example" in res.output, sub
+
+
+def test_run_without_fixtures_is_not_a_failure(tmp_path):
+    res = CliRunner().invoke(
+        main, ["run", "--fixtures", str(tmp_path / "none"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 0
+    assert "no parity fixtures" in res.output
+
+
+def test_run_and_check_fail_on_a_case_that_cannot_be_replayed(tmp_path):
+    fx = _sgd_fixture(tmp_path / "fixtures")  # architecture "sgd": our converter/runtime cannot load it
+    res = CliRunner().invoke(
+        main, ["run", "--fixtures", str(tmp_path / "fixtures"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 1, res.output
+    assert "FAIL" in res.output and "sgd" in res.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["passed"] is False and report["cases"][0]["case"] == "sgd"
+    assert (tmp_path / "r" / "report.md").is_file()
+    res = CliRunner().invoke(main, ["check", str(fx)])
+    assert res.exit_code == 1 and "FAIL" in res.output
+
+
+def test_record_unknown_family_and_missing_reference(tmp_path, monkeypatch):
+    res = CliRunner().invoke(main, ["record", "no_such_family", "--case", "x", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no recorder for family" in res.output
+
+    mod = types.ModuleType("parity_tests.recorders.needsjax")
+    mod.CASES = {"c": {}}
+
+    def make_reference(options, ckpt_dir, seed):
+        raise ModuleNotFoundError("No module named 'learned_optimization'", name="learned_optimization")
+
+    mod.make_reference = make_reference
+    monkeypatch.setitem(sys.modules, "parity_tests.recorders.needsjax", mod)
+    res = CliRunner().invoke(main, ["record", "needsjax", "--case", "c", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "PYTHONPATH" in res.output and "learned_optimization" in res.output
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(main, ["record", "needsjax", "--case", "nope", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "has no case 'nope'" in res.output
