@@ -50,3 +50,29 @@ class Architecture(Protocol):
 
         Raises ConversionError(source, ...) listing what was expected and what was found.
         """
+
+
+#: Transforms an ArchSpec may record in ``source_paths[name]["transform"]`` (several joined with "; ",
+#: applied left to right). ``verify`` re-applies them to the source leaf and compares bit for bit.
+#:   None / ""                     the tensor is the source leaf as is
+#:   "transpose:1,0"               ``np.transpose(leaf, (1, 0))`` (any axes permutation)
+#:   "reshape:4,-1"                ``np.reshape(leaf, (4, -1))`` (same bytes, new shape)
+#:   "bfloat16->float32 (exact)"   recorded by the converter itself: flax_msgpack widens bf16 on decode
+TRANSFORM_HELP = "None | 'transpose:AXES' | 'reshape:DIMS' | 'bfloat16->float32 (exact)', joined with '; '"
+
+
+def apply_transform(leaf: Any, transform: str | None) -> np.ndarray:
+    """Apply a recorded ``transform`` (see ``TRANSFORM_HELP``) to a source leaf; ValueError if unknown."""
+    arr = np.asarray(leaf)
+    for step in (s.strip() for s in (transform or "").split(";")):
+        if not step or step == "bfloat16->float32 (exact)":  # the decoder already widened it
+            continue
+        op, _, args = step.partition(":")
+        numbers = tuple(int(a) for a in args.split(",") if a.strip())
+        if op == "transpose":
+            arr = np.transpose(arr, numbers)
+        elif op == "reshape":
+            arr = np.reshape(arr, numbers)
+        else:
+            raise ValueError(f"unknown transform {step!r} (known: {TRANSFORM_HELP})")
+    return np.ascontiguousarray(arr)
