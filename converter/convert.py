@@ -295,6 +295,12 @@ def plan(
     if len(chosen) > 1:
         said = "; ".join(f"{where} says {a.name}" for where, a in arch_names)
         raise ConversionError(loaded.uri, f"conflicting architectures: {said}")
+    if not arch_names and loaded.format == "lo_no_config":
+        raise ConversionError(
+            loaded.path,
+            "a no_config checkpoint carries no config: name the architecture "
+            "(a registry subcommand, --set architecture=NAME or --config FILE.gin)",
+        )
     arch = arch_names[0][1] if arch_names else architectures.detect(loaded.theta, source=str(loaded.path))
     for key, value in set_values.items():
         bindings[_class_prefixed(key, arch)] = value
