@@ -1,0 +1,113 @@
+"""MLPLOpt (LOLv2): learned_optimization's per-element MLP over gradient, parameter and six momenta.
+
+19 inputs per element: g, p and momenta with fixed decays (0.1 ... 0.9999), normalised per tensor, then the
+11 tanh time features; the haiku MLP ``[hidden_size] * hidden_layers + [2]`` gives direction and magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .adafac import mlp_matmul, second_moment_normalize, tanh_embedding, update_momentum
+from .base import LearnedOptimizer, ParamsT, write_param
+
+#: Every constructor argument of ``MLPLOpt`` with its default (learned_optimization @32186aa4).
+DEFAULTS: dict[str, Any] = {
+    "exp_mult": 0.001,
+    "step_mult": 0.001,
+    "hidden_size": 32,
+    "hidden_layers": 2,
+    "compute_summary": True,
+}
+#: The momentum decays are fixed in the reference, not meta-learned.
+DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+
+
+def mlp_lopt_layers(theta: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[list, list]:
+    """The haiku MLP's ``linear_{i}`` weights and biases in order."""
+    n = int(config["hidden_layers"]) + 1
+    return [theta[f"linear_{i}.w"] for i in range(n)], [theta[f"linear_{i}.b"] for i in range(n)]
+
+
+class MLPLOpt(LearnedOptimizer):
+    """``MLPLOpt`` as a torch optimizer; ``lr`` multiplies the learned step, ``num_steps`` is unused."""
+
+    architecture: ClassVar[str] = "mlp_lopt"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        theta: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+        *,
+        num_steps: int,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        max_training_steps: int | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        full = {**DEFAULTS, **dict(config)}
+        super().__init__(
+            params,
+            theta,
+            full,
+            num_steps=num_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_training_steps=max_training_steps,
+            foreach=foreach,
+            fused=fused,
+        )
+        if fused:
+            raise RuntimeError(f"{type(self).__name__}: fused=True is not available (no fused kernel yet)")
+        weights, _ = mlp_lopt_layers(self.theta, full)
+        if weights[0].shape[0] != 2 + len(DECAYS) + 11:
+            raise ValueError(f"{type(self).__name__}: first layer takes {weights[0].shape[0]} inputs, not 19")
+
+    def _init_global(self, device: torch.device) -> dict[str, Any]:
+        return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}
+
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        shape = tuple(p.shape) or (1,)  # the reference reshapes 0-d params to (1,)
+        state["m"] = torch.zeros(shape + (len(DECAYS),), dtype=torch.float32, device=p.device)
+
+    def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
+        device = params[0].device
+        cache = self.__dict__.setdefault("_cache", {})
+        if device not in cache:
+            cache[device] = (
+                torch.tensor(DECAYS, dtype=torch.float32, device=device),
+                mlp_lopt_layers(self._theta_on(device), self.config),
+            )
+        decays, (weights, biases) = cache[device]
+        it = global_state["iteration"]
+        time_feat = tanh_embedding(it)
+        exp_mult, step_mult = float(self.config["exp_mult"]), float(self.config["step_mult"])
+        if foreach is None:
+            foreach = len(params) > 1
+
+        prepared = []
+        for p, g in zip(params, grads, strict=True):
+            st = self.state[p]
+            shape = tuple(p.shape) or (1,)
+            pf = p.detach().to(torch.float32).reshape(shape)
+            g = g.reshape(shape)
+            st["m"] = update_momentum(st["m"], g, decays)
+            x = second_moment_normalize(torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["m"]], dim=-1))
+            x = torch.cat([x, time_feat.expand(shape + time_feat.shape)], dim=-1)
+            prepared.append((pf, x))
+        if foreach:
+            rows = [x.reshape(-1, x.shape[-1]) for _, x in prepared]
+            outs = torch.split(mlp_matmul(torch.cat(rows), weights, biases), [r.shape[0] for r in rows])
+        else:
+            outs = [mlp_matmul(x, weights, biases) for _, x in prepared]
+        for p, (pf, _), out, lr in zip(params, prepared, outs, lrs, strict=True):
+            step = (out[..., 0] * torch.exp(out[..., 1] * exp_mult) * step_mult).reshape(pf.shape)
+            if lr != 1.0:
+                step = step * lr
+            write_param(p, (pf - step).reshape(p.shape))
+        global_state["iteration"] = it + 1
