@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import distributed as _dist
 from .checkpoint import read_checkpoint
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -145,6 +146,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grads: list[torch.Tensor] = []
         lrs: list[float] = []
         wd_loss: list[torch.Tensor] = []
+        sharded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (DTensor param, full copy the update runs on)
         foreach = fused = None
         for group in self.param_groups:
             foreach, fused = group["foreach"], group["fused"]
@@ -154,7 +156,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                g = p.grad.detach().to(torch.float32)
+                g = p.grad.detach()
+                if _dist.is_dtensor(p):  # FSDP2: the update reads whole-tensor statistics (distributed.py)
+                    full, g = _dist.gather_param(p, g)
+                    sharded.append((p, full))
+                    self.state[full] = self.state[p]  # the same dict, keyed by the full copy for this step
+                    p = full
+                g = g.to(torch.float32)
                 if wd != 0.0:
                     pf = p.detach().to(torch.float32)
                     g = g + wd * pf
@@ -164,7 +172,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 lrs.append(float(group["lr"]))
         if not params:
             return closure_loss
+        try:
+            self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
+            for p, full in sharded:
+                _dist.scatter_back(p, full)
+        finally:
+            for _, full in sharded:
+                del self.state[full]
+        return closure_loss
 
+    def _step_tensors(self, params, grads, lrs, wd_loss, loss, foreach, fused) -> None:
+        """Lazy state init, accumulation and the family's ``_update`` on the collected tensors."""
         device = params[0].device
         loss_t = None
         if loss is not None:
@@ -182,10 +200,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.num_accumulate > 1:
             params, grads, lrs, loss_t = self._accumulate(params, grads, lrs, loss_t, global_state)
             if not params:
-                return closure_loss
+                return
 
         self._update(params, grads, lrs, loss_t, global_state, foreach=foreach, fused=fused)
-        return closure_loss
 
     def _accumulate(self, params, grads, lrs, loss_t, global_state):
         """``GradientAccumulator``: sum gradients and losses, update with their mean every k-th call."""

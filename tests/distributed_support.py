@@ -1,0 +1,125 @@
+"""Shared by the distributed / integration tests: random-theta optimizers, a small model, a 2-rank launcher.
+
+Random theta is enough here: these tests check that distribution does not change the update, not the update
+itself (the parity fixtures do that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Families with a random-theta factory below (the ones these tests run).
+FAMILIES = ("small_fc_lopt", "velo")
+
+
+def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Theta of the right shapes with random values, and the config, for a small instance of ``family``."""
+    gen = torch.Generator().manual_seed(seed)
+    if family == "small_fc_lopt":
+        from pylo_runtime.adafac import DEFAULTS, n_inputs
+
+        config = dict(DEFAULTS)
+        sizes = [n_inputs(config)] + [config["hidden_size"]] * config["hidden_layers"] + [2]
+        theta = {}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            theta[f"nn.w{i}"] = torch.randn(a, b, generator=gen) / a**0.5
+            theta[f"nn.b{i}"] = 0.1 * torch.randn(b, generator=gen)
+        for key, init in (
+            ("momentum_decays", "initial_momentum_decays"),
+            ("rms_decays", "initial_rms_decays"),
+            ("adafactor_decays", "initial_adafactor_decays"),
+        ):
+            theta[key] = 0.01 * torch.randn(len(config[init]), generator=gen)
+        return theta, config
+    if family == "velo":
+        from pylo_runtime.velo import VeLOConfig, expected_theta_shapes
+
+        config = {"lstm_hidden_size": 8, "param_inits": 4, "ff_hidden_size": 4}
+        shapes = expected_theta_shapes(VeLOConfig.from_mapping(config))
+        theta = {k: 0.3 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+        return theta, config
+    raise ValueError(f"no random-theta factory for {family!r}")
+
+
+def make_optimizer(
+    family: str, params: Any, *, num_steps: int = 100, **options: Any
+) -> torch.optim.Optimizer:
+    """A ``family`` optimizer with random theta (the same theta on every call and every rank)."""
+    from pylo_runtime.loading import optimizer_class
+
+    theta, config = random_theta(family)
+    return optimizer_class(family)(params, theta, config, num_steps=num_steps, **options)
+
+
+class Net(torch.nn.Module):
+    """Awkward parameters: dim 0 of size 7 and 3 (odd), a (1, 7) row, a 4-D kernel, a 0-d scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 7)  # weight (7, 5), bias (7,)
+        self.kernel = torch.nn.Parameter(0.3 * torch.randn(3, 2, 2, 5))
+        self.row = torch.nn.Parameter(torch.randn(1, 7))
+        self.scale = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x)) * self.row  # (B, 7)
+        k = torch.einsum("bi,ocdi->bo", x, self.kernel)  # (B, 3)
+        return self.scale * h.sum(-1) + torch.tanh(k).sum(-1)
+
+
+def batches(n: int, rows: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` regression batches of ``rows`` rows (the same on every rank for the same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 5, generator=gen), torch.randn(rows, generator=gen)) for _ in range(n)]
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ``|a - b|_inf / |b|_inf``."""
+    out = 0.0
+    for k, ref in b.items():
+        den = float(ref.abs().max()) or 1.0
+        out = max(out, float((a[k] - ref).abs().max()) / den)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launching 2 ranks on the CPU with gloo.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[[int, int], Any], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[[int, int], Any], world: int = 2) -> list[Any]:
+    """Run module-level ``fn(rank, world)`` on ``world`` gloo ranks; return each rank's JSON result."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(world, _free_port(), fn, out_dir), nprocs=world, join=True)
+        results = []
+        for r in range(world):
+            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                results.append(json.load(f))
+    return results
