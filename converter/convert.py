@@ -441,8 +441,8 @@ def verify(
             continue
         try:
             want = apply_transform(leaf, entry.get("transform"))
-        except ValueError as e:
-            differ.append(f"{name} ({e})")
+        except ValueError:
+            differ.append(f"{name} (unknown transform {entry.get('transform')!r})")
             continue
         if not _same_bits(arr, want):
             differ.append(f"{name} (!= {entry['path']})")

@@ -31,7 +31,7 @@ EXT_NPSCALAR = 3
 CHUNKED_MARKER = "__msgpack_chunked_array__"
 
 #: Note recorded (via ``decode(..., notes=...)``) for each leaf widened from bfloat16.
-BFLOAT16_NOTE = "bfloat16 widened to float32 (exact)"
+BFLOAT16_NOTE = "bfloat16->float32 (exact)"
 
 #: dtype names flax may write (``ndarray.dtype.name``) that we decode; everything else is refused.
 _DTYPES: dict[str, np.dtype] = {

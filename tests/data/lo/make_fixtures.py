@@ -12,6 +12,7 @@ import sys
 import gin
 import jax
 import numpy as np
+from flax import serialization
 from learned_optimization import (
     checkpoints,
     outer_train,  # noqa: F401  (registers run_train)
@@ -57,3 +58,10 @@ nc_theta, _, _ = checkpoints.load_state(
 same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), theta, nc_theta)
 assert all(jax.tree_util.tree_leaves(same)), "no_config checkpoint did not round-trip"
 print("ok", sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(theta)), "values")
+
+# A bfloat16 copy of the theta in Celo's theta.state layout (flax bytes of theta alone).
+import jax.numpy as jnp  # noqa: E402
+
+bf16 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), theta)
+with open(f"{out}/velo_small_bf16.theta.state", "wb") as f:
+    f.write(serialization.to_bytes(bf16))
