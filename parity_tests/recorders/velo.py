@@ -1,0 +1,214 @@
+"""VeLO (learned_optimization's ``HyperV2``) reference: perturbed random weights in the published formats.
+
+Each case writes its checkpoint with the reference's own code, in one of the two formats Google published:
+
+- ``lo_params_gin``: ``params`` = ``checkpoints.save_state`` of ``ParameterCheckpoint(theta, gen_id, step)``
+  plus ``config.gin`` = ``gin.config_str()`` after parsing ``run_train.lopt = @HyperV2()``, the case's
+  ``HyperV2.*`` bindings and a few unrelated ``run_train`` bindings (as ``outer_train.run_train`` writes it);
+  the reference optimizer is then loaded from those files with ``opt_from_checkpoint``.
+- ``lo_no_config``: ``<name>.checkpoint`` = ``checkpoints.save_state`` of ``(theta, '', 0)``; loaded the way
+  ``pretrained_optimizers._pretrained_lopt_load_baseline`` does; the converter gets the config via ``--set``.
+
+Needs ``google/learned_optimization`` on PYTHONPATH (never the celo repo in the same process).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LO_REPO = "google/learned_optimization"
+LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
+
+#: The published default VeLO (``aug12_continue_on_bigger_2xbs_200kstep_bigproblem_v2_5620``) is HyperV2 with
+#: these bindings (research/general_lopt/configs/large_scale_phase*.py); the small cases shrink the two sizes.
+VELO_DEFAULT_BINDINGS: dict[str, Any] = {
+    "lstm_hidden_size": 512,
+    "param_inits": 256,
+    "use_bugged_loss_features": False,
+}
+SMALL = {"lstm_hidden_size": 32, "param_inits": 8}
+
+#: case -> {"form": checkpoint format, "config": HyperV2 bindings, "convert_sets": for lo_no_config}.
+CASES: dict[str, dict[str, Any]] = {
+    # The default VeLO config, sizes shrunk so the fixture stays small.
+    "velo_default": {"form": "lo_params_gin", "config": {**VELO_DEFAULT_BINDINGS, **SMALL}},
+    # The no_config baselines' settings (bugged LSTM state, bugged loss features = HyperV2's default),
+    # in their single-file format converted with --set.
+    "velo_bugged": {
+        "form": "lo_no_config",
+        "config": {**SMALL, "use_bugged_next_lstm_state": True, "use_bugged_loss_features": True},
+        "convert_sets": {"use_bugged_next_lstm_state": True},
+    },
+    # No mix layers (different LSTM input), preconditioned output, decaying LSTM state, validation feature.
+    "velo_precond_nomix": {
+        "form": "lo_params_gin",
+        "config": {
+            **VELO_DEFAULT_BINDINGS,
+            **SMALL,
+            "mix_layers": False,
+            "precondition_output": True,
+            "rnn_state_decay": 0.05,
+            "with_validation_feature_dim": True,
+            "validation_mode": True,
+            "step_mult": 0.0001,
+        },
+    },
+    # Feature ablations: other decay counts, no rms-normalised inputs, no p / fac_rms inputs, no param scale,
+    # clipped param scale, bigger per-element MLP (3 hidden layers of 6).
+    "velo_ablate": {
+        "form": "lo_params_gin",
+        "config": {
+            **VELO_DEFAULT_BINDINGS,
+            **SMALL,
+            "initial_momentum_decays": (0.5, 0.9),
+            "initial_rms_decays": (0.95, 0.999),
+            "initial_adafactor_decays": (0.8, 0.99),
+            "with_rms_norm_g": False,
+            "with_rsqrt_rms": False,
+            "with_rms_only_norm_g": False,
+            "with_p": False,
+            "with_fac_rms": False,
+            "param_scale_mult": True,
+            "clip_param_scale_amount": 0.05,
+            "ff_hidden_size": 6,
+            "ff_hidden_layers": 3,
+            "exp_mult": 0.01,
+        },
+    },
+    # The published default architecture at full size (512 hidden, 256 param inits).
+    "velo_full": {"form": "lo_params_gin", "config": dict(VELO_DEFAULT_BINDINGS)},
+}
+
+#: Unrelated bindings written into config.gin as real outer_train runs have them (the converter must skip).
+_UNRELATED = (
+    "run_train.num_estimators = 8",
+    "run_train.num_steps = 200000",
+    "run_train.trainer_batch_size = 128",
+    "run_train.summary_every_n = 25",
+    "run_train.stochastic_resample_frequency = 1000",
+)
+
+
+def perturb_theta(theta: Any, seed: int) -> Any:
+    """``x * (1 + 0.3 z1) + 0.1 z2`` for every leaf, so zero-initialised parts (biases, LSTM state) matter."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves, tree = jax.tree_util.tree_flatten(theta)
+    rng = np.random.default_rng([seed, 1234])
+    out = []
+    for leaf in leaves:
+        a = np.asarray(leaf, dtype=np.float32)
+        z1 = rng.standard_normal(a.shape).astype(np.float32)
+        z2 = rng.standard_normal(a.shape).astype(np.float32)
+        out.append(jnp.asarray(a * (1.0 + 0.3 * z1) + 0.1 * z2, dtype=jnp.float32))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _gin_value(v: Any) -> str:
+    if isinstance(v, tuple | list):
+        return "(" + ", ".join(_gin_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v)
+
+
+def write_config_gin(path: Path, config: dict[str, Any]) -> str:
+    """Write ``config.gin`` as ``outer_train.run_train`` does (``gin.config_str()``); return the text."""
+    import gin
+    from learned_optimization import outer_train  # noqa: F401  (registers run_train)
+    from learned_optimization.research.general_lopt import hyper_v2  # noqa: F401  (registers HyperV2)
+
+    lines = ["run_train.lopt = @HyperV2()", *_UNRELATED]
+    lines += [f"HyperV2.{k} = {_gin_value(v)}" for k, v in sorted(config.items())]
+    gin.clear_config()
+    gin.parse_config(lines)
+    text = gin.config_str()
+    gin.clear_config()
+    path.write_text(text)
+    return text
+
+
+class VeLOReference:
+    """The reference optimizer loaded back from the written checkpoint, behind the recorder contract."""
+
+    architecture = "velo"
+
+    def __init__(
+        self, opt: Any, source: str, source_format: str, convert_sets: dict, provenance: dict
+    ) -> None:
+        self.opt = opt
+        self.source = source
+        self.source_format = source_format
+        self.convert_sets = convert_sets
+        self.provenance = provenance
+
+    def init(self, params: dict[str, np.ndarray], num_steps: int) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        p = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in params.items()}
+        return self.opt.init(p, num_steps=num_steps, key=jax.random.PRNGKey(0))
+
+    def update(self, state: Any, grads: dict[str, np.ndarray], loss: float) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        g = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in grads.items()}
+        # HyperV2's update needs a key (None raises); its value is never used.
+        return self.opt.update(state, g, loss=jnp.asarray(loss, dtype=jnp.float32), key=jax.random.PRNGKey(0))
+
+    def params(self, state: Any) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.opt.get_params(state).items()}
+
+
+def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> VeLOReference:
+    """Make a perturbed HyperV2 theta, write it in the case's format, and load the reference from the file."""
+    import jax
+    from learned_optimization import checkpoints
+    from learned_optimization.outer_trainers import gradient_learner
+    from learned_optimization.research.general_lopt import hyper_v2
+
+    config = dict(options["config"])
+    form = options["form"]
+    ckpt_dir = Path(ckpt_dir)
+    lopt = hyper_v2.HyperV2(**config)
+    theta = perturb_theta(lopt.init(jax.random.PRNGKey(seed)), seed)
+    how_theta = (
+        f"HyperV2(**config).init(jax.random.PRNGKey({seed})), every leaf x -> x * (1 + 0.3 z1) + 0.1 z2 with "
+        f"z ~ N(0, 1) from numpy default_rng([{seed}, 1234])"
+    )
+    prov: dict[str, Any] = {"repo": LO_REPO, "commit": LO_COMMIT, "config": config, "theta": how_theta}
+    if form == "lo_params_gin":
+        params_path = ckpt_dir / "params"
+        checkpoints.save_state(str(params_path), gradient_learner.ParameterCheckpoint(theta, "parity", 0))
+        write_config_gin(ckpt_dir / "config.gin", config)
+        from learned_optimization.learned_optimizers import opt_from_checkpoint
+
+        opt = opt_from_checkpoint.opt_from_checkpoint(str(params_path))
+        got = {k: getattr(opt.lopt, k) for k in config}
+        if any(np.any(np.asarray(got[k]) != np.asarray(v)) for k, v in config.items()):
+            raise RuntimeError(f"opt_from_checkpoint did not apply the gin bindings: {got} vs {config}")
+        prov["checkpoint"] = (
+            "checkpoints.save_state('params', gradient_learner.ParameterCheckpoint(theta, 'parity', 0)); "
+            "config.gin = gin.config_str() after parsing run_train.lopt = @HyperV2() + the HyperV2 "
+            "bindings + unrelated run_train bindings; reference loaded with "
+            "opt_from_checkpoint.opt_from_checkpoint('params')"
+        )
+        return VeLOReference(opt, "params", "lo_params_gin", {}, prov)
+    if form == "lo_no_config":
+        path = ckpt_dir / "velo.checkpoint"
+        checkpoints.save_state(str(path), (theta, "", 0))
+        template = (lopt.init(jax.random.PRNGKey(0)), "", 0)
+        loaded, _, _ = checkpoints.load_state(str(path), template)
+        opt = lopt.opt_fn(loaded)
+        prov["checkpoint"] = (
+            "checkpoints.save_state('velo.checkpoint', (theta, '', 0)); reference loaded as "
+            "pretrained_optimizers._pretrained_lopt_load_baseline does "
+            "(load_state into (lopt.init(key), '', 0))"
+        )
+        return VeLOReference(
+            opt, "velo.checkpoint", "lo_no_config", dict(options.get("convert_sets", {})), prov
+        )
+    raise ValueError(f"unknown checkpoint form {form!r}")

@@ -1,0 +1,58 @@
+"""Feature construction shared by the learned-optimizer families: small pure torch functions.
+
+Each mirrors one helper of the JAX reference (learned_optimization's hyper_v2 / common, Celo) op for op,
+so that float32 results agree to rounding. Reductions are plain torch ops over the whole tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: Time scales of the tanh "fraction of training" embedding (hyper_v2._fractional_tanh_embed).
+TANH_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
+
+
+def fractional_tanh_embed(x: torch.Tensor) -> torch.Tensor:
+    """``tanh((x - t) * 10)`` for each time scale ``t``: shape ``x.shape + (9,)``, float32."""
+    t = torch.tensor(TANH_TIMESCALES, dtype=torch.float32, device=x.device)
+    return torch.tanh((x.to(torch.float32).unsqueeze(-1) - t) * 10.0)
+
+
+def clip_log_abs(v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``clip(log(1e-8 + |v * scale|), -5, 5) * 0.5`` (hyper_v2._clip_log_abs)."""
+    mag = torch.log(1e-8 + torch.abs(v * scale))
+    return torch.clamp(mag, -5.0, 5.0) * 0.5
+
+
+def second_moment_normalizer(x: torch.Tensor, dims: Sequence[int], eps: float = 1e-5) -> torch.Tensor:
+    """``x * rsqrt(eps + mean(x**2 over dims))``; ``dims`` must be non-empty (reshape 0-d inputs to (1,))."""
+    return x * torch.rsqrt(eps + torch.mean(torch.square(x), dim=tuple(dims), keepdim=True))
+
+
+def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(max(x, 1e-9))`` (common.safe_rsqrt)."""
+    return torch.rsqrt(torch.clamp(x, min=1e-9))
+
+
+def factored_dims(shape: Sequence[int]) -> tuple[int, int] | None:
+    """The two largest axes ``(d1, d0)`` (d0 the largest) or None below rank 2.
+
+    Uses the very same ``numpy.argsort`` call as the reference: on tied sizes numpy's default sort does not
+    keep index order (its result can depend on the CPU's SIMD sort), so any other tie rule differs.
+    """
+    if len(shape) < 2:
+        return None
+    order = np.argsort(tuple(int(s) for s in shape))
+    return int(order[-2]), int(order[-1])
+
+
+def rank_one_hot(shape: Sequence[int], num: int = 5, device: torch.device | None = None) -> torch.Tensor:
+    """One-hot (length ``num``, float32) of the number of axes of size > 1; zeros if that is >= ``num``."""
+    n_rank = sum(1 for s in shape if s > 1)
+    out = torch.zeros(num, dtype=torch.float32, device=device)
+    if n_rank < num:
+        out[n_rank] = 1.0
+    return out

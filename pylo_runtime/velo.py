@@ -1,0 +1,756 @@
+"""VeLO: learned_optimization's ``HyperV2`` (a per-tensor LSTM that writes a per-parameter MLP) in PyTorch.
+
+Reproduces ``research/general_lopt/hyper_v2.py`` at commit 32186aa4 exactly, quirks included (see
+REFERENCE_NOTES.md): LSTM inputs from the previous step's accumulators, ``var_rms`` centred on ``mean_m``,
+the overwritten first mix layer, ``100 * mean(ff_p * c)`` interpolation of the ``param_inits`` MLP copies,
+``numpy.argsort`` factored dims, 0-d params reshaped to (1,), the doubled 1-D ``with_fac_*`` inputs.
+
+Shape follows ``torch/optim/adam.py``: ``_single_tensor_velo`` is the reference path (one tensor at a time),
+``_multi_tensor_velo`` batches tensors of equal shape with ``torch.func.vmap``; both run the LSTM once on
+all tensors' stacked features (its mix layer takes a max over tensors, so it cannot run per tensor).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import accumulators as acc
+from . import features as feat
+from .base import LearnedOptimizer, ParamsT, write_param
+
+#: Every HyperV2 constructor argument with its default (hyper_v2.HyperV2.__init__).
+HYPERV2_DEFAULTS: dict[str, Any] = {
+    "lstm_hidden_size": 128,
+    "ff_hidden_size": 4,
+    "ff_hidden_layers": 2,
+    "initial_momentum_decays": (0.9, 0.99, 0.999),
+    "initial_rms_decays": (0.999,),
+    "initial_adafactor_decays": (0.9, 0.99, 0.999),
+    "param_inits": 64,
+    "mix_layers": True,
+    "exp_mult": 0.001,
+    "step_mult": 0.001,
+    "validation_mode": False,
+    "with_validation_feature_dim": False,
+    "with_g": True,
+    "with_m": True,
+    "with_m_feat": True,
+    "with_rms": True,
+    "with_rms_feat": True,
+    "with_rms_norm_g": True,
+    "with_rsqrt_rms": True,
+    "with_p": True,
+    "with_fac_norm_g": True,
+    "with_fac_rms": True,
+    "with_fac_rsqrt": True,
+    "with_grad_clip_feat": True,
+    "with_fac_mom_mult": True,
+    "with_rms_only_norm_g": True,
+    "adafactor_accumulator": True,
+    "param_scale_mult": True,
+    "use_bugged_next_lstm_state": False,
+    "use_bugged_loss_features": True,
+    "precondition_output": False,
+    "reparam_decay": 10.0,
+    "rnn_state_decay": 0.0,
+    "summarize_each_layer": False,
+    "summarize_all_control": False,
+    "constant_loss": False,
+    "clip_param_scale_amount": None,
+}
+
+#: Gradients are clipped to this magnitude before anything else (hyper_v2 update).
+GRAD_CLIP = 1000.0
+#: Loss-buffer horizon used when ``use_bugged_loss_features`` (hyper_v2 ``buffer_loss_fns.init(10)``).
+BUGGED_LOSS_HORIZON = 10
+
+
+@dataclass(frozen=True)
+class VeLOConfig:
+    """The HyperV2 options the update reads, validated."""
+
+    lstm_hidden_size: int
+    ff_hidden_size: int
+    ff_hidden_layers: int
+    mom_decays: tuple[float, ...]
+    rms_decays: tuple[float, ...]
+    fac_decays: tuple[float, ...]
+    param_inits: int
+    mix_layers: bool
+    exp_mult: float
+    step_mult: float
+    validation_mode: bool
+    with_validation_feature_dim: bool
+    with_g: bool
+    with_m: bool
+    with_m_feat: bool
+    with_rms: bool
+    with_rms_feat: bool
+    with_rms_norm_g: bool
+    with_rsqrt_rms: bool
+    with_p: bool
+    with_fac_norm_g: bool
+    with_fac_rms: bool
+    with_fac_rsqrt: bool
+    with_grad_clip_feat: bool
+    with_fac_mom_mult: bool
+    with_rms_only_norm_g: bool
+    adafactor_accumulator: bool
+    param_scale_mult: bool
+    use_bugged_next_lstm_state: bool
+    use_bugged_loss_features: bool
+    precondition_output: bool
+    rnn_state_decay: float
+    constant_loss: bool
+    clip_param_scale_amount: float | None
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> VeLOConfig:
+        """Fill defaults; check names, types and combinations the reference cannot run (errors name it)."""
+        unknown = sorted(set(config) - set(HYPERV2_DEFAULTS))
+        if unknown:
+            raise ValueError(f"VeLO: unknown HyperV2 option(s) {', '.join(unknown)}")
+        c = {**HYPERV2_DEFAULTS, **config}
+        out: dict[str, Any] = {}
+        for k in ("lstm_hidden_size", "ff_hidden_size", "ff_hidden_layers", "param_inits"):
+            v = c[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"VeLO: option {k} must be a positive int, got {v!r}")
+            out[k] = v
+        for k, name in (
+            ("initial_momentum_decays", "mom_decays"),
+            ("initial_rms_decays", "rms_decays"),
+            ("initial_adafactor_decays", "fac_decays"),
+        ):
+            v = c[k]
+            if isinstance(v, int | float):
+                v = (v,)
+            try:
+                v = tuple(float(x) for x in v)
+            except TypeError:
+                raise ValueError(f"VeLO: option {k} must be a sequence of floats, got {v!r}") from None
+            if not v:
+                raise ValueError(f"VeLO: option {k} must not be empty")
+            out[name] = v
+        for k in ("exp_mult", "step_mult", "rnn_state_decay"):
+            v = c[k]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"VeLO: option {k} must be a finite number, got {v!r}")
+            out[k] = float(v)
+        v = c["clip_param_scale_amount"]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise ValueError(f"VeLO: option clip_param_scale_amount must be a number or None, got {v!r}")
+        out["clip_param_scale_amount"] = None if v is None else float(v)
+        for f in cls.__dataclass_fields__:
+            if f not in out:
+                v = c[f]
+                if not isinstance(v, bool):
+                    raise ValueError(f"VeLO: option {f} must be a bool, got {v!r}")
+                out[f] = v
+        cfg = cls(**out)
+        cfg._check_combinations()
+        return cfg
+
+    def _check_combinations(self) -> None:
+        # The reference binds `rsqrt` only if with_rms_norm_g or (with_rsqrt_rms and with_rms_only_norm_g);
+        # using it otherwise raises UnboundLocalError there, so there is nothing to reproduce.
+        has_rsqrt = self.with_rms_norm_g or (self.with_rsqrt_rms and self.with_rms_only_norm_g)
+        if not has_rsqrt and (self.with_rsqrt_rms or self.with_rms_only_norm_g):
+            bad = "with_rsqrt_rms" if self.with_rsqrt_rms else "with_rms_only_norm_g"
+            raise ValueError(
+                f"VeLO: option with_rms_norm_g=False with {bad}=True and the other of with_rsqrt_rms / "
+                "with_rms_only_norm_g False crashes in the reference (UnboundLocalError): refused"
+            )
+        n_m, n_r, n_f = len(self.mom_decays), len(self.rms_decays), len(self.fac_decays)
+
+        def _bcast(a: int, b: int, what: str, opt: str) -> None:
+            if a != b and a != 1 and b != 1:
+                raise ValueError(
+                    f"VeLO: option {opt}: {what} ({a} vs {b} decays) do not broadcast; the reference fails"
+                )
+
+        _bcast(n_r, n_m, "var_rms feature (rms - mean of momentum)", "initial_rms_decays")
+        if self.with_rms_norm_g:
+            _bcast(n_m, n_r, "momentum * rsqrt(rms)", "initial_rms_decays")
+        if self.adafactor_accumulator and self.with_fac_mom_mult:
+            _bcast(n_m, n_f, "momentum * adafactor factors", "initial_adafactor_decays")
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def lstm_input_size(self) -> int:
+        """9 time + 9 loss features, mean_rms, rank one-hot (5), var_m, var_rms (+ validation dim)."""
+        n_m, n_r = len(self.mom_decays), len(self.rms_decays)
+        return 9 + 9 + n_r + 5 + n_m + max(n_m, n_r) + int(self.with_validation_feature_dim)
+
+    def ff_input_widths(self) -> list[int]:
+        """Width of each per-element MLP input, in the order of ``w0__0, w0__1, ...``."""
+        n_m, n_r, n_f = len(self.mom_decays), len(self.rms_decays), len(self.fac_decays)
+        w: list[int] = []
+        if self.with_g:
+            w.append(1)
+        if self.with_grad_clip_feat:
+            w.append(1)
+        if self.with_p:
+            w.append(1)
+        if self.with_m and self.with_m_feat:
+            w.append(n_m)
+        if self.with_rms and self.with_rms_feat:
+            w.append(n_r)
+        if self.with_rms_norm_g:
+            w.append(max(n_m, n_r))
+        if self.with_rsqrt_rms:
+            w.append(n_r)
+        if self.with_fac_norm_g:
+            w.append(n_f)
+        if self.with_rms_only_norm_g:
+            w.append(n_r)
+        if self.adafactor_accumulator:
+            if self.with_fac_rms:
+                w += [n_f, n_f]
+            if self.with_fac_rsqrt:
+                w += [n_f, n_f]
+            if self.with_fac_mom_mult:
+                w.append(max(n_m, n_f))
+        return w
+
+
+# ----------------------------------------------------------------------------------------------------
+# Theta: runtime tensor names (the converter writes these; converter/architectures/velo.py has the table).
+def ff_layer_names(cfg: VeLOConfig) -> tuple[list[str], list[str]]:
+    """Names of the per-element MLP weights ``[ff.w0.0, ..., ff.w1, ...]`` and biases ``[ff.b0, ...]``."""
+    n_in = len(cfg.ff_input_widths())
+    weights = [f"ff.w0.{i}" for i in range(n_in)] + [f"ff.w{i}" for i in range(1, cfg.ff_hidden_layers + 1)]
+    biases = [f"ff.b{i}" for i in range(cfg.ff_hidden_layers + 1)]
+    return weights, biases
+
+
+def expected_theta_shapes(cfg: VeLOConfig) -> dict[str, tuple[int, ...]]:
+    """Every theta tensor the runtime reads, with its shape (haiku layout: Linear ``w`` is ``(in, out)``)."""
+    h, p, f = cfg.lstm_hidden_size, cfg.param_inits, cfg.lstm_input_size
+    s: dict[str, tuple[int, ...]] = {"lstm_init.hidden": (1, h), "lstm_init.cell": (1, h)}
+    if cfg.mix_layers:
+        for name in ("rnn.mix_unused", "rnn.mix", "rnn.in"):
+            s[f"{name}.w"], s[f"{name}.b"] = (f, h), (h,)
+    lstm_in = h if cfg.mix_layers else f
+    s["rnn.lstm.w"], s["rnn.lstm.b"] = (lstm_in + h, 4 * h), (4 * h,)
+    s["rnn.to_controls.w"], s["rnn.to_controls.b"] = (h, p), (p,)
+    s["rnn.step_size.w"], s["rnn.step_size.b"] = (h, 1), (1,)
+    hid = cfg.ff_hidden_size
+    for i, width in enumerate(cfg.ff_input_widths()):
+        s[f"ff.w0.{i}"] = (p, width, hid)
+    for i in range(1, cfg.ff_hidden_layers + 1):
+        out = 3 if i == cfg.ff_hidden_layers else hid
+        s[f"ff.w{i}"] = (p, hid, out)
+    for i in range(cfg.ff_hidden_layers + 1):
+        s[f"ff.b{i}"] = (p, 3 if i == cfg.ff_hidden_layers else hid)
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-tensor LSTM features and the LSTM (hyper_v2.lstm_features_for_tensor / _rnn_forward).
+def _mean_leading(x: torch.Tensor, n_lead: int, keepdim: bool) -> torch.Tensor:
+    """Mean over the first ``n_lead`` axes; over none (0-d params) the identity, as jnp.mean(axis=[])."""
+    if n_lead == 0:
+        return x
+    return torch.mean(x, dim=tuple(range(n_lead)), keepdim=keepdim)
+
+
+def lstm_features_for_tensor(
+    p: torch.Tensor,
+    m: torch.Tensor,
+    rms: torch.Tensor,
+    fraction_left: torch.Tensor,
+    loss_features: torch.Tensor,
+    rank_feature: torch.Tensor,
+    cfg: VeLOConfig,
+) -> torch.Tensor:
+    """The LSTM input row of one tensor, from the PREVIOUS step's momentum ``m`` and second moment ``rms``."""
+    norm_mult = torch.rsqrt(torch.clamp(torch.mean(p * p), min=1e-9))
+    m = m * norm_mult
+    rms = rms * norm_mult
+    n_lead = p.dim()
+    mean_m = _mean_leading(m, n_lead, keepdim=True)
+    var_m = _mean_leading(torch.square(m - mean_m), n_lead, keepdim=False)
+    mean_rms = _mean_leading(rms, n_lead, keepdim=True)
+    var_rms = _mean_leading(torch.square(rms - mean_m), n_lead, keepdim=False)  # sic: centred on mean_m
+    parts = [
+        fraction_left,
+        loss_features,
+        feat.clip_log_abs(mean_rms.reshape(mean_rms.shape[-1]), scale=10.0),
+        rank_feature,
+        feat.clip_log_abs(var_m, scale=10.0),
+        feat.clip_log_abs(var_rms, scale=10.0),
+    ]  # sorted by the reference's dict keys: fraction_left, loss_features, mean_rms, rank, var_m, var_rms
+    if cfg.with_validation_feature_dim:
+        parts.append(torch.full((1,), float(cfg.validation_mode), dtype=torch.float32, device=p.device))
+    return torch.cat(parts)
+
+
+def rnn_forward(
+    theta: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    hidden: torch.Tensor,
+    cell: torch.Tensor,
+    cfg: VeLOConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mix layers + one LSTM step + heads on all tensors' rows ``x`` (T, F): ``(controls, lr_mult, h, c)``."""
+    if cfg.mix_layers:
+        # The reference also evaluates rnn.mix_unused (haiku "linear") and overwrites the result.
+        mix = torch.relu(x @ theta["rnn.mix.w"] + theta["rnn.mix.b"])
+        v = torch.amax(mix, dim=0, keepdim=True)  # max over TENSORS
+        x = x @ theta["rnn.in.w"] + theta["rnn.in.b"] + v
+    gated = torch.cat([x, hidden], dim=-1) @ theta["rnn.lstm.w"] + theta["rnn.lstm.b"]
+    i, g, f, o = torch.chunk(gated, 4, dim=-1)
+    f = torch.sigmoid(f + 1.0)
+    c = f * cell + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    controls = h @ theta["rnn.to_controls.w"] + theta["rnn.to_controls.b"]
+    lr_mult = (h @ theta["rnn.step_size.w"] + theta["rnn.step_size.b"]).squeeze(-1)
+    return controls, lr_mult, h, c
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-element part for one tensor (hyper_v2._ff_mod and apply_one).
+def interpolate_ff(control: torch.Tensor, ff_theta: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``100 * mean(ff_p * c, axis=0)`` over the ``param_inits`` copies of each MLP tensor (no softmax)."""
+    out = []
+    for t in ff_theta:
+        c = control.reshape((t.shape[0],) + (1,) * (t.dim() - 1))
+        out.append(100.0 * torch.mean(t * c, dim=0))
+    return out
+
+
+def ff_inputs(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    rms: torch.Tensor,
+    fac_g: torch.Tensor,
+    v_row: torch.Tensor,
+    v_col: torch.Tensor,
+    v_full: torch.Tensor,
+    cfg: VeLOConfig,
+) -> list[torch.Tensor]:
+    """The per-element MLP inputs (each ``p.shape + (width,)``), before normalisation; ``p`` has rank >= 1."""
+    inps: list[torch.Tensor] = []
+    if cfg.with_g:
+        inps.append(g.unsqueeze(-1))
+    if cfg.with_grad_clip_feat:
+        inps.append(torch.clamp(g, -0.1, 0.1).unsqueeze(-1))
+    if cfg.with_p:
+        inps.append(p.unsqueeze(-1))
+    if cfg.with_m and cfg.with_m_feat:
+        inps.append(m)
+    if cfg.with_rms and cfg.with_rms_feat:
+        inps.append(rms)
+    rsqrt = None
+    if cfg.with_rms_norm_g or (cfg.with_rsqrt_rms and cfg.with_rms_only_norm_g):
+        rsqrt = torch.rsqrt(rms + 1e-6)
+    if cfg.with_rms_norm_g:
+        inps.append(m * rsqrt)
+    if cfg.with_rsqrt_rms:
+        inps.append(rsqrt)
+    if cfg.with_fac_norm_g:
+        inps.append(fac_g)
+    if cfg.with_rms_only_norm_g:
+        inps.append(g.unsqueeze(-1) * rsqrt)
+    if cfg.adafactor_accumulator:
+        fdims = feat.factored_dims(g.shape)
+        if fdims is not None:
+            d1, d0 = fdims
+            full = (*g.shape, v_row.shape[-1])
+            row_feat = v_row.unsqueeze(d0).expand(full)
+            col_feat = v_col.unsqueeze(d1).expand(full)
+            if cfg.with_fac_rms:
+                inps += [row_feat, col_feat]
+            if cfg.with_fac_rsqrt:
+                inps += [torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8)]
+            if cfg.with_fac_mom_mult:
+                reduced_d1 = d1 - 1 if d1 > d0 else d1
+                row_col_mean = torch.mean(v_row, dim=reduced_d1, keepdim=True)
+                row_factor = feat.safe_rsqrt(v_row / (row_col_mean + 1e-9))
+                col_factor = feat.safe_rsqrt(v_col)
+                inps.append(m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
+        else:  # rank <= 1: the reference appends each of these twice
+            if cfg.with_fac_rms:
+                inps += [v_full, v_full]
+            if cfg.with_fac_rsqrt:
+                r = torch.rsqrt(v_full + 1e-8)
+                inps += [r, r]
+            if cfg.with_fac_mom_mult:
+                inps.append(m * torch.pow(v_full, -0.5))
+    return inps
+
+
+def ff_step(
+    p: torch.Tensor,
+    inps: Sequence[torch.Tensor],
+    rms: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    lr_mult: torch.Tensor,
+    n_first: int,
+    cfg: VeLOConfig,
+) -> torch.Tensor:
+    """The step (``p_new = p - step``) of one tensor of rank >= 1 from its MLP inputs and weights."""
+    dims = tuple(range(p.dim()))
+    normed = [feat.second_moment_normalizer(x, dims) for x in inps]
+    o = normed[0] @ weights[0]
+    for x, w in zip(normed[1:], weights[1:n_first], strict=True):
+        o = o + x @ w
+    o = torch.relu(o + biases[0])
+    for li, (w, b) in enumerate(zip(weights[n_first:], biases[1:], strict=True)):
+        o = o @ w + b
+        if li != len(biases) - 2:
+            o = torch.relu(o)
+    direction = o[..., 0]
+    magnitude = o[..., 1]
+    mag_param = torch.exp(magnitude * cfg.exp_mult)
+    if cfg.param_scale_mult:
+        param_scale = torch.sqrt(torch.mean(torch.square(p)) + 1e-9)
+        if cfg.clip_param_scale_amount is not None:
+            max_scale = cfg.clip_param_scale_amount * math.sqrt(p.numel())
+            param_scale = torch.clamp(param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32)))
+        step = direction * (param_scale * mag_param) * cfg.step_mult
+    else:
+        step = direction * mag_param * cfg.step_mult
+    step = lr_mult * step
+    if cfg.precondition_output:
+        step = step * torch.rsqrt(rms[..., -1] + 1e-6)
+    return step
+
+
+def velo_tensor_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    rms: torch.Tensor,
+    v_row: torch.Tensor,
+    v_col: torch.Tensor,
+    v_full: torch.Tensor,
+    control: torch.Tensor,
+    lr_mult: torch.Tensor,
+    ff_theta: Sequence[torch.Tensor],
+    decays: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: VeLOConfig,
+) -> tuple[torch.Tensor, ...]:
+    """One tensor's accumulators and step: ``(m, rms, v_row, v_col, v_full, step)``, all float32, pure.
+
+    ``g`` is already clipped; ``step`` has ``p``'s shape and the new parameter is ``p - step``.
+    """
+    mom_d, rms_d, fac_d = decays
+    m = acc.momentum_update(m, g, mom_d)
+    rms = acc.rms_update(rms, g, rms_d)
+    fdims = feat.factored_dims(g.shape)
+    v_row, v_col, v_full, fac_g = acc.factored_update(v_row, v_col, v_full, g, fac_d, fdims)
+
+    n_w = len(ff_theta) - (cfg.ff_hidden_layers + 1)
+    params = interpolate_ff(control, ff_theta)
+    weights, biases = params[:n_w], params[n_w:]
+    n_first = n_w - cfg.ff_hidden_layers
+
+    shape = p.shape
+    if p.dim() == 0:  # the reference reshapes scalars to (1,) so each feature is normalised on its own
+        pp, gg, mm, rr, ff, vf = (x.unsqueeze(0) for x in (p, g, m, rms, fac_g, v_full))
+        inps = ff_inputs(pp, gg, mm, rr, ff, v_row, v_col, vf, cfg)
+        step = ff_step(pp, inps, rr, weights, biases, lr_mult, n_first, cfg).reshape(shape)
+    else:
+        inps = ff_inputs(p, g, m, rms, fac_g, v_row, v_col, v_full, cfg)
+        step = ff_step(p, inps, rms, weights, biases, lr_mult, n_first, cfg)
+    return m, rms, v_row, v_col, v_full, step
+
+
+# ----------------------------------------------------------------------------------------------------
+class VeLO(LearnedOptimizer):
+    """VeLO (HyperV2) as a torch optimizer; ``step`` needs the training loss (``loss=`` or a closure).
+
+    Args beyond :class:`LearnedOptimizer`: none; every HyperV2 option comes from the converted file's config.
+    Parameters whose ``.grad`` is None are skipped: not updated, their state untouched, and (unlike the
+    reference, which always sees every tensor) they do not enter the LSTM mix layer's max over tensors.
+    """
+
+    architecture = "velo"
+    uses_loss = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        theta: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+        *,
+        num_steps: int,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        max_training_steps: int | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        self.cfg = VeLOConfig.from_mapping(config)
+        if fused:
+            raise RuntimeError("VeLO: fused=True is not available (no fused VeLO kernels are installed)")
+        expected = expected_theta_shapes(self.cfg)
+        missing = [k for k in expected if k not in theta]
+        if missing:
+            raise ValueError(
+                f"VeLO: theta lacks {', '.join(missing)} (config expects {len(expected)} tensors)"
+            )
+        for k, shape in expected.items():
+            if tuple(theta[k].shape) != shape:
+                raise ValueError(
+                    f"VeLO: theta tensor {k} has shape {tuple(theta[k].shape)}, config expects {shape}"
+                )
+        super().__init__(
+            params,
+            {k: theta[k] for k in expected},
+            config,
+            num_steps=num_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_training_steps=max_training_steps,
+            foreach=foreach,
+            fused=fused,
+        )
+        if self.cfg.constant_loss:
+            self.uses_loss = False  # the reference replaces the loss by 1.0
+
+    # ----------------------------------------------------------------------------------------------------
+    def _init_global(self, device: torch.device) -> dict[str, Any]:
+        horizon = BUGGED_LOSS_HORIZON if self.cfg.use_bugged_loss_features else self.inner_num_steps
+        return {
+            "iteration": torch.zeros((), dtype=torch.int32, device=device),
+            "loss_buffer": acc.loss_buffer_init(horizon, device=device),
+        }
+
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        cfg = self.cfg
+        f32 = dict(dtype=torch.float32, device=p.device)
+        shape = tuple(p.shape)
+        state["mom"] = torch.zeros(*shape, len(cfg.mom_decays), **f32)
+        state["rms"] = torch.zeros(*shape, len(cfg.rms_decays), **f32)
+        rows, cols, full = acc.factored_state_shapes(shape, feat.factored_dims(shape), len(cfg.fac_decays))
+        state["fac_row"] = torch.zeros(rows, **f32)
+        state["fac_col"] = torch.zeros(cols, **f32)
+        state["fac_full"] = torch.zeros(full, **f32)
+        state["lstm_hidden"] = self.theta["lstm_init.hidden"][0].to(**f32).clone()
+        state["lstm_cell"] = self.theta["lstm_init.cell"][0].to(**f32).clone()
+
+    # ----------------------------------------------------------------------------------------------------
+    def _update(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        lrs: list[float],
+        loss: torch.Tensor | None,
+        global_state: dict[str, Any],
+        *,
+        foreach: bool | None,
+        fused: bool | None,
+    ) -> None:
+        if fused:
+            raise RuntimeError("VeLO: fused=True is not available (no fused VeLO kernels are installed)")
+        device = params[0].device
+        theta = self._theta_on(device)
+        cfg = self.cfg
+        if cfg.constant_loss or loss is None:
+            loss = torch.ones((), dtype=torch.float32, device=device)
+        buf = acc.loss_buffer_update(global_state["loss_buffer"], loss)
+        global_state["loss_buffer"] = buf
+        ctx = _StepContext(
+            theta=theta,
+            cfg=cfg,
+            loss_features=acc.loss_buffer_features(buf),
+            fraction_left=feat.fractional_tanh_embed(
+                global_state["iteration"].to(torch.float32)
+                / torch.tensor(float(self.inner_num_steps), dtype=torch.float32, device=device)
+            ),
+            decays=self._decays_on(device),
+        )
+        grads = [torch.clamp(g, -GRAD_CLIP, GRAD_CLIP) for g in grads]
+        states = [self.state[p] for p in params]
+        impl = _single_tensor_velo if foreach is False else _multi_tensor_velo
+        impl(params, grads, lrs, states, ctx)
+        global_state["iteration"] = global_state["iteration"] + 1
+
+    def _decays_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_decay_cache", {})
+        if device not in cache:
+            cfg = self.cfg
+            cache[device] = tuple(
+                torch.tensor(d, dtype=torch.float32, device=device)
+                for d in (cfg.mom_decays, cfg.rms_decays, cfg.fac_decays)
+            )
+        return cache[device]
+
+
+@dataclass
+class _StepContext:
+    """What every tensor's update reads at one step."""
+
+    theta: Mapping[str, torch.Tensor]
+    cfg: VeLOConfig
+    loss_features: torch.Tensor
+    fraction_left: torch.Tensor
+    decays: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def ff_theta(self) -> list[torch.Tensor]:
+        weights, biases = ff_layer_names(self.cfg)
+        return [self.theta[k] for k in weights + biases]
+
+
+def _run_lstm(
+    rows: list[torch.Tensor], states: list[dict[str, Any]], ctx: _StepContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the LSTM once on all tensors' rows, advance each tensor's state; return controls, lr_mult."""
+    dev = rows[0].device
+    x = torch.stack([r.to(dev) for r in rows])
+    hidden = torch.stack([s["lstm_hidden"].to(dev) for s in states])
+    cell = torch.stack([s["lstm_cell"].to(dev) for s in states])
+    controls, lr_mult, h, c = rnn_forward(ctx.theta, x, hidden, cell, ctx.cfg)
+    cfg = ctx.cfg
+    if not cfg.use_bugged_next_lstm_state:
+        hidden, cell = h, c
+    if cfg.rnn_state_decay > 0.0:
+        hidden = hidden * (1.0 - cfg.rnn_state_decay)
+        cell = cell * (1.0 - cfg.rnn_state_decay)
+    for i, s in enumerate(states):
+        s["lstm_hidden"] = hidden[i].to(s["lstm_hidden"].device)
+        s["lstm_cell"] = cell[i].to(s["lstm_cell"].device)
+    return controls, lr_mult
+
+
+def _rank_feature(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    return feat.rank_one_hot(tuple(shape), 5, device=device)
+
+
+def _apply_step(p: torch.Tensor, step: torch.Tensor, lr: float) -> None:
+    pf = p.detach().to(torch.float32)
+    write_param(p, pf - step if lr == 1.0 else pf - lr * step)
+
+
+def _single_tensor_velo(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lrs: list[float],
+    states: list[dict[str, Any]],
+    ctx: _StepContext,
+) -> None:
+    """Reference path: the per-tensor functions one tensor at a time (the LSTM on all at once)."""
+    cfg = ctx.cfg
+    rows = []
+    for p, s in zip(params, states, strict=True):
+        pf = p.detach().to(torch.float32)
+        dev = pf.device
+        rows.append(
+            lstm_features_for_tensor(
+                pf,
+                s["mom"],
+                s["rms"],
+                ctx.fraction_left.to(dev),
+                ctx.loss_features.to(dev),
+                _rank_feature(p.shape, dev),
+                cfg,
+            )
+        )
+    controls, lr_mult = _run_lstm(rows, states, ctx)
+    ff_theta = ctx.ff_theta()
+    for i, (p, g, lr, s) in enumerate(zip(params, grads, lrs, states, strict=True)):
+        dev = p.device
+        pf = p.detach().to(torch.float32)
+        m, rms, v_row, v_col, v_full, step = velo_tensor_update(
+            pf,
+            g,
+            s["mom"],
+            s["rms"],
+            s["fac_row"],
+            s["fac_col"],
+            s["fac_full"],
+            controls[i].to(dev),
+            lr_mult[i].to(dev),
+            [t.to(dev) for t in ff_theta],
+            tuple(d.to(dev) for d in ctx.decays),
+            cfg,
+        )
+        s["mom"], s["rms"], s["fac_row"], s["fac_col"], s["fac_full"] = m, rms, v_row, v_col, v_full
+        _apply_step(p, step, lr)
+
+
+#: Cap on the number of elements of one batched group in the multi-tensor path (bounds the feature memory).
+GROUP_MAX_ELEMENTS = 1 << 22
+
+
+def _groups(params: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of params grouped by (shape, device), each group capped at ``GROUP_MAX_ELEMENTS`` elements."""
+    by_key: dict[tuple, list[list[int]]] = {}
+    for i, p in enumerate(params):
+        key = (tuple(p.shape), p.device)
+        lists = by_key.setdefault(key, [[]])
+        if lists[-1] and (len(lists[-1]) + 1) * max(p.numel(), 1) > GROUP_MAX_ELEMENTS:
+            lists.append([])
+        lists[-1].append(i)
+    return [g for lists in by_key.values() for g in lists]
+
+
+def _multi_tensor_velo(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lrs: list[float],
+    states: list[dict[str, Any]],
+    ctx: _StepContext,
+) -> None:
+    """Batched path: tensors of equal shape stacked and run through the same pure functions under vmap."""
+    cfg = ctx.cfg
+    groups = _groups(params)
+    rows: list[torch.Tensor | None] = [None] * len(params)
+    stacked = []
+    for idx in groups:
+        p0 = params[idx[0]]
+        dev = p0.device
+        pf = torch.stack([params[i].detach().to(torch.float32) for i in idx])
+        m = torch.stack([states[i]["mom"] for i in idx])
+        rms = torch.stack([states[i]["rms"] for i in idx])
+        fl, lf = ctx.fraction_left.to(dev), ctx.loss_features.to(dev)
+        rank = _rank_feature(p0.shape, dev)
+        feats_fn = functools.partial(
+            lstm_features_for_tensor, fraction_left=fl, loss_features=lf, rank_feature=rank, cfg=cfg
+        )
+        feats = torch.func.vmap(feats_fn)(pf, m, rms)
+        for j, i in enumerate(idx):
+            rows[i] = feats[j]
+        stacked.append((idx, pf, m, rms))
+    controls, lr_mult = _run_lstm(rows, states, ctx)  # type: ignore[arg-type]
+    ff_theta = ctx.ff_theta()
+    for idx, pf, m, rms in stacked:
+        dev = pf.device
+        sel = torch.tensor(idx, device=controls.device)
+        g = torch.stack([grads[i] for i in idx])
+        v_row = torch.stack([states[i]["fac_row"] for i in idx])
+        v_col = torch.stack([states[i]["fac_col"] for i in idx])
+        v_full = torch.stack([states[i]["fac_full"] for i in idx])
+        th = [t.to(dev) for t in ff_theta]
+        decays = tuple(d.to(dev) for d in ctx.decays)
+
+        one = functools.partial(velo_tensor_update, ff_theta=th, decays=decays, cfg=cfg)
+        out = torch.func.vmap(one)(
+            pf, g, m, rms, v_row, v_col, v_full, controls.index_select(0, sel).to(dev), lr_mult[sel].to(dev)
+        )
+        new_m, new_rms, new_row, new_col, new_full, step = out
+        for j, i in enumerate(idx):
+            s = states[i]
+            s["mom"], s["rms"] = new_m[j], new_rms[j]
+            s["fac_row"], s["fac_col"], s["fac_full"] = new_row[j], new_col[j], new_full[j]
+        lr_vals = [lrs[i] for i in idx]
+        if all(lr == 1.0 for lr in lr_vals):
+            new_p = pf - step
+        else:
+            lr_t = torch.tensor(lr_vals, dtype=torch.float32, device=dev).reshape(
+                (-1,) + (1,) * (pf.dim() - 1)
+            )
+            new_p = pf - lr_t * step
+        for j, i in enumerate(idx):
+            write_param(params[i], new_p[j])
