@@ -186,6 +186,13 @@ def test_bad_set_and_usage(tmp_path):
     assert_bad_input(run("velo-s"), "velo-s", "not supported")
 
 
+def test_conflicting_architectures(tmp_path):
+    out = tmp_path / "x.safetensors"
+    r = run("celo", "--source", VELO_DIR, "-o", out)
+    line = assert_bad_input(r, VELO_DIR / "params", "conflicting architectures", out)
+    assert "the command says celo" in line and "config.gin says velo" in line
+
+
 # --------------------------------------------------------------------------------------- conversions
 
 
@@ -244,6 +251,14 @@ def test_no_config_with_set_and_config_file(tmp_path):
     # the registry's no_config baselines are HyperV2(512, 256): this small theta contradicts them
     r = run("velo-nc-sep14-aug20run-prior0", "--source", VELO_NC, "-o", tmp_path / "no.safetensors")
     assert_bad_input(r, VELO_NC, "lstm_hidden_size = 512", tmp_path / "no.safetensors")
+
+
+def test_no_config_with_an_operative_config_gin(tmp_path):
+    out = tmp_path / "nc.safetensors"
+    r = run("auto", "--source", VELO_NC, "-o", out, "--config", VELO_DIR / "config.gin")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(run("inspect", out, "--json").stdout)["config"]
+    assert cfg["use_bugged_loss_features"] is False and cfg["lstm_hidden_size"] == 8
 
 
 @needs_shared

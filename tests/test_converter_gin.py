@@ -78,3 +78,10 @@ def test_missing_and_binary_files(tmp_path):
 def test_parse_bindings_for_set_files():
     got = parse_bindings("N = 3\nHyperV2.param_inits = %N\ns/HyperV2.x = 'a'\n", source="u.gin")
     assert got == {"HyperV2": {"param_inits": 3}, "s/HyperV2": {"x": "a"}}
+
+
+def test_hundreds_of_unrelated_bindings():
+    noise = "\n".join(f"Task{i}.arg{j} = {i * j}" for i in range(60) for j in range(10))
+    text = noise + "\nrun_train.lopt = @HyperV2()\nHyperV2.param_inits = 3\n" + noise.replace("Task", "Other")
+    got = parse_optimizer(text, source="big.gin", known_classes=KNOWN)
+    assert got.bindings == {"param_inits": 3}
