@@ -99,6 +99,8 @@ class CaseResult:
     mode: str = "replay"
     tolerance: float = FLOAT32_TOLERANCE
     notes: list[str] = field(default_factory=list)
+    #: Why the case was not run (its real weights in ../shared are absent), else None.
+    skipped: str | None = None
 
     @property
     def steps(self) -> int:
@@ -120,8 +122,13 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        """All finite and within tolerance (NaN and inf fail)."""
-        return bool(self.errors.size) and bool(np.all(self.errors <= self.tolerance))
+        """Run, all finite and within tolerance (NaN and inf fail)."""
+        return self.skipped is None and bool(self.errors.size) and bool(np.all(self.errors <= self.tolerance))
+
+    @property
+    def ok(self) -> bool:
+        """Passed, or skipped for a stated reason (not a failure)."""
+        return self.passed or self.skipped is not None
 
     def per_step(self) -> np.ndarray:
         """Max over tensors per step, for the plot."""
@@ -141,9 +148,10 @@ class CaseResult:
             "worst_step": worst_step,
             "worst_tensor": worst_tensor,
             "passed": self.passed,
+            "skipped": self.skipped,
             "open_loop_drift": _num(self.max_drift),
             "per_tensor_max_error": {
-                n: _num(float(self.errors[:, i].max())) for i, n in enumerate(self.names)
+                n: _num(float(self.errors[:, i].max())) for i, n in enumerate(self.names) if self.errors.size
             },
             "per_step_max_error": [_num(float(x)) for x in self.per_step()],
             "notes": list(self.notes),

@@ -30,9 +30,11 @@ def rows(results: Sequence[CaseResult]) -> list[tuple[str, ...]]:
     out = []
     for r in results:
         worst = f"{r.worst[0]}, {r.worst[1]}" if r.errors.size else "-"
+        err = "-" if r.skipped else _fmt(r.max_error)
+        result = "SKIP" if r.skipped else "PASS" if r.passed else "FAIL"
         out.append(
-            (r.case, r.architecture, r.mode, r.dtype, str(r.steps), _fmt(r.max_error), f"{r.tolerance:g}",
-             "PASS" if r.passed else "FAIL", worst, _fmt(r.max_drift))
+            (r.case, r.architecture, r.mode, r.dtype, str(r.steps), err, f"{r.tolerance:g}", result, worst,
+             _fmt(r.max_drift))
         )  # fmt: skip
     return out
 
@@ -52,10 +54,12 @@ def format_table(results: Sequence[CaseResult], *, markdown: bool = False) -> st
 
 
 def summary(results: Sequence[CaseResult]) -> str:
-    failed = [r.case for r in results if not r.passed]
+    failed = [r.case for r in results if not r.ok]
+    skipped = [f"{r.case} ({r.skipped})" for r in results if r.skipped]
+    skip = f"; skipped: {', '.join(skipped)}" if skipped else ""
     if failed:
-        return f"{len(failed)} of {len(results)} case(s) FAILED: {', '.join(failed)}"
-    return f"all {len(results)} case(s) passed"
+        return f"{len(failed)} of {len(results)} case(s) FAILED: {', '.join(failed)}{skip}"
+    return f"{len(results) - len(skipped)} case(s) passed{skip}"
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
@@ -94,7 +98,7 @@ def write_report(
     md += [f"![error per step]({plot_note})" if plot_note == "errors.png" else f"Plot: {plot_note}", ""]
     _atomic_write(out / "report.md", "\n".join(md))
     payload = {
-        "passed": all(r.passed for r in results),
+        "passed": all(r.ok for r in results),
         "cases": [r.to_json() for r in results],
         **(extra or {}),
     }
@@ -116,6 +120,8 @@ def write_plot(results: Sequence[CaseResult], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     floor = 1e-12  # log axis: exact zeros are drawn at the floor
     for r in results:
+        if r.skipped or not r.errors.size:
+            continue
         y = [max(float(v), floor) if math.isfinite(float(v)) else 1.0 for v in r.per_step()]
         ax.semilogy(range(len(y)), y, label=f"{r.case} ({r.dtype})", linewidth=1.2)
     tols = sorted({r.tolerance for r in results})

@@ -60,3 +60,17 @@ def test_record_unknown_family_and_missing_reference(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
     res = CliRunner().invoke(main, ["record", "needsjax", "--case", "nope", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "has no case 'nope'" in res.output
+
+
+def test_fixture_with_absent_shared_weights_is_skipped_not_failed(tmp_path):
+    fx = _sgd_fixture(tmp_path / "fixtures")
+    meta = json.loads((fx / "meta.json").read_text())
+    meta.update(source="../no-such-shared/checkpoints/celo/theta.state", source_base="repo")
+    (fx / "meta.json").write_text(json.dumps(meta))
+    res = CliRunner().invoke(
+        main, ["run", "--fixtures", str(tmp_path / "fixtures"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "SKIP" in res.output and "absent" in res.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["passed"] is True and report["cases"][0]["skipped"]
