@@ -15,6 +15,8 @@ else:  # pragma: no cover - Python 3.10
 from checkpoints import REGISTRY_PATH
 
 FORMATS = ("lo_params_gin", "lo_no_config", "theta_state", "pickle")
+#: Names taken by lopt-convert's own commands; no checkpoint may use them.
+RESERVED = ("auto", "inspect", "verify", "list", "lo-pretrained")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def _entry(raw: dict[str, Any], where: str) -> Entry:
     for key in ("name", "title", "architecture", "format", "uris", "licence"):
         if key not in raw:
             raise ValueError(f"{where}: missing field {key!r}")
+    if raw["name"] in RESERVED:
+        raise ValueError(f"{where}: name {raw['name']!r} is a lopt-convert command")
     if raw["format"] not in FORMATS:
         raise ValueError(f"{where}: format {raw['format']!r} is not one of {', '.join(FORMATS)}")
     sha = raw.get("sha256")

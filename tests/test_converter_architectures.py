@@ -73,3 +73,19 @@ def test_lookup_and_detect_with_fakes(fakes):
 @pytest.mark.parametrize("folder, arch", [("celo", "celo"), ("celo_adam", "celo_adam")])
 def test_detects_real_celo_files(folder, arch):
     assert archs.detect(flax_msgpack.load(SHARED / folder / "theta.state")).name == arch
+
+
+def test_no_module_under_converter_imports_jax():
+    import ast
+
+    forbidden = {"jax", "jaxlib", "flax", "haiku", "tensorflow", "optax"}
+    for path in Path(archs.__file__).parents[1].rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path}: imports {name}"

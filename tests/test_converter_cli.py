@@ -310,3 +310,17 @@ def test_registry_entries():
         if e.supported:
             assert e.architecture in known, f"{e.name}: no converter module for {e.architecture!r}"
         assert e.name in main.list_commands(None)
+
+
+def test_registry_rejects_bad_entries(tmp_path):
+    bad = tmp_path / "r.toml"
+    base = 'name = "{}"\ntitle = "t"\narchitecture = "velo"\nformat = "{}"\nuris = []\nlicence = "x"\n'
+    for name, fmt, extra, match in [
+        ("verify", "theta_state", "", "is a lopt-convert command"),
+        ("a", "zip", "", "format 'zip'"),
+        ("a", "theta_state", 'sha256 = "XYZ"\n', "64 lowercase hex"),
+        ("a", "theta_state", "colour = 1\n", "unknown field"),
+    ]:
+        bad.write_text("[[checkpoint]]\n" + base.format(name, fmt) + extra)
+        with pytest.raises(ValueError, match=match):
+            registry.load(bad)
