@@ -1,0 +1,173 @@
+"""Celo and Celo-Adam references (``amoudgl/celo``): the published weights, or perturbed random ones.
+
+Needs ``amoudgl/celo`` and ``google/learned_optimization`` on PYTHONPATH (celo imports the latter's base
+classes). Do not load learned_optimization's own ``HyperV2`` / ``AdafacMLPLOpt`` in the same process: the
+celo repo registers gin configurables of the same names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: The reference commits this recorder was written against (recorded in every fixture's provenance).
+CELO_REPO = "amoudgl/celo"
+CELO_COMMIT = "66d976116f39da286951f0c5e0a18eee8d1fd66b"
+LO_REPO = "google/learned_optimization"
+LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
+
+#: ``weights``: "real" (``../shared/checkpoints/<arch>/theta.state``) or "random" (``lopt.init`` perturbed).
+CASES: dict[str, dict[str, Any]] = {
+    "celo_real": {"arch": "celo", "weights": "real"},
+    "celo_adam_real": {"arch": "celo_adam", "weights": "real"},
+    # Random weights take far smaller steps than the published ones: a larger step_mult keeps each update
+    # hundreds of thousands of float32 ulps of the parameter, so the parity metric's one-ulp allowance
+    # cannot hide an error (the converter gets the same value with --set).
+    "celo_random": {"arch": "celo", "weights": "random", "overrides": {"step_mult": 0.1}},
+    "celo_adam_random": {"arch": "celo_adam", "weights": "random", "overrides": {"step_mult": 0.1}},
+    # Random weights with 3 interpolated MLP copies: exercises the (learned) control softmax.
+    "celo_random_inits3": {
+        "arch": "celo",
+        "weights": "random",
+        "overrides": {"param_inits": 3, "step_mult": 1.0},
+    },
+}
+
+
+def shared_checkpoint(arch: str) -> Path:
+    """``<repo>/../shared/checkpoints/<arch>/theta.state`` (the published weights; never copied in)."""
+    return Path(__file__).resolve().parents[2].parent / "shared" / "checkpoints" / arch / "theta.state"
+
+
+def make_lopt(arch: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The reference learned optimizer exactly as ``celo.factory.get_optimizer(arch)`` builds it."""
+    if not overrides:
+        from celo.factory import get_optimizer
+
+        return get_optimizer(arch)
+    # Same arguments as factory.py, plus overrides (only for the random-weight cases).
+    if arch == "celo":
+        from celo.optimizers import celo as celo_lopt
+
+        kwargs: dict[str, Any] = dict(
+            lstm_hidden_size=64,
+            initial_momentum_decays=(0.9, 0.99, 0.999),
+            initial_rms_decays=(0.999,),
+            initial_adafactor_decays=(0.9, 0.99, 0.999),
+            param_inits=1,
+            train_phase=2,
+            summarize_each_layer=False,
+        )
+        return celo_lopt.Celo(**{**kwargs, **overrides})
+    from celo.optimizers import celo_adam
+
+    kwargs = dict(
+        lstm_hidden_size=64, initial_epsilon=1e-8, initial_momentum_decays=(0.9,), initial_rms_decays=(0.999,)
+    )
+    return celo_adam.Celo(**{**kwargs, **overrides})
+
+
+def perturb_theta(theta: Any, seed: int) -> Any:
+    """``x * (1 + 0.3 z1) + 0.1 z2`` for every leaf, so zero-initialised parts (biases, LSTM state) matter."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves, tree = jax.tree_util.tree_flatten(theta)
+    rng = np.random.default_rng([seed, 1234])
+    out = []
+    for leaf in leaves:
+        a = np.asarray(leaf, dtype=np.float32)
+        z1 = rng.standard_normal(a.shape).astype(np.float32)
+        z2 = rng.standard_normal(a.shape).astype(np.float32)
+        out.append(jnp.asarray(a * (1.0 + 0.3 * z1) + 0.1 * z2, dtype=jnp.float32))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+class CeloReference:
+    """The reference optimizer (``lopt.opt_fn(theta)``) behind the recorder contract."""
+
+    source_format = "theta_state"
+
+    def __init__(
+        self, arch: str, lopt: Any, theta: Any, source: str, provenance: dict[str, Any], sets: dict[str, Any]
+    ) -> None:
+        self.architecture = arch
+        self.lopt = lopt
+        self.theta = theta
+        self.opt = lopt.opt_fn(theta)
+        self.source = source
+        self.convert_sets = dict(sets)
+        self.provenance = provenance
+
+    def init(self, params: dict[str, np.ndarray], num_steps: int) -> Any:
+        import jax.numpy as jnp
+
+        p = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in params.items()}
+        return self.opt.init(p, num_steps=num_steps)
+
+    def update(self, state: Any, grads: dict[str, np.ndarray], loss: float) -> Any:
+        import jax.numpy as jnp
+
+        g = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in grads.items()}
+        return self.opt.update(state, g, loss=jnp.asarray(loss, dtype=jnp.float32))
+
+    def params(self, state: Any) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.opt.get_params(state).items()}
+
+
+def load_reference(arch: str, *, weights: str, seed: int = 0, overrides: dict[str, Any] | None = None):
+    """(lopt, theta, theta bytes or None, provenance) for ``weights`` "real" or "random"."""
+    import jax
+    from flax import serialization
+
+    lopt = make_lopt(arch, overrides)
+    template = lopt.init(jax.random.PRNGKey(seed))
+    constructor = f"celo.factory.get_optimizer({arch!r})" + (f" with {overrides}" if overrides else "")
+    prov: dict[str, Any] = {
+        "repo": CELO_REPO,
+        "commit": CELO_COMMIT,
+        "learned_optimization": {"repo": LO_REPO, "commit": LO_COMMIT},
+        "constructor": constructor,
+    }
+    if weights == "real":
+        path = shared_checkpoint(arch)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the published {arch} weights are needed for this case")
+        data = path.read_bytes()
+        # celo.utils.load_state: flax from_bytes into lopt.init's tree, then its leaves in tree order.
+        restored = serialization.from_bytes(template, data)
+        theta = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(template), jax.tree_util.tree_leaves(restored)
+        )
+        prov["theta"] = {
+            "kind": "published weights (celo.utils.load_state)",
+            "file": f"../shared/checkpoints/{arch}/theta.state",
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        return lopt, theta, None, prov
+    if weights == "random":
+        theta = perturb_theta(template, seed)
+        prov["theta"] = {
+            "kind": "random",
+            "how": f"lopt.init(jax.random.PRNGKey({seed})), every leaf x -> x * (1 + 0.3 z1) + 0.1 z2 with "
+            f"z ~ N(0, 1) from numpy default_rng([{seed}, 1234]); written with flax.serialization.to_bytes",
+        }
+        return lopt, theta, serialization.to_bytes(theta), prov
+    raise ValueError(f"weights must be 'real' or 'random', got {weights!r}")
+
+
+def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> CeloReference:
+    """Build the case's reference; random weights are written to ``ckpt_dir/theta.state``."""
+    arch = options["arch"]
+    lopt, theta, blob, prov = load_reference(
+        arch, weights=options["weights"], seed=seed, overrides=options.get("overrides")
+    )
+    if blob is None:
+        source = str(shared_checkpoint(arch))
+    else:
+        (Path(ckpt_dir) / "theta.state").write_bytes(blob)
+        source = "theta.state"
+    return CeloReference(arch, lopt, theta, source, prov, options.get("overrides") or {})
