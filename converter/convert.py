@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,8 @@ def _parse_value(text: str, where: str) -> Any:
     try:
         parser = config_parser.ConfigParser(text, gin_config._Delegate())
         value = parser.parse_value()
+        if parser.current_token.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            raise ValueError(f"unexpected {parser.current_token.string!r} after the value")
     except (SyntaxError, ValueError) as e:
         raise ConversionError(
             where, f"cannot parse value {text!r} ({getattr(e, 'msg', e)}); quote strings: 'text'"

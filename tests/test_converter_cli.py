@@ -179,6 +179,10 @@ def test_bad_set_and_usage(tmp_path):
     out = tmp_path / "x.safetensors"
     r = run("velo", "--source", VELO_DIR, "-o", out, "--set", "lstm_hidden_size")
     assert_bad_input(r, "--set", "not key=value", out)
+    r = run("velo", "--source", VELO_DIR, "-o", out, "--set", "param_inits=2 3")
+    assert_bad_input(r, "--set param_inits", "unexpected '3' after the value", out)
+    r = run("velo", "--source", VELO_DIR, "-o", out, "--set", "use_bugged_loss_features=maybe")
+    assert_bad_input(r, "--set use_bugged_loss_features", "quote strings", out)
     r = run("velo", "--source", VELO_DIR, "-o", out, "--set", "no_such_argument=1")
     assert_bad_input(r, VELO_DIR / "params", "no_such_argument", out)
     assert run("auto", "-o", out).exit_code == 2  # --source is required
@@ -245,8 +249,12 @@ def test_no_config_with_set_and_config_file(tmp_path):
     out2 = tmp_path / "nc2.safetensors"
     r = run("velo", "--source", VELO_NC, "-o", out2, "--config", gin)
     assert r.exit_code == 0, r.output
-    a, b = (json.loads(run("inspect", o, "--json").stdout) for o in (out, out2))
-    assert a["config"] == b["config"] and a["provenance"]["source_format"] == "lo_no_config"
+    out3 = tmp_path / "nc3.safetensors"
+    r = run("auto", "--source", VELO_NC, "-o", out3, "--set", "architecture=velo", "--set",
+            "HyperV2.use_bugged_loss_features=False")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    a, b, c = (json.loads(run("inspect", o, "--json").stdout) for o in (out, out2, out3))
+    assert a["config"] == b["config"] == c["config"] and a["provenance"]["source_format"] == "lo_no_config"
     assert all(t["source_path"].startswith("0/") for t in a["tensors"])
     # the registry's no_config baselines are HyperV2(512, 256): this small theta contradicts them
     r = run("velo-nc-sep14-aug20run-prior0", "--source", VELO_NC, "-o", tmp_path / "no.safetensors")
