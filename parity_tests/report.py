@@ -115,13 +115,12 @@ def write_plot(results: Sequence[CaseResult], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "skipped (matplotlib is not installed; pip install matplotlib)"
+    results = [r for r in results if not r.skipped and r.errors.size]
     if not results:
-        return "skipped (no cases)"
+        return "skipped (no case was run)"
     fig, ax = plt.subplots(figsize=(8, 4.5))
     floor = 1e-12  # log axis: exact zeros are drawn at the floor
     for r in results:
-        if r.skipped or not r.errors.size:
-            continue
         y = [max(float(v), floor) if math.isfinite(float(v)) else 1.0 for v in r.per_step()]
         ax.semilogy(range(len(y)), y, label=f"{r.case} ({r.dtype})", linewidth=1.2)
     tols = sorted({r.tolerance for r in results})
