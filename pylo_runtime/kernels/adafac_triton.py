@@ -1,0 +1,321 @@
+"""small_fc_lopt's fused step in Triton: all tensors of a call in two launches per parameter dtype.
+
+Pass A updates the element-wise accumulators (momentum, rms, the diagonal second moment of rank <= 1
+tensors) in place and adds every tensor's per-feature sums of squares into a small table (atomics). Pass B
+rebuilds the 28 features from the new state, normalises them with that table, runs the MLP and writes the
+parameter. The factored row/column accumulators are reductions over whole tensors: they stay ordinary torch
+ops (as DTensor needs), done before pass A. Tensors are addressed through tables of data pointers, so no
+flat copies are made.
+
+MLP precision: the first layer is 28 rank-one updates in fp32 FMAs; the hidden x hidden layers use ``tl.dot``
+with ``input_precision="ieee"`` (fp32 products, fp32 accumulation) by default, the choice that keeps parity
+(``LOPT_TRITON_DOT_PRECISION=tf32`` trades ~1e-3 relative error in the MLP for tensor-core speed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import adafac as ref
+from ..base import write_param
+
+BLOCK = 256
+N_FEAT = 28
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_precision() -> str:
+    """``ieee`` (default, parity) or ``tf32`` from ``LOPT_TRITON_DOT_PRECISION``."""
+    v = os.environ.get("LOPT_TRITON_DOT_PRECISION", "ieee")
+    if v not in ("ieee", "tf32"):
+        raise ValueError(f"LOPT_TRITON_DOT_PRECISION must be 'ieee' or 'tf32', got {v!r}")
+    return v
+
+
+@triton.jit
+def _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT: tl.constexpr):
+    """The 28 un-normalised inputs of ``AdafacMLPLOpt._mod`` (same order).
+
+    Factored tensors: ``rs*`` are the row values, ``v*`` the column values, ``f*`` row_factor * col_factor.
+    Others: ``rs*`` and ``v*`` both the diagonal second moment, ``f*`` unused.
+    """
+    rsq = tl.math.rsqrt(r + 1e-6)
+    if FACT:
+        fg0 = g * f0
+        fg1 = g * f1
+        fg2 = g * f2
+        fm0 = m0 * f0
+        fm1 = m1 * f1
+        fm2 = m2 * f2
+        a0, a1, a2 = rs0, rs1, rs2
+        b0, b1, b2 = v0, v1, v2
+    else:
+        fg0 = g * tl.math.rsqrt(tl.maximum(v0 + 1e-9, 1e-9))
+        fg1 = g * tl.math.rsqrt(tl.maximum(v1 + 1e-9, 1e-9))
+        fg2 = g * tl.math.rsqrt(tl.maximum(v2 + 1e-9, 1e-9))
+        fm0 = m0 / tl.sqrt(v0 + 1e-6)
+        fm1 = m1 / tl.sqrt(v1 + 1e-6)
+        fm2 = m2 / tl.sqrt(v2 + 1e-6)
+        a0, a1, a2 = v0, v1, v2
+        b0, b1, b2 = v0, v1, v2
+    return (
+        g, p, m0, m1, m2, r, m0 * rsq, m1 * rsq, m2 * rsq, rsq, fg0, fg1, fg2,
+        a0, a1, a2, b0, b1, b2,
+        tl.math.rsqrt(a0 + 1e-8), tl.math.rsqrt(a1 + 1e-8), tl.math.rsqrt(a2 + 1e-8),
+        tl.math.rsqrt(b0 + 1e-8), tl.math.rsqrt(b1 + 1e-8), tl.math.rsqrt(b2 + 1e-8),
+        fm0, fm1, fm2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _load_tensor_info(t, INFO):
+    base = INFO + t * 12
+    return (
+        tl.load(base + 0),  # numel
+        tl.load(base + 1),  # factored?
+        tl.load(base + 2),  # stride of d0
+        tl.load(base + 3),  # size of d0
+        tl.load(base + 4),  # stride of d1
+        tl.load(base + 5),  # size of d1
+        tl.load(base + 6),  # offset of row aux (6 floats per row)
+        tl.load(base + 7),  # offset of col aux (6 floats per col)
+    )
+
+
+@triton.jit
+def _load_state(t, offs, mask, PTRS, INFO, AUX, DEC, P_DT: tl.constexpr, FACT: tl.constexpr,
+                UPDATE: tl.constexpr):  # fmt: skip
+    """Load (and in pass A update) one block's state; returns what ``_features`` takes."""
+    pp = tl.load(PTRS + t * 5 + 0).to(tl.pointer_type(P_DT))
+    gp = tl.load(PTRS + t * 5 + 1).to(tl.pointer_type(tl.float32))
+    mp = tl.load(PTRS + t * 5 + 2).to(tl.pointer_type(tl.float32))
+    rp = tl.load(PTRS + t * 5 + 3).to(tl.pointer_type(tl.float32))
+    vp = tl.load(PTRS + t * 5 + 4).to(tl.pointer_type(tl.float32))
+    n, fact, st0, s0, st1, s1, row_off, col_off = _load_tensor_info(t, INFO)
+    g = tl.load(gp + offs, mask=mask, other=0.0)
+    p = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
+    m0 = tl.load(mp + offs * 3 + 0, mask=mask, other=0.0)
+    m1 = tl.load(mp + offs * 3 + 1, mask=mask, other=0.0)
+    m2 = tl.load(mp + offs * 3 + 2, mask=mask, other=0.0)
+    r = tl.load(rp + offs, mask=mask, other=0.0)
+    if UPDATE:
+        dm0 = tl.load(DEC + 0)
+        dm1 = tl.load(DEC + 1)
+        dm2 = tl.load(DEC + 2)
+        dr = tl.load(DEC + 3)
+        m0 = dm0 * m0 + (1.0 - dm0) * g
+        m1 = dm1 * m1 + (1.0 - dm1) * g
+        m2 = dm2 * m2 + (1.0 - dm2) * g
+        r = dr * r + (1.0 - dr) * (g * g)
+        tl.store(mp + offs * 3 + 0, m0, mask=mask)
+        tl.store(mp + offs * 3 + 1, m1, mask=mask)
+        tl.store(mp + offs * 3 + 2, m2, mask=mask)
+        tl.store(rp + offs, r, mask=mask)
+    if FACT:
+        ri = (offs // (st0 * s0)) * st0 + offs % st0
+        ci = (offs // (st1 * s1)) * st1 + offs % st1
+        rs0 = tl.load(AUX + row_off + ri * 6 + 0, mask=mask, other=1.0)
+        rs1 = tl.load(AUX + row_off + ri * 6 + 1, mask=mask, other=1.0)
+        rs2 = tl.load(AUX + row_off + ri * 6 + 2, mask=mask, other=1.0)
+        v0 = tl.load(AUX + col_off + ci * 6 + 0, mask=mask, other=1.0)
+        v1 = tl.load(AUX + col_off + ci * 6 + 1, mask=mask, other=1.0)
+        v2 = tl.load(AUX + col_off + ci * 6 + 2, mask=mask, other=1.0)
+        f0 = tl.load(AUX + row_off + ri * 6 + 3, mask=mask, other=0.0) * tl.load(
+            AUX + col_off + ci * 6 + 3, mask=mask, other=0.0
+        )
+        f1 = tl.load(AUX + row_off + ri * 6 + 4, mask=mask, other=0.0) * tl.load(
+            AUX + col_off + ci * 6 + 4, mask=mask, other=0.0
+        )
+        f2 = tl.load(AUX + row_off + ri * 6 + 5, mask=mask, other=0.0) * tl.load(
+            AUX + col_off + ci * 6 + 5, mask=mask, other=0.0
+        )
+    else:
+        v0 = tl.load(vp + offs * 3 + 0, mask=mask, other=1.0)
+        v1 = tl.load(vp + offs * 3 + 1, mask=mask, other=1.0)
+        v2 = tl.load(vp + offs * 3 + 2, mask=mask, other=1.0)
+        if UPDATE:
+            df0 = tl.load(DEC + 4)
+            df1 = tl.load(DEC + 5)
+            df2 = tl.load(DEC + 6)
+            gs = g * g + 1e-30
+            v0 = df0 * v0 + (1.0 - df0) * gs
+            v1 = df1 * v1 + (1.0 - df1) * gs
+            v2 = df2 * v2 + (1.0 - df2) * gs
+            tl.store(vp + offs * 3 + 0, v0, mask=mask)
+            tl.store(vp + offs * 3 + 1, v1, mask=mask)
+            tl.store(vp + offs * 3 + 2, v2, mask=mask)
+        rs0, rs1, rs2 = v0, v1, v2
+        f0, f1, f2 = v0, v1, v2
+    return pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, n
+
+
+@triton.jit
+def _adafac_pass_a(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, P_DT: tl.constexpr, FACT: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """Update the element-wise accumulators; add per-tensor feature sums of squares into STATS."""
+    b = tl.program_id(0)
+    t = tl.load(BLK_T + b)
+    offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
+    n = tl.load(INFO + t * 12)
+    mask = offs < n
+    _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = _load_state(
+        t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, True
+    )
+    feats = _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT)
+    for k in tl.static_range(28):
+        x = tl.where(mask, feats[k], 0.0)
+        tl.atomic_add(STATS + t * 28 + k, tl.sum(x * x, 0))
+
+
+@triton.jit
+def _adafac_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, W1, B1, WH, BH, W3, B3, SCALE,
+                   exp_mult, step_mult,
+                   P_DT: tl.constexpr, FACT: tl.constexpr, H: tl.constexpr, N_MID: tl.constexpr,
+                   USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Features -> normalise -> MLP -> ``p - step`` for one block of one tensor."""
+    b = tl.program_id(0)
+    t = tl.load(BLK_T + b)
+    offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
+    n = tl.load(INFO + t * 12)
+    mask = offs < n
+    pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = _load_state(
+        t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, False
+    )
+    feats = _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT)
+    nf = n.to(tl.float32)
+    hcols = tl.arange(0, H)
+    h = tl.zeros((BLOCK, H), tl.float32) + tl.load(B1 + hcols)[None, :]
+    for k in tl.static_range(28):
+        s = tl.math.rsqrt(1e-5 + tl.load(STATS + t * 28 + k) / nf)
+        w = tl.load(W1 + k * H + hcols)
+        h += (feats[k] * s)[:, None] * w[None, :]
+    h = tl.maximum(h, 0.0)
+    for layer in tl.static_range(N_MID):
+        wptr = WH + layer * H * H + hcols[:, None] * H + hcols[None, :]
+        w = tl.load(wptr)
+        if USE_DOT:
+            h = tl.dot(h, w, input_precision=DOT_PREC)
+        else:
+            h = tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+        h = tl.maximum(h + tl.load(BH + layer * H + hcols)[None, :], 0.0)
+    direction = tl.sum(h * tl.load(W3 + hcols * 2 + 0)[None, :], axis=1) + tl.load(B3 + 0)
+    magnitude = tl.sum(h * tl.load(W3 + hcols * 2 + 1)[None, :], axis=1) + tl.load(B3 + 1)
+    step = direction * tl.exp(magnitude * exp_mult) * step_mult
+    step = step * tl.load(SCALE + t)
+    tl.store(pp + offs, (p - step).to(P_DT), mask=mask)
+
+
+def _contig_info(shape: tuple[int, ...], fdims: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    if fdims is None:
+        return 1, 1, 1, 1
+    d1, d0 = fdims
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * shape[i + 1]
+    return stride[d0], shape[d0], stride[d1], shape[d1]
+
+
+def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
+    """One ``SmallFCLOpt``/``MuLO`` step with the Triton kernels (same state as the reference path)."""
+    device = params[0].device
+    grads = opt._prepare_grads(grads)
+    mom_d, rms_d, fac_d = opt._decays(device)
+    weights, biases = opt._mlp(device)
+    it = global_state["iteration"]
+    time_feat = ref.tanh_embedding(it)
+    scales = opt._scales(params)
+    exp_mult, step_mult = float(opt.config["exp_mult"]), float(opt.config["step_mult"])
+    hidden = weights[0].shape[1]
+    if hidden & (hidden - 1) or hidden < 2:
+        raise ValueError(
+            f"{type(opt).__name__}: the Triton kernels need a power-of-two hidden_size, not {hidden}"
+        )
+    f32 = dict(dtype=torch.float32, device=device)
+    dec = torch.cat([mom_d, torch.clamp(rms_d, 0.0, 1.0), torch.clamp(fac_d, 0.0, 1.0)]).to(**f32)
+    w1 = weights[0][:N_FEAT].contiguous()
+    b1 = (biases[0] + time_feat @ weights[0][N_FEAT:]).contiguous()
+    n_mid = len(weights) - 2
+    wh = torch.stack(weights[1:-1]).contiguous() if n_mid else torch.zeros(1, **f32)
+    bh = torch.stack(biases[1:-1]).contiguous() if n_mid else torch.zeros(1, **f32)
+    w3, b3 = weights[-1].contiguous(), biases[-1].contiguous()
+
+    # Group by (param dtype, factored?) -> one pair of launches each.
+    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
+    work = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        st = opt.state[p]
+        shape = tuple(p.shape) or (1,)
+        fdims = ref.factored_dims(shape)
+        pc = p.detach() if p.is_contiguous() else p.detach().contiguous()
+        gc = g.reshape(shape).to(torch.float32).contiguous()
+        aux = None
+        if fdims is not None:
+            d = torch.clamp(fac_d, 0.0, 1.0)
+            gsq = gc * gc + 1e-30
+            d1, d0 = fdims
+            st["v_row"] = d * st["v_row"] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
+            st["v_col"] = d * st["v_col"] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
+            rf, cf = ref._row_col_factors(st["v_row"], st["v_col"], fdims)
+            aux = (torch.cat([st["v_row"], rf], -1).reshape(-1), torch.cat([st["v_col"], cf], -1).reshape(-1))
+        for k in ("m", "rms", "v_diag"):
+            if k in st and not st[k].is_contiguous():
+                st[k] = st[k].contiguous()
+        work.append((p, pc, gc, st, shape, fdims, aux))
+        groups.setdefault((p.dtype, fdims is not None), []).append(i)
+
+    scale_vals = []
+    for i, lr in enumerate(lrs):
+        s = 1.0 if scales is None else float(scales[i])
+        scale_vals.append(s * lr)
+    prec = dot_precision()
+    for (dtype, fact), idx in groups.items():
+        if dtype not in _TL_DTYPES:
+            raise TypeError(f"{type(opt).__name__}: fused kernels take float32/bfloat16/float16, not {dtype}")
+        ptrs, info, aux_parts, blk_t, blk_s, sc = [], [], [], [], [], []
+        aux_len = 0
+        for j, i in enumerate(idx):
+            p, pc, gc, st, shape, fdims, aux = work[i]
+            n = pc.numel()
+            vptr = st["v_diag"].data_ptr() if fdims is None else 0
+            ptrs += [pc.data_ptr(), gc.data_ptr(), st["m"].data_ptr(), st["rms"].data_ptr(), vptr]
+            st0, s0, st1, s1 = _contig_info(shape, fdims)
+            row_off = col_off = 0
+            if aux is not None:
+                row_off = aux_len
+                aux_len += aux[0].numel()
+                col_off = aux_len
+                aux_len += aux[1].numel()
+                aux_parts += list(aux)
+            info += [n, int(fdims is not None), st0, s0, st1, s1, row_off, col_off, 0, 0, 0, 0]
+            for s in range(0, n, BLOCK):
+                blk_t.append(j)
+                blk_s.append(s)
+            sc.append(scale_vals[i])
+        i64 = dict(dtype=torch.int64)
+        ptr_t = torch.tensor(ptrs, **i64).to(device, non_blocking=True)
+        info_t = torch.tensor(info, **i64).to(device, non_blocking=True)
+        blk_t_t = torch.tensor(blk_t, dtype=torch.int32).to(device, non_blocking=True)
+        blk_s_t = torch.tensor(blk_s, **i64).to(device, non_blocking=True)
+        sc_t = torch.tensor(sc, dtype=torch.float32).to(device, non_blocking=True)
+        aux_t = torch.cat(aux_parts).contiguous() if aux_parts else torch.zeros(1, **f32)
+        stats = torch.zeros(len(idx) * N_FEAT, **f32)
+        grid = (len(blk_t),)
+        p_dt = _TL_DTYPES[dtype]
+        args = (ptr_t, info_t, aux_t, dec, blk_t_t, blk_s_t, stats)
+        _adafac_pass_a[grid](*args, P_DT=p_dt, FACT=fact, BLOCK=BLOCK)
+        _adafac_pass_b[grid](
+            *args, w1, b1, wh, bh, w3, b3, sc_t,
+            exp_mult, step_mult,
+            P_DT=p_dt, FACT=fact, H=hidden, N_MID=n_mid, USE_DOT=hidden >= 16, DOT_PREC=prec, BLOCK=BLOCK,
+        )  # fmt: skip
+        for i in idx:
+            p, pc = work[i][0], work[i][1]
+            if pc.data_ptr() != p.data_ptr():  # a non-contiguous param was stepped in a contiguous copy
+                write_param(p, pc.reshape(p.shape))
+        del ptr_t, info_t, blk_t_t, blk_s_t, sc_t, aux_t
+    global_state["iteration"] = it + 1
