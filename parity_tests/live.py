@@ -65,7 +65,7 @@ def closed_loop(family: str, case: str, fx, tmp: Path, *, seed: int, steps: int)
         loss = task.loss_torch(params, st.step)
         loss.backward()
         opt.step(loss=loss.detach())
-        lo, lr = float(loss), st.loss
+        lo, lr = float(loss.detach()), st.loss
         loss_err[st.step, 0] = abs(lo - lr) / abs(lr) if lr != 0 else float(lo != lr) * np.inf
         for i, n in enumerate(names):
             drifts[st.step, i] = drift(params[n].detach().numpy(), st.after[n], init[n])
