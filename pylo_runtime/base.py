@@ -146,38 +146,43 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grads: list[torch.Tensor] = []
         lrs: list[float] = []
         wd_loss: list[torch.Tensor] = []
-        sharded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (DTensor param, full copy the update runs on)
+        # FSDP2: (DTensor param, the full copy the update runs on, its group's params list, index in it).
+        sharded: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]] = []
         foreach = fused = None
-        for group in self.param_groups:
-            foreach, fused = group["foreach"], group["fused"]
-            wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:  # like torch optimizers: no gradient, no update, no state change
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                g = p.grad.detach()
-                if _dist.is_dtensor(p):  # FSDP2: the update reads whole-tensor statistics (distributed.py)
-                    full, g = _dist.gather_param(p, g)
-                    sharded.append((p, full))
-                    self.state[full] = self.state[p]  # the same dict, keyed by the full copy for this step
-                    p = full
-                g = g.to(torch.float32)
-                if wd != 0.0:
-                    pf = p.detach().to(torch.float32)
-                    g = g + wd * pf
-                    wd_loss.append(wd * torch.sum(pf * pf))
-                params.append(p)
-                grads.append(g)
-                lrs.append(float(group["lr"]))
-        if not params:
-            return closure_loss
         try:
-            self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
-            for p, full in sharded:
-                _dist.scatter_back(p, full)
+            for group in self.param_groups:
+                foreach, fused = group["foreach"], group["fused"]
+                wd = group["weight_decay"]
+                for i, p in enumerate(group["params"]):
+                    if p.grad is None:  # like torch optimizers: no gradient, no update, no state change
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            f"{type(self).__name__} does not support sparse gradients"
+                        )
+                    g = p.grad.detach()
+                    if _dist.is_dtensor(p):  # FSDP2: the update reads whole-tensor statistics
+                        full, g = _dist.gather_param(p, g)
+                        sharded.append((p, full, group["params"], i))
+                        # For this step the full copy stands in for p: in its group and as its state's key.
+                        self.state[full] = self.state[p]
+                        group["params"][i] = full
+                        p = full
+                    g = g.to(torch.float32)
+                    if wd != 0.0:
+                        pf = p.detach().to(torch.float32)
+                        g = g + wd * pf
+                        wd_loss.append(wd * torch.sum(pf * pf))
+                    params.append(p)
+                    grads.append(g)
+                    lrs.append(float(group["lr"]))
+            if params:
+                self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
+                for p, full, _, _ in sharded:
+                    _dist.scatter_back(p, full)
         finally:
-            for _, full in sharded:
+            for p, full, group_params, i in sharded:
+                group_params[i] = p
                 del self.state[full]
         return closure_loss
 

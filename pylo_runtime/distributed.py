@@ -67,3 +67,27 @@ def global_mean(loss: torch.Tensor, group: Any = None) -> torch.Tensor:
     out = loss.detach().to(torch.float32).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out / dist.get_world_size(group)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reductions over TENSORS (not elements), for when each rank steps only some tensors (sharded.py).
+#: The process group of the sharded step in progress; None: this process steps every tensor itself.
+_TENSOR_GROUP: list[Any] = []
+
+
+def tensors_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over tensors (VeLO's mix layer): all-reduced over ranks while they split the tensors."""
+    if not _TENSOR_GROUP:
+        return x
+    out = x.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX, group=_TENSOR_GROUP[-1])
+    return out
+
+
+def tensors_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over tensors (muLO's global gradient norm): all-reduced likewise."""
+    if not _TENSOR_GROUP:
+        return x
+    out = x.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=_TENSOR_GROUP[-1])
+    return out

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import distributed as _dist
 from .adafac import DEFAULTS as ADAFAC_DEFAULTS
 from .adafac import SmallFCLOpt
 from .base import ParamsT
@@ -83,7 +84,7 @@ class MuLO(SmallFCLOpt):
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     """optax's ``clip_by_global_norm``: ``g / norm * max_norm`` when the global norm is ``>= max_norm``."""
-    norm = torch.sqrt(sum(torch.sum(g * g) for g in grads))
+    norm = torch.sqrt(_dist.tensors_sum(sum(torch.sum(g * g) for g in grads)))  # all ranks' tensors
     keep = norm < max_norm
     return [torch.where(keep, g, (g / norm) * max_norm) for g in grads]
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import accumulators as acc
+from . import distributed as _dist
 from . import features as feat
 from .base import LearnedOptimizer, ParamsT, write_param
 
@@ -303,7 +304,7 @@ def rnn_forward(
     if cfg.mix_layers:
         # The reference also evaluates rnn.mix_unused (haiku "linear") and overwrites the result.
         mix = torch.relu(x @ theta["rnn.mix.w"] + theta["rnn.mix.b"])
-        v = torch.amax(mix, dim=0, keepdim=True)  # max over TENSORS
+        v = _dist.tensors_max(torch.amax(mix, dim=0, keepdim=True))  # max over TENSORS (of all ranks)
         x = x @ theta["rnn.in.w"] + theta["rnn.in.b"] + v
     gated = torch.cat([x, hidden], dim=-1) @ theta["rnn.lstm.w"] + theta["rnn.lstm.b"]
     i, g, f, o = torch.chunk(gated, 4, dim=-1)

@@ -16,16 +16,18 @@ from typing import Any
 import torch
 
 #: Families with a random-theta factory below (the ones these tests run).
-FAMILIES = ("small_fc_lopt", "velo")
+FAMILIES = ("small_fc_lopt", "velo", "mlp_lopt", "mulo")
 
 
 def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Theta of the right shapes with random values, and the config, for a small instance of ``family``."""
     gen = torch.Generator().manual_seed(seed)
-    if family == "small_fc_lopt":
+    if family in ("small_fc_lopt", "mulo"):
         from pylo_runtime.adafac import DEFAULTS, n_inputs
 
         config = dict(DEFAULTS)
+        if family == "mulo":
+            config["clip_grad"] = True  # a global-norm reduction over tensors
         sizes = [n_inputs(config)] + [config["hidden_size"]] * config["hidden_layers"] + [2]
         theta = {}
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -44,6 +46,16 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
         config = {"lstm_hidden_size": 8, "param_inits": 4, "ff_hidden_size": 4}
         shapes = expected_theta_shapes(VeLOConfig.from_mapping(config))
         theta = {k: 0.3 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+        return theta, config
+    if family == "mlp_lopt":
+        from pylo_runtime.mlp_lopt import DECAYS
+
+        config = {"hidden_size": 8, "hidden_layers": 2}
+        sizes = [2 + len(DECAYS) + 11, 8, 8, 2]
+        theta = {}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            theta[f"linear_{i}.w"] = torch.randn(a, b, generator=gen) / a**0.5
+            theta[f"linear_{i}.b"] = 0.1 * torch.randn(b, generator=gen)
         return theta, config
     raise ValueError(f"no random-theta factory for {family!r}")
 
