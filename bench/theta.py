@@ -46,5 +46,8 @@ def random_theta(arch: str, config: dict[str, Any] | None = None, seed: int = 0)
     theta = {}
     for name, shape in theta_shapes(arch, config).items():
         fan_in = shape[-2] if len(shape) >= 2 else 100
-        theta[name] = torch.randn(shape, generator=gen) / fan_in**0.5
+        t = torch.randn(shape, generator=gen) / fan_in**0.5
+        if arch == "velo" and name.startswith("ff."):
+            t = t / 30.0  # the MLP copies are mixed as 100 * mean(copy * control): keep the mix O(1)
+        theta[name] = t
     return theta, config

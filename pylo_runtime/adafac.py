@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import kernels
 from .base import LearnedOptimizer, ParamsT, write_param
 
 #: Every constructor argument of ``AdafacMLPLOpt`` with its default (learned_optimization @32186aa4).
@@ -240,8 +241,7 @@ class SmallFCLOpt(LearnedOptimizer):
             foreach=foreach,
             fused=fused,
         )
-        if fused:
-            raise RuntimeError(f"{type(self).__name__}: fused=True is not available (no fused kernel yet)")
+        kernels.check_fused(self, self.param_groups[0]["params"][0].device, fused)
         n_mom = len(full["initial_momentum_decays"])
         for key, init in (
             ("momentum_decays", "initial_momentum_decays"),
@@ -333,6 +333,8 @@ class SmallFCLOpt(LearnedOptimizer):
         return pf, feats
 
     def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
+        if kernels.fast_step(self, params, grads, lrs, loss, global_state, foreach=foreach, fused=fused):
+            return  # Triton kernels (CUDA) or the vectorised CPU path: pylo_runtime/kernels
         device = params[0].device
         grads = self._prepare_grads(grads)
         decays = self._decays(device)

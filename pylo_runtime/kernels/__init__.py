@@ -6,7 +6,8 @@
 ``fused=None``  Triton on CUDA when triton is importable; on the CPU the vectorised CPU path; otherwise, or
                 for options a fast path does not cover, the reference path.
 
-Families call :func:`fast_step` first thing in ``_update``; it returns False when the reference path must run.
+small_fc_lopt / muLO call :func:`fast_step` first thing in ``_update`` (False: run the reference path);
+VeLO takes :func:`velo_impl`, a drop-in for its single-tensor implementation, after the LSTM inputs are ready.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["fast_step", "choose_impl", "triton_available", "interpreting", "FusedUnavailableError"]
+__all__ = [
+    "fast_step",
+    "velo_impl",
+    "check_fused",
+    "choose_impl",
+    "triton_available",
+    "interpreting",
+    "FusedUnavailableError",
+]
 
 
 class FusedUnavailableError(RuntimeError):
@@ -96,7 +105,7 @@ def fast_step(
     foreach: bool | None,
     fused: bool | None,
 ) -> bool:
-    """Run ``opt``'s step on a fast path if ``fused``/the device select one; False means: run the reference.
+    """small_fc_lopt / muLO: run the whole ``_update`` on a fast path; False means: run the reference.
 
     ``foreach=False`` with ``fused=None`` also asks for the reference (single-tensor) path.
     """
@@ -105,23 +114,38 @@ def fast_step(
     impl = choose_impl(opt, params[0].device, fused)
     if impl == "reference":
         return False
-    family = _family(opt)
-    if family == "adafac":
-        if impl == "cpu":
-            from .adafac_cpu import adafac_step_cpu
-
-            adafac_step_cpu(opt, params, grads, lrs, global_state)
-        else:
-            from .adafac_triton import adafac_step_triton
-
-            adafac_step_triton(opt, params, grads, lrs, global_state)
-        return True
     if impl == "cpu":
-        from .velo_cpu import velo_step_cpu
+        from .adafac_cpu import adafac_step_cpu
 
-        velo_step_cpu(opt, params, grads, lrs, loss, global_state)
+        adafac_step_cpu(opt, params, grads, lrs, global_state)
     else:
-        from .velo_triton import velo_step_triton
+        from .adafac_triton import adafac_step_triton
 
-        velo_step_triton(opt, params, grads, lrs, loss, global_state)
+        adafac_step_triton(opt, params, grads, lrs, global_state)
     return True
+
+
+def velo_impl(opt: Any, device: torch.device, *, foreach: bool | None, fused: bool | None):
+    """VeLO: a drop-in for ``velo._single_tensor_velo`` (same arguments) on a fast path, or None.
+
+    Meant for ``VeLO._update``: ``impl = kernels.velo_impl(self, device, foreach=..., fused=...) or impl``.
+    ``foreach=False`` with ``fused=None`` keeps the reference path.
+    """
+    if fused is None and foreach is False:
+        return None
+    impl = choose_impl(opt, device, fused)
+    if impl == "cpu":
+        from .velo_cpu import velo_impl_cpu
+
+        return velo_impl_cpu
+    if impl == "triton":
+        from .velo_triton import velo_impl_triton
+
+        return velo_impl_triton
+    return None
+
+
+def check_fused(opt: Any, device: torch.device, fused: bool | None) -> None:
+    """At construction: raise FusedUnavailableError now if ``fused=True`` cannot run on ``device``."""
+    if fused:
+        choose_impl(opt, device, True)

@@ -40,7 +40,9 @@ def supported(opt: Any) -> str | None:
     c = opt.config
     if not c["concat_weights"]:
         return "concat_weights=False (the scalar-math path)"
-    n_mom, n_rms, n_fac = opt._n_decays
+    n_mom, n_rms, n_fac = (
+        len(c[k]) for k in ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
+    )
     if (n_mom, n_rms, n_fac) != (3, 1, 3):
         return f"decay counts {(n_mom, n_rms, n_fac)} (fast path handles 3 / 1 / 3)"
     return None

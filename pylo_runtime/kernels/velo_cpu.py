@@ -1,0 +1,218 @@
+"""VeLO's fast CPU step: the reference per-element math reorganised around a few chunked matrix products.
+
+Same LSTM (run once on all tensors, with ``pylo_runtime.velo``'s own functions), accumulators and
+per-element MLP as the reference path; what changes is how the per-element part is computed:
+
+- the ``param_inits`` MLP copies are interpolated for all tensors in one matrix product;
+- the per-tensor feature normalisation ``x * rsqrt(1e-5 + mean(x**2))`` is folded into the first-layer
+  weights, and the 12 Adafactor row/column features of a factored tensor, constant along one axis, enter
+  the first layer once per row and once per column (broadcast), so per element it reads 18 features, not 30;
+- the 30 -> 4 -> 4 -> 3 MLP runs over cache-sized chunks of elements.
+
+Float32 results differ from the reference only by summation order (about 1e-7 relative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import accumulators as acc
+from .. import features as feat
+from .. import velo as ref
+from .adafac_cpu import CHUNK, _rms_scale, _sumsq
+
+#: Columns (of the 30 reference inputs) that vary per element in a factored tensor.
+_ELEM = list(range(15)) + [27, 28, 29]
+_ROW = [15, 16, 17, 21, 22, 23]  # v_row, rsqrt(v_row + 1e-8)
+_COL = [18, 19, 20, 24, 25, 26]  # v_col, rsqrt(v_col + 1e-8)
+_FLAGS_ON = (
+    "with_g with_m with_m_feat with_rms with_rms_feat with_rms_norm_g with_rsqrt_rms with_p "
+    "with_fac_norm_g with_fac_rms with_fac_rsqrt with_grad_clip_feat with_fac_mom_mult "
+    "with_rms_only_norm_g adafactor_accumulator"
+).split()
+
+
+def supported(opt: Any) -> str | None:
+    """None if the fast paths cover ``opt``'s HyperV2 options, else the reason they do not."""
+    cfg = opt.cfg
+    off = [f for f in _FLAGS_ON if not getattr(cfg, f)]
+    if off:
+        return f"feature flags {', '.join(off)} off (fast paths handle the default feature set)"
+    counts = (len(cfg.mom_decays), len(cfg.rms_decays), len(cfg.fac_decays))
+    if counts != (3, 1, 3):
+        return f"decay counts {counts} (fast paths handle 3 / 1 / 3)"
+    if cfg.ff_hidden_layers != 2:
+        return f"ff_hidden_layers={cfg.ff_hidden_layers} (fast paths handle 2)"
+    return None
+
+
+def interpolate_all(controls: torch.Tensor, ff_theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``100 * mean(ff_p * c, axis=0)`` for every tensor at once: list over ff tensors of (T, ...)."""
+    n_inits = controls.shape[1]
+    flat = torch.cat([t.reshape(n_inits, -1) for t in ff_theta], dim=1)
+    mixed = (controls @ flat) / n_inits * 100.0
+    out, start = [], 0
+    for t in ff_theta:
+        k = t[0].numel()
+        out.append(mixed[:, start : start + k].reshape((controls.shape[0],) + tuple(t.shape[1:])))
+        start += k
+    return out
+
+
+def _elem_features(pf, g, m, rms, fac, out: torch.Tensor) -> None:
+    """The 18 per-element inputs of a factored tensor, in reference order, into ``out`` (n, 18)."""
+    o = out.view(pf.shape + (18,))
+    o[..., 0] = g
+    torch.clamp(g, -0.1, 0.1, out=o[..., 1])
+    o[..., 2] = pf
+    o[..., 3:6] = m
+    o[..., 6:7] = rms
+    rsqrt = torch.rsqrt(rms + 1e-6)
+    torch.mul(m, rsqrt, out=o[..., 7:10])
+    o[..., 10:11] = rsqrt
+    torch.mul(g.unsqueeze(-1), fac, out=o[..., 11:14])
+    torch.mul(g.unsqueeze(-1), rsqrt, out=o[..., 14:15])
+    torch.mul(m, fac, out=o[..., 15:18])
+
+
+def _mlp_chunks(e, w_e, bias_of, shape, weights, out) -> None:
+    """Chunked ``relu(e @ w_e + bias) -> relu(@ w1 + b1) -> @ w2 + b2`` into ``out`` (n, 3)."""
+    (w1, b1), (w2, b2) = weights
+    hidden = w_e.shape[1]
+    inner = e.shape[0] // shape[0]
+    rows_per = max(1, CHUNK // inner)
+    for r0 in range(0, shape[0], rows_per):
+        r1 = min(shape[0], r0 + rows_per)
+        c0, c1 = r0 * inner, r1 * inner
+        h = bias_of(r0, r1, c1 - c0, hidden)
+        h.addmm_(e[c0:c1], w_e)
+        h.relu_()
+        h = torch.addmm(b1, h, w1)
+        h.relu_()
+        torch.addmm(b2, h, w2, out=out[c0:c1])
+
+
+def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
+    """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1."""
+    mom_d, rms_d, fac_d = decays
+    shape = pf.shape
+    n = pf.numel()
+    m = acc.momentum_update(st["m"], g, mom_d)
+    rms = acc.rms_update(st["rms"], g, rms_d)
+    st["m"], st["rms"] = m, rms
+    fdims = feat.factored_dims(shape)
+    out = torch.empty(n, 3, dtype=torch.float32, device=pf.device)
+    if fdims is None:
+        v_row, v_col, v_full, fac_g = acc.factored_update(
+            st["v_row"], st["v_col"], st["v_full"], g, fac_d, None
+        )
+        st["v_full"] = v_full
+        x = torch.cat(
+            [t.reshape(n, -1) for t in ref.ff_inputs(pf, g, m, rms, fac_g, v_row, v_col, v_full, cfg)], 1
+        )
+        w = _rms_scale(_sumsq(x), n).unsqueeze(1) * w0
+        _mlp_chunks(x, w, lambda r0, r1, c, h: b0.expand(c, h).clone(), (n,), ((w1, b1), (w2, b2)), out)
+        return out
+    d = torch.clamp(fac_d, 0.0, 1.0)
+    d1, d0 = fdims
+    gsq = g * g + 1e-30
+    v_row = d * st["v_row"] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
+    v_col = d * st["v_col"] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
+    st["v_row"], st["v_col"] = v_row, v_col
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_factor = feat.safe_rsqrt(v_row / (torch.mean(v_row, dim=reduced_d1, keepdim=True) + 1e-9))
+    col_factor = feat.safe_rsqrt(v_col)
+    fac = row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+    e = torch.empty(n, 18, dtype=torch.float32, device=pf.device)
+    _elem_features(pf, g, m, rms, fac, e)
+    w_e = _rms_scale(_sumsq(e), n).unsqueeze(1) * w0[_ELEM]
+    rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+    colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+    a_row = rowf @ (_rms_scale(_sumsq(rowf), rowf[..., 0].numel()).unsqueeze(1) * w0[_ROW]) + b0
+    a_col = colf @ (_rms_scale(_sumsq(colf), colf[..., 0].numel()).unsqueeze(1) * w0[_COL])
+    a_row, a_col = a_row.unsqueeze(d0), a_col.unsqueeze(d1)
+
+    def bias_of(r0: int, r1: int, c: int, hidden: int) -> torch.Tensor:
+        ar = a_row[r0:r1] if a_row.shape[0] != 1 else a_row
+        ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
+        return torch.add(ar, ac).reshape(c, hidden)
+
+    _mlp_chunks(e, w_e, bias_of, shape, ((w1, b1), (w2, b2)), out)
+    return out
+
+
+def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
+    """Drop-in for ``velo._single_tensor_velo(params, grads, lrs, states, ctx)`` on the CPU; grads clipped."""
+    cfg = ctx.cfg
+    rows = []
+    pfs = []
+    for p, s in zip(params, states, strict=True):
+        pf = p.detach().to(torch.float32)
+        pfs.append(pf)
+        rows.append(
+            ref.lstm_features_for_tensor(
+                pf,
+                s["mom"],
+                s["rms"],
+                ctx.fraction_left,
+                ctx.loss_features,
+                ref._rank_feature(p.shape, pf.device),
+                cfg,
+            )
+        )
+    controls, lr_mult = ref._run_lstm(rows, states, ctx)
+    w_names, b_names = ref.ff_layer_names(cfg)
+    n_first = len(w_names) - cfg.ff_hidden_layers
+    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names])
+    w0_all = torch.cat(mixed[:n_first], dim=1)  # (T, 30, hidden)
+    w1_all, w2_all = mixed[n_first], mixed[n_first + 1]
+    b0_all, b1_all, b2_all = mixed[len(w_names) :]
+    for i, (p, pf, g, lr, s) in enumerate(zip(params, pfs, grads, lrs, states, strict=True)):
+        shape = tuple(pf.shape) or (1,)
+        st = {
+            "m": s["mom"],
+            "rms": s["rms"],
+            "v_row": s["fac_row"],
+            "v_col": s["fac_col"],
+            "v_full": s["fac_full"],
+        }
+        if pf.dim() == 0:  # the reference reshapes scalars to (1,): every feature normalised on its own
+            st = {k: (v.unsqueeze(0) if k != "v_row" and k != "v_col" else v) for k, v in st.items()}
+        x = pf.reshape(shape)
+        o = _tensor_mlp_out(
+            x,
+            g.reshape(shape),
+            st,
+            w0_all[i],
+            b0_all[i],
+            w1_all[i],
+            b1_all[i],
+            w2_all[i],
+            b2_all[i],
+            ctx.decays,
+            cfg,
+        )
+        if pf.dim() == 0:
+            st = {k: (v.squeeze(0) if k != "v_row" and k != "v_col" else v) for k, v in st.items()}
+        s["mom"], s["rms"], s["fac_row"], s["fac_col"], s["fac_full"] = (
+            st["m"], st["rms"], st["v_row"], st["v_col"], st["v_full"]
+        )  # fmt: skip
+        direction, magnitude = o[:, 0], o[:, 1]
+        mag_param = torch.exp(magnitude * cfg.exp_mult)
+        if cfg.param_scale_mult:
+            param_scale = torch.sqrt(torch.mean(torch.square(x)) + 1e-9)
+            if cfg.clip_param_scale_amount is not None:
+                max_scale = cfg.clip_param_scale_amount * float(x.numel()) ** 0.5
+                param_scale = torch.clamp(
+                    param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32))
+                )
+            step = direction * (param_scale * mag_param) * cfg.step_mult
+        else:
+            step = direction * mag_param * cfg.step_mult
+        step = lr_mult[i] * step
+        if cfg.precondition_output:
+            step = step * torch.rsqrt(st["rms"].reshape(-1, st["rms"].shape[-1])[:, -1] + 1e-6)
+        step = step.reshape(pf.shape)
+        ref.write_param(p, pf - step if lr == 1.0 else pf - lr * step)
