@@ -152,6 +152,9 @@ def check(fixture: Path, dtype: str, no_open_loop: bool) -> None:
               help="Report folder (report.md, report.json, errors.png).")  # fmt: skip
 @click.option("--dtype", "dtypes", type=click.Choice(list(TOLERANCES)), multiple=True,
               help="Parameter dtype(s) to replay in (repeatable; default float32).")  # fmt: skip
+@click.option(
+    "--no-open-loop", is_flag=True, help="Skip the open-loop replay (drift column); halves the time."
+)
 @click.option("--live", is_flag=True,
               help="Reference and ours side by side (no fixtures), also closed loop.")  # fmt: skip
 @click.option(
@@ -163,6 +166,7 @@ def run(
     fixtures: Path | None,
     out: Path,
     dtypes: tuple[str, ...],
+    no_open_loop: bool,
     live: bool,
     families: tuple[str, ...],
     cases: tuple[str, ...],
@@ -190,7 +194,7 @@ def run(
             return
         for dtype in dtypes or ("float32",):
             for path in found:
-                results.append(_check_one(path, dtype, open_loop=True))
+                results.append(_check_one(path, dtype, open_loop=not no_open_loop))
     click.echo(format_table(results))
     for r in results:
         for note in r.notes:
