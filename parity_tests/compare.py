@@ -73,6 +73,22 @@ def update_error(
     return excess / denom
 
 
+def resolution(
+    after_ours: np.ndarray, after_ref: np.ndarray, before_ref: np.ndarray, dtype: str = "float32"
+) -> float:
+    """The smallest relative error ``update_error`` can see here: ``max_j ulp_j / max_j |u_ref_j|``.
+
+    Where it exceeds the tolerance, float32 rounding of ``p + u`` (the update is much smaller than the
+    parameter) hides errors of that size, and a PASS says only that the error is below it.
+    """
+    ao, ar, br = (np.asarray(a, np.float64) for a in (after_ours, after_ref, before_ref))
+    if ar.size == 0:
+        return 0.0
+    denom = float(np.max(np.abs(ar - br)))
+    allowance = float(np.max(ulp(np.maximum(np.abs(ao), np.abs(ar)), dtype)))
+    return allowance / denom if denom > 0.0 else math.inf
+
+
 def drift(p_ours: np.ndarray, p_ref: np.ndarray, p_ref0: np.ndarray) -> float:
     """Open-loop drift: ``|p_ours - p_ref|_inf / |p_ref - p_ref0|_inf`` (0 when both are 0)."""
     po, pr, p0 = (np.asarray(a, np.float64) for a in (p_ours, p_ref, p_ref0))
@@ -101,6 +117,8 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     #: Why the case was not run (its real weights in ../shared are absent), else None.
     skipped: str | None = None
+    #: ``resolution[t, i]`` (see ``resolution()``), reset mode only.
+    resolutions: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -119,6 +137,18 @@ class CaseResult:
     @property
     def max_drift(self) -> float | None:
         return None if self.drifts is None or not self.drifts.size else float(np.max(self.drifts))
+
+    @property
+    def resolution_median(self) -> float | None:
+        """Median over steps and tensors of the smallest detectable relative error."""
+        r = self.resolutions
+        return None if r is None or not r.size else float(np.median(r))
+
+    @property
+    def resolved_fraction(self) -> float | None:
+        """Fraction of (step, tensor) pairs where an error of the tolerance would be visible."""
+        r = self.resolutions
+        return None if r is None or not r.size else float(np.mean(r < self.tolerance))
 
     @property
     def passed(self) -> bool:
@@ -150,6 +180,8 @@ class CaseResult:
             "passed": self.passed,
             "skipped": self.skipped,
             "open_loop_drift": _num(self.max_drift),
+            "resolution_median": _num(self.resolution_median),
+            "resolved_fraction": self.resolved_fraction,
             "per_tensor_max_error": {
                 n: _num(float(self.errors[:, i].max())) for i, n in enumerate(self.names) if self.errors.size
             },

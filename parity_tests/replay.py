@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compare import TOLERANCES, CaseResult, drift, update_error
+from .compare import TOLERANCES, CaseResult, drift, resolution, update_error
 from .fixture import Fixture, load_fixture, sha256_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,8 +60,9 @@ def replay(
     dtype: str = "float32",
     device: str = "cpu",
     factory: OptimizerFactory = default_factory,
-) -> np.ndarray:
-    """Replay ``fx``; returns ``errors[t, i]`` (mode "reset") or ``drifts[t, i]`` (mode "open")."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Replay ``fx``: (``errors[t, i]``, ``resolution[t, i]``) in mode "reset", (``drifts[t, i]``, None) in
+    mode "open"."""
     if mode not in ("reset", "open"):
         raise ValueError(f"mode must be 'reset' or 'open', got {mode!r}")
     tdtype = DTYPES[dtype]
@@ -71,6 +72,7 @@ def replay(
     params = [torch.tensor(init[n], dtype=torch.float32).to(device=device, dtype=tdtype) for n in names]
     opt = factory(fx, params, ckpt)
     out = np.zeros((fx.steps, len(names)), dtype=np.float64)
+    res = np.zeros_like(out) if mode == "reset" else None
     sidx = {n: torch.as_tensor(fx.sample_index[n], device=device) for n in fx.sample_index}
     for t in range(fx.steps):
         before: list[np.ndarray] = []
@@ -104,9 +106,10 @@ def replay(
                 ref0 = fx.params_sampled[n][0]
             if mode == "reset":
                 out[t, i] = update_error(ours_b, ours_a, ref_b, ref_a, dtype)
+                res[t, i] = resolution(ours_a, ref_a, ref_b, dtype)
             else:
                 out[t, i] = drift(ours_a, ref_a, ref0)
-    return out
+    return out, res
 
 
 def check_fixture(
@@ -122,10 +125,10 @@ def check_fixture(
     fx = load_fixture(path)
     with tempfile.TemporaryDirectory(prefix="lopt-parity-") as tmp:
         ckpt = convert(fx, Path(tmp)) if convert is not None else None
-        errors = replay(fx, ckpt, mode="reset", dtype=dtype, device=device, factory=factory)
-        drifts = (
-            replay(fx, ckpt, mode="open", dtype=dtype, device=device, factory=factory) if open_loop else None
-        )
+        errors, resolutions = replay(fx, ckpt, mode="reset", dtype=dtype, device=device, factory=factory)
+        drifts = None
+        if open_loop:
+            drifts, _ = replay(fx, ckpt, mode="open", dtype=dtype, device=device, factory=factory)
     notes = []
     if fx.sample_index:
         notes.append(f"sampled tensors ({', '.join(sorted(fx.sample_index))}): compared at recorded elements")
@@ -140,4 +143,5 @@ def check_fixture(
         mode="replay",
         tolerance=TOLERANCES[dtype],
         notes=notes,
+        resolutions=resolutions,
     )
