@@ -216,9 +216,19 @@ def _accumulate(
 
 
 def celo_features(
-    p: torch.Tensor, g: torch.Tensor, fac_g: torch.Tensor, st: Mapping[str, Any], cfg: Mapping[str, Any]
+    p: torch.Tensor,
+    g: torch.Tensor,
+    fac_g: torch.Tensor,
+    st: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    *,
+    normalize: bool = True,
 ) -> list[torch.Tensor]:
-    """The MLP inputs of one tensor, each ``shape + (channels,)``, in the reference's order (0-d as (1,))."""
+    """The MLP inputs of one tensor, each ``shape + (channels,)``, in the reference's order (0-d as (1,)).
+
+    Each channel is normalised by its second moment over the tensor's elements (``normalize=False`` leaves
+    that to the caller, which can do it for all channels in one reduction).
+    """
     if p.dim() == 0:
         p, g = p.reshape(1), g.reshape(1)
     m = st["mom"].reshape(*p.shape, -1)
@@ -272,6 +282,8 @@ def celo_features(
                 inps += [r, r]
             if cfg["with_fac_mom_mult"]:
                 inps.append(m * torch.pow(v, -0.5))
+    if not normalize:
+        return inps
     dims = list(range(p.dim()))
     return [second_moment_normalizer(x, dims) for x in inps]
 
@@ -346,8 +358,10 @@ def _multi_tensor_celo(
     p32s = [p.detach().to(torch.float32) for p in params]
     rows = []
     for p32, g, fac_g, st in zip(p32s, grads, fac_gs, states, strict=True):
-        inps = celo_features(p32, g, fac_g, st, cfg)
-        rows.append(torch.cat([x.reshape(-1, x.shape[-1]) for x in inps], dim=-1))
+        inps = celo_features(p32, g, fac_g, st, cfg, normalize=False)
+        x = torch.cat([x.expand(*x.shape[:-1], x.shape[-1]) for x in inps], dim=-1)
+        x = x.reshape(-1, x.shape[-1])  # (elements, channels): one reduction normalises every channel
+        rows.append(second_moment_normalizer(x, [0]))
     w0 = torch.cat([w[name] for name in ff_in], dim=0)
     o = torch.cat(rows, dim=0) @ w0 + w["ff.b0"]
     for i in range(1, n_layers + 1):

@@ -1,0 +1,214 @@
+"""Train an MLP and a small CNN on scikit-learn's 8x8 digits with the converted Celo and Celo-Adam, AdamW at a
+tuned learning rate, and the Celo architecture with random weights; write loss curves and a results table.
+
+    python examples/train_classifier.py --out classifier-results      # default mode: well under 2 minutes
+
+Checkpoints: ``--celo`` / ``--celo-adam`` point at files from ``lopt-convert celo`` / ``lopt-convert
+celo-adam``; without them the published ``theta.state`` files in ``--weights-dir`` are converted first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from parity_tests.digits import batch_indices, init_cnn, init_mlp, load_digits_split
+from pylo_runtime import Celo, load_optimizer, read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+ADAMW_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def mlp_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+
+def cnn_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(F.conv2d(x, p["c1"], p["c1b"], padding=1))
+    h = torch.relu(F.conv2d(h, p["c2"], p["c2b"], stride=2, padding=1))
+    return h.reshape(x.shape[0], -1) @ p["fc"] + p["fcb"]
+
+
+MODELS: dict[str, tuple[Callable, Callable]] = {
+    "mlp": (mlp_forward, init_mlp),
+    "cnn": (cnn_forward, init_cnn),
+}
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train(model: str, make_opt: Callable, data, *, steps: int, batch_size: int, seed: int) -> dict:
+    """Train ``model`` from the seeded init on the seeded batches; loss curve and final metrics."""
+    forward, init = MODELS[model]
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in init(seed).items()}
+    opt = make_opt(list(params.values()), steps)
+    x_tr, y_tr = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    idx = torch.from_numpy(batch_indices(seed, steps, batch_size, len(y_tr)))
+    is_learned = not isinstance(opt, torch.optim.AdamW)
+    losses = []
+    start = time.perf_counter()
+    for t in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(forward(params, x_tr[idx[t]]), y_tr[idx[t]])
+        loss.backward()
+        if is_learned:
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+        losses.append(float(loss.detach()))
+    wall = time.perf_counter() - start
+    with torch.no_grad():
+        out = {}
+        for split, x, y in (("train", x_tr, y_tr), ("test", data.x_test, data.y_test)):
+            logits = forward(params, torch.as_tensor(x))
+            y = torch.as_tensor(y)
+            out[f"{split}_loss"] = float(F.cross_entropy(logits, y))
+            out[f"{split}_acc"] = float((logits.argmax(-1) == y).float().mean())
+    return {"losses": np.asarray(losses), "wall_s": wall, **out}
+
+
+def random_celo_theta(real: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The Celo architecture with haiku-style random weights: N(0, 1/fan_in) weights, zero biases/state."""
+    g = torch.Generator().manual_seed(seed)
+    n_ff_inputs = sum(v.shape[-2] for k, v in real.items() if k.startswith("ff.w0."))
+    out = {}
+    for name, v in real.items():
+        if name.startswith("lstm_init") or name.endswith(".b") or name.startswith("ff.b"):
+            out[name] = torch.zeros_like(v)
+        else:
+            fan_in = n_ff_inputs if name.startswith("ff.w0.") else v.shape[-2]
+            out[name] = torch.randn(v.shape, generator=g) / fan_in**0.5
+    return out
+
+
+def converted(path: str | None, name: str, weights_dir: Path, out: Path) -> str:
+    """The converted checkpoint: ``path`` if given, else convert ``weights_dir/<name>/theta.state``."""
+    if path:
+        return path
+    src = weights_dir / name / "theta.state"
+    if not src.is_file():
+        raise SystemExit(
+            f"{src}: not found; run `lopt-convert {name.replace('_', '-')} -o {name}.safetensors` and pass "
+            f"--{name.replace('_', '-')} {name}.safetensors"
+        )
+    from converter.convert import convert_source
+
+    return str(convert_source(str(src), out / f"{name}.safetensors", architecture=name, force=True))
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("classifier-results"))
+    ap.add_argument("--celo", help="converted Celo .safetensors (lopt-convert celo)")
+    ap.add_argument("--celo-adam", help="converted Celo-Adam .safetensors (lopt-convert celo-adam)")
+    ap.add_argument("--weights-dir", type=Path, default=REPO.parent / "shared" / "checkpoints")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair timing on a busy box)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    celo_path = converted(args.celo, "celo", args.weights_dir, args.out)
+    celo_adam_path = converted(args.celo_adam, "celo_adam", args.weights_dir, args.out)
+    ck = read_checkpoint(celo_path)
+    rand_theta = random_celo_theta(ck.tensors, args.seed)
+    data = load_digits_split(args.seed)
+    kw = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+
+    rows, sweep, curves = [], [], {}
+    for model in args.models.split(","):
+        # AdamW: pick the lr with the lowest mean training loss over the last 10% of steps (no test data).
+        best = None
+        for lr in ADAMW_LRS:
+            r = train(model, lambda ps, n, lr=lr: torch.optim.AdamW(ps, lr=lr), data, **kw)
+            tail = float(np.mean(r["losses"][-max(1, args.steps // 10) :]))
+            sweep.append({"model": model, "lr": lr, "final_train_loss_tail": tail, "test_acc": r["test_acc"]})
+            if best is None or tail < best[0]:
+                best = (tail, lr, r)
+        assert best is not None
+        runs = {
+            "celo": train(model, lambda ps, n: load_optimizer(celo_path, ps, num_steps=n), data, **kw),
+            "celo_adam": train(
+                model, lambda ps, n: load_optimizer(celo_adam_path, ps, num_steps=n), data, **kw
+            ),
+            f"adamw (lr={best[1]:g})": best[2],
+            "celo_random_weights": train(
+                model, lambda ps, n: Celo(ps, rand_theta, ck.config, num_steps=n), data, **kw
+            ),
+        }
+        for opt_name, r in runs.items():
+            curves[(model, opt_name)] = r["losses"]
+            rows.append(
+                {"model": model, "optimizer": opt_name, **{k: v for k, v in r.items() if k != "losses"}}
+            )
+
+    write_outputs(args.out, rows, sweep, curves, args)
+    print((args.out / "results.md").read_text())
+    print(f"total wall time {time.perf_counter() - t0:.1f} s; outputs in {args.out}")
+
+
+def write_outputs(out: Path, rows: list[dict], sweep: list[dict], curves: dict, args) -> None:
+    """results.csv / results.md (final metrics), lr_sweep.csv, loss_curves.png."""
+    cols = ["model", "optimizer", "train_loss", "test_loss", "train_acc", "test_acc", "wall_s"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows({c: r[c] for c in cols} for r in rows)
+    with open(out / "lr_sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(sweep[0]))
+        w.writeheader()
+        w.writerows(sweep)
+    lines = [
+        f"Digits 8x8, {args.steps} steps, batch {args.batch_size}, seed {args.seed} "
+        f"(final losses on the full train / test split)",
+        "",
+        "| model | optimizer | train loss | test loss | train acc | test acc | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['optimizer']} | {r['train_loss']:.4f} | {r['test_loss']:.4f} | "
+            f"{r['train_acc']:.3f} | {r['test_acc']:.3f} | {r['wall_s']:.2f} |"
+        )
+    lines += ["", "AdamW lr sweep (mean train loss, last 10% of steps):", ""]
+    lines += [f"- {s['model']} lr={s['lr']:g}: {s['final_train_loss_tail']:.4f}" for s in sweep]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({m for m, _ in curves}, key=lambda m: list(MODELS).index(m))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for (m, name), losses in curves.items():
+            if m == model:
+                k = 10
+                smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+                ax.plot(np.arange(k - 1, len(losses)), smooth, label=name)
+        ax.set_yscale("log")
+        ax.set_title(f"digits 8x8: {model}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (10-step mean)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
