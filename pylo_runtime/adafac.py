@@ -43,10 +43,15 @@ def decay_from_offset(initial: Any, offset: torch.Tensor) -> torch.Tensor:
 
 def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
     """The reference's choice: the two largest dims by ``numpy.argsort`` (same tie order), None below 2-D."""
-    import numpy as np
-
     if len(shape) < 2:
         return None
+    return _top2_argsort(tuple(int(s) for s in shape))
+
+
+@torch.compiler.assume_constant_result  # numpy on static sizes: torch.compile uses the value, no graph break
+def _top2_argsort(shape: tuple[int, ...]) -> tuple[int, int]:
+    import numpy as np
+
     order = np.argsort(shape)
     return int(order[-2]), int(order[-1])
 

@@ -45,7 +45,12 @@ def factored_dims(shape: Sequence[int]) -> tuple[int, int] | None:
     """
     if len(shape) < 2:
         return None
-    order = np.argsort(tuple(int(s) for s in shape))
+    return _top2_argsort(tuple(int(s) for s in shape))
+
+
+@torch.compiler.assume_constant_result  # numpy on static sizes: torch.compile uses the value, no graph break
+def _top2_argsort(shape: tuple[int, ...]) -> tuple[int, int]:
+    order = np.argsort(shape)
     return int(order[-2]), int(order[-1])
 
 
