@@ -23,6 +23,7 @@ import torch
 from . import accumulators as acc
 from . import distributed as _dist
 from . import features as feat
+from . import kernels
 from .base import LearnedOptimizer, ParamsT, write_param
 
 #: Every HyperV2 constructor argument with its default (hyper_v2.HyperV2.__init__).
@@ -493,8 +494,6 @@ class VeLO(LearnedOptimizer):
         fused: bool | None = None,
     ) -> None:
         self.cfg = VeLOConfig.from_mapping(config)
-        if fused:
-            raise RuntimeError("VeLO: fused=True is not available (no fused VeLO kernels are installed)")
         expected = expected_theta_shapes(self.cfg)
         missing = [k for k in expected if k not in theta]
         if missing:
@@ -517,6 +516,7 @@ class VeLO(LearnedOptimizer):
             foreach=foreach,
             fused=fused,
         )
+        kernels.check_fused(self, self.param_groups[0]["params"][0].device, fused)
         if self.cfg.constant_loss:
             self.uses_loss = False  # the reference replaces the loss by 1.0
 
@@ -553,8 +553,6 @@ class VeLO(LearnedOptimizer):
         foreach: bool | None,
         fused: bool | None,
     ) -> None:
-        if fused:
-            raise RuntimeError("VeLO: fused=True is not available (no fused VeLO kernels are installed)")
         device = params[0].device
         theta = self._theta_on(device)
         cfg = self.cfg
@@ -575,6 +573,7 @@ class VeLO(LearnedOptimizer):
         grads = [torch.clamp(g, -GRAD_CLIP, GRAD_CLIP) for g in grads]
         states = [self.state[p] for p in params]
         impl = _single_tensor_velo if foreach is False else _multi_tensor_velo
+        impl = kernels.velo_impl(self, device, foreach=foreach, fused=fused) or impl  # Triton / fast CPU
         impl(params, grads, lrs, states, ctx)
         global_state["iteration"] = global_state["iteration"] + 1
 

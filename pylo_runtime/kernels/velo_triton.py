@@ -5,7 +5,7 @@ functions), one batched LSTM step, one matrix product interpolating the ``param_
 tensor, and the factored row/column accumulators (reductions over whole tensors). Pass A updates momentum,
 rms and the diagonal second moment in place and sums each tensor's 30 feature squares (atomics); pass B
 rebuilds the features, normalises them, runs each tensor's own 30 -> h -> h -> 3 MLP (weights from a table)
-table) and writes ``p - lr * lr_mult * step``. All math is fp32; params may be fp32, bf16 or fp16.
+and writes ``p - lr * lr_mult * step``. All math is fp32; params may be fp32, bf16 or fp16.
 """
 
 from __future__ import annotations
