@@ -56,9 +56,19 @@ def main() -> None:
 @click.option("--num-steps", default=100, show_default=True, help="Training length the optimizer is told.")
 @click.option("--shapes", type=click.Choice(["default", "large"]), default="default", show_default=True,
               help="Task tensor set; 'large' adds a 512x384 tensor (stored sampled).")  # fmt: skip
+@click.option("--init", type=click.Choice(["unit", "small"]), default="unit", show_default=True,
+              help="Initial params: targets + N(0,1), or 1e-3 N(0,1) (finer resolution).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing fixture directory.")
 def record(
-    family: str, case: str, out: Path | None, seed: int, steps: int, num_steps: int, shapes: str, force: bool
+    family: str,
+    case: str,
+    out: Path | None,
+    seed: int,
+    steps: int,
+    num_steps: int,
+    shapes: str,
+    init: str,
+    force: bool,
 ) -> None:
     """Record CASE of FAMILY (velo, celo, small_fc_lopt, ...) with the JAX reference into a fixture.
 
@@ -73,8 +83,8 @@ def record(
     command = shlex.join(["lopt-parity", *sys.argv[1:]])
     try:
         path = record_case(
-            family, case, out, seed=seed, steps=steps, num_steps=num_steps, shapes=shapes, force=force,
-            command=command,
+            family, case, out, seed=seed, steps=steps, num_steps=num_steps, shapes=shapes, init=init,
+            force=force, command=command,
         )  # fmt: skip
     except ReferenceUnavailable as e:
         _fail(str(e))

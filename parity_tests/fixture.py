@@ -84,7 +84,7 @@ class Fixture:
         return {k: tuple(v) for k, v in self.meta["shape_dict"].items()}
 
     def task(self) -> Task:
-        return Task(self.meta["shapes"], seed=int(self.meta["seed"]))
+        return Task(self.meta["shapes"], seed=int(self.meta["seed"]), init=self.meta.get("init", "unit"))
 
     def initial_params(self) -> dict[str, np.ndarray]:
         """Every tensor's value before step 0 (sampled ones regenerated from the task and hash-checked)."""

@@ -18,7 +18,6 @@ from .compare import CaseResult, drift
 from .fixture import load_fixture
 from .record import load_recorder, make_reference, record_case, run_reference
 from .replay import check_fixture, convert_fixture
-from .tasks import Task
 
 #: Closed loop: max over steps of |L_ours - L_ref| / |L_ref|. Gradients from jax and torch differ by a few
 #: float32 ulp and feed back through the trajectory; issue 6 asks 1e-4 for the first 100 steps.
@@ -30,12 +29,26 @@ def family_cases(family: str) -> list[str]:
 
 
 def live_case(
-    family: str, case: str, *, seed: int = 0, steps: int = 50, num_steps: int = 100, shapes: str = "default"
+    family: str,
+    case: str,
+    *,
+    seed: int = 0,
+    steps: int = 50,
+    num_steps: int = 100,
+    shapes: str = "default",
+    init: str = "unit",
 ) -> list[CaseResult]:
     """Replay result and closed-loop result for one case, reference and ours in this process."""
     with tempfile.TemporaryDirectory(prefix="lopt-parity-live-") as tmp:
         fx_dir = record_case(
-            family, case, Path(tmp) / case, seed=seed, steps=steps, num_steps=num_steps, shapes=shapes
+            family,
+            case,
+            Path(tmp) / case,
+            seed=seed,
+            steps=steps,
+            num_steps=num_steps,
+            shapes=shapes,
+            init=init,
         )
         replayed = check_fixture(fx_dir)
         replayed.mode = "live-replay"
@@ -51,7 +64,7 @@ def closed_loop(family: str, case: str, fx, tmp: Path, *, seed: int, steps: int)
     ckpt_dir.mkdir()
     ref, _ = make_reference(family, case, ckpt_dir, seed)
     num_steps = int(fx.meta["num_steps"])
-    task = Task(fx.meta["shapes"], seed=seed)
+    task = fx.task()
     converted = convert_fixture(fx, tmp)
     names = task.names
     init = task.init_params()

@@ -172,11 +172,11 @@ def _source_entry(ref: Any, ckpt_dir: Path) -> dict[str, Any]:
 
 
 def default_command(
-    family: str, case: str, out_dir: Path, seed: int, steps: int, num_steps: int, shapes: str
+    family: str, case: str, out_dir: Path, seed: int, steps: int, num_steps: int, shapes: str, init: str
 ) -> str:
     return shlex.join(
         ["lopt-parity", "record", family, "--case", case, "--out", str(out_dir), "--seed", str(seed),
-         "--steps", str(steps), "--num-steps", str(num_steps), "--shapes", shapes]
+         "--steps", str(steps), "--num-steps", str(num_steps), "--shapes", shapes, "--init", init]
     )  # fmt: skip
 
 
@@ -189,6 +189,7 @@ def record_case(
     steps: int = 50,
     num_steps: int = 100,
     shapes: str = "default",
+    init: str = "unit",
     force: bool = False,
     command: str | None = None,
 ) -> Path:
@@ -198,17 +199,17 @@ def record_case(
         raise FileExistsError(f"{out_dir}: already exists (use --force to re-record)")
     if steps <= 0 or num_steps <= 0:
         raise ValueError("steps and num_steps must be positive")
-    task = Task(shapes, seed=seed)
+    task = Task(shapes, seed=seed, init=init)
     with tempfile.TemporaryDirectory(prefix="lopt-parity-record-") as tmp:
         ckpt_dir = Path(tmp) / "checkpoint"
         ckpt_dir.mkdir()
         ref, options = make_reference(family, case, ckpt_dir, seed)
         source = _source_entry(ref, ckpt_dir)
 
-        init = task.init_params()
+        p0 = task.init_params()
         sampled = {
             n: np.sort(np.random.default_rng([seed, 7]).choice(a.size, size=SAMPLE_COUNT, replace=False))
-            for n, a in init.items()
+            for n, a in p0.items()
             if task.quadratic_only(n) and a.size >= SAMPLED_MIN_SIZE
         }
         full = [n for n in task.names if n not in sampled]
@@ -251,9 +252,10 @@ def record_case(
             "steps": steps,
             "num_steps": num_steps,
             "shapes": shapes,
+            "init": init,
             "shape_dict": {n: list(task.shapes[n]) for n in task.names},
             "storage": {
-                n: {"mode": "sampled", "count": int(len(idx)), "init_sha256": sha256_array(init[n])}
+                n: {"mode": "sampled", "count": int(len(idx)), "init_sha256": sha256_array(p0[n])}
                 for n, idx in sampled.items()
             },
             "loss_first_last": [losses[0], losses[-1]],
@@ -263,7 +265,8 @@ def record_case(
                 "platform": platform.platform(),
                 "machine": platform.machine(),
                 "harness_commit": harness_commit(),
-                "command": command or default_command(family, case, out_dir, seed, steps, num_steps, shapes),
+                "command": command
+                or default_command(family, case, out_dir, seed, steps, num_steps, shapes, init),
                 "gradients": "numpy float32 (parity_tests.tasks.Task.loss_and_grads), fed to the reference",
             },
         }

@@ -11,6 +11,11 @@ fall by a factor ``1 + R t`` over the run whatever the optimizer does: random-we
 barely move the parameters, and VeLO's loss features divide by differences of running loss statistics, which
 are only well conditioned in float32 when the loss falls meaningfully (see REFERENCE_NOTES.md).
 
+Initial parameters: ``init="unit"`` (the default) is ``c_i + N(0, 1)``. ``init="small"`` is
+``1e-3 * N(0, 1)``: the one-ulp allowance of the parity metric is ``ulp(p) / |u|`` relative to the update,
+about ``1.2e-7 * |p| / |u|``, so parameters no larger than a few updates let it resolve errors far below
+1e-5 for optimizers whose step does not scale with ``|p|`` (see compare.resolution).
+
 Tensors in ``LARGE`` use the quadratic term only, so their gradient ``(2 s_t / n) * w * (p - c)`` is made of
 correctly rounded float32 operations in a fixed order: it is reproducible bit for bit from the parameters,
 which lets fixtures store those tensors sparsely (see record.py).
@@ -46,6 +51,9 @@ SHAPE_SETS: dict[str, dict[str, tuple[int, ...]]] = {"default": SHAPES, "large":
 AMPLITUDE = 0.1  # A: weight of the nonconvex sin**2 term
 FREQUENCY = 3.0  # F
 DECAY_RATE = 0.05  # R: s_t = 1 / (1 + R t)
+#: Initial-parameter variants (see the module docstring).
+INITS = ("unit", "small")
+SMALL_INIT_SCALE = 1e-3
 
 
 def shapes(name: str = "default") -> dict[str, tuple[int, ...]]:
@@ -72,11 +80,14 @@ class Task:
 
     shape_set: str = "default"
     seed: int = 0
+    init: str = "unit"
     shapes: dict[str, tuple[int, ...]] = field(init=False)
     weights: dict[str, np.ndarray] = field(init=False, repr=False)
     targets: dict[str, np.ndarray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; known: {', '.join(INITS)}")
         self.shapes = shapes(self.shape_set)
         self.weights, self.targets = {}, {}
         for name, shape in self.shapes.items():
@@ -92,11 +103,13 @@ class Task:
         return name in LARGE
 
     def init_params(self) -> dict[str, np.ndarray]:
-        """Initial parameters (float32): the targets plus unit-scale noise, so there is something to fit."""
-        return {
-            name: (self.targets[name] + _rng(self.seed, name, "p0").standard_normal(shape)).astype(np.float32)
-            for name, shape in self.shapes.items()
-        }
+        """Initial parameters (float32): targets plus unit noise ("unit") or 1e-3 noise ("small")."""
+        out = {}
+        for name, shape in self.shapes.items():
+            z = _rng(self.seed, name, "p0").standard_normal(shape)
+            p = SMALL_INIT_SCALE * z if self.init == "small" else self.targets[name] + z
+            out[name] = np.asarray(p, dtype=np.float32)
+        return out
 
     # ----------------------------------------------------------------------------------------------------
     def loss_and_grads(

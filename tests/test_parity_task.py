@@ -76,3 +76,15 @@ def test_numpy_matches_jax_grad():
     for k in params:
         scale = np.abs(grads_np[k]).max()
         np.testing.assert_allclose(grads_np[k], np.asarray(grads_j[k]), rtol=0, atol=1e-6 * scale, err_msg=k)
+
+
+def test_small_init_is_tiny_and_keeps_targets():
+    unit, small = Task("default", seed=2), Task("default", seed=2, init="small")
+    ps = small.init_params()
+    assert max(float(np.abs(p).max()) for p in ps.values()) < 1e-2
+    for name in SHAPES:
+        np.testing.assert_array_equal(unit.targets[name], small.targets[name])
+    l0, _ = small.loss_and_grads(ps, 0)
+    assert l0 > 0.05  # the targets are still far away: plenty of loss to fall
+    with pytest.raises(ValueError, match="unknown init"):
+        Task(init="big")
