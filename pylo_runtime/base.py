@@ -242,6 +242,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             state[GLOBAL] = _clone_tree(state[GLOBAL])
         state_dict["state"] = state
         super().load_state_dict(state_dict)
+        # torch casts floating state to each param's dtype; ours is float32 for bf16/fp16 params too, so put
+        # the saved tensors back (copied, never aliased) with their own dtype, on the param's device.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            for k, v in state.get(pid, {}).items():
+                if isinstance(v, torch.Tensor):
+                    self.state[p][k] = v.to(device=p.device, copy=True)
 
 
 def _clone_tree(x: Any) -> Any:
