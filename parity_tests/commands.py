@@ -104,7 +104,7 @@ def _check_one(path: Path, dtype: str, open_loop: bool) -> CaseResult:
         if fx.meta.get("source_base") == "repo" and not fx.source_path().exists():
             # Published weights live in ../shared beside the repository, never in it.
             return CaseResult(
-                fx.meta["case"], fx.meta["family"], fx.meta["architecture"], fx.names, np.zeros((0, 0)),
+                fx.label, fx.meta["family"], fx.meta["architecture"], fx.names, np.zeros((0, 0)),
                 dtype=dtype, tolerance=TOLERANCES[dtype], skipped=f"{fx.meta['source']} absent",
             )  # fmt: skip
         return check_fixture(path, dtype=dtype, open_loop=open_loop)
@@ -115,7 +115,7 @@ def _check_one(path: Path, dtype: str, open_loop: bool) -> CaseResult:
         except (OSError, ValueError):
             pass
         r = CaseResult(
-            case=str(meta.get("case", path.name)),
+            case=path.name,
             family=str(meta.get("family", "?")),
             architecture=str(meta.get("architecture", "?")),
             names=["-"],

@@ -72,6 +72,11 @@ class Fixture:
     params_sampled: dict[str, np.ndarray]  # name -> (T + 1, K)
 
     @property
+    def label(self) -> str:
+        """Name in reports: the directory name (one case may be recorded in several variants)."""
+        return self.path.name
+
+    @property
     def steps(self) -> int:
         return int(self.loss.shape[0])
 

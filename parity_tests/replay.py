@@ -133,7 +133,7 @@ def check_fixture(
     if fx.sample_index:
         notes.append(f"sampled tensors ({', '.join(sorted(fx.sample_index))}): compared at recorded elements")
     return CaseResult(
-        case=str(fx.meta["case"]),
+        case=fx.label,
         family=str(fx.meta["family"]),
         architecture=str(fx.meta["architecture"]),
         names=fx.names,

@@ -44,7 +44,7 @@ def test_lopt_parity_run_passes(parity_run):
 def test_fixture_within_tolerance(path, parity_run):
     _, cases = parity_run
     fx = load_fixture(path)
-    c = cases[fx.meta["case"]]
+    c = cases[fx.label]
     if c["skipped"]:
         assert not fx.source_path().exists()
         pytest.skip(
@@ -59,7 +59,6 @@ def test_fixture_within_tolerance(path, parity_run):
 def test_fixture_has_provenance_and_falling_loss(path):
     fx = load_fixture(path)
     meta, prov = fx.meta, fx.meta["provenance"]
-    assert meta["case"] == path.name
     assert prov["reference"] and "commit" in json.dumps(prov["reference"]), prov["reference"]
     assert prov["packages"].get("jax") and "lopt-parity record" in prov["command"]
     assert fx.steps >= 40 and meta["num_steps"] >= fx.steps
