@@ -38,9 +38,11 @@ def velo_theta(seed: int = 0, **config: Any) -> tuple[dict[str, torch.Tensor], d
     return theta, cfg
 
 
-def make_params(shapes, scale: float = 1e-3, dtype=torch.float32, seed: int = 1) -> list[torch.Tensor]:
+def make_params(
+    shapes, scale: float = 1e-3, dtype=torch.float32, seed: int = 1, device=None
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=gen) * scale).to(dtype).requires_grad_() for s in shapes]
+    return [(torch.randn(s, generator=gen) * scale).to(device, dtype).requires_grad_() for s in shapes]
 
 
 def grad_stream(shapes, steps: int, seed: int = 2) -> list[list[torch.Tensor]]:
@@ -69,13 +71,19 @@ def update_error(before, after_ref, after_ours) -> float:
     return worst
 
 
-def run_pair(make_opt, shapes, grads, *, losses=None, dtype=torch.float32, scale=1e-3):
+def run_pair(
+    make_opt, shapes, grads, *, losses=None, dtype=torch.float32, scale=1e-3, fast=None, device=None
+):
     """Step a reference and a fast optimizer on the same params and gradients; per-step update errors.
 
     Before each step the fast side's params are reset to the reference's (its state evolves on its own).
+    ``fast`` is the fast side's ``fused`` flag (None: the device's default fast path; True: Triton).
     """
-    pa, pb = make_params(shapes, scale, dtype), make_params(shapes, scale, dtype)
-    oa, ob = make_opt(pa, False), make_opt(pb, None)
+    pa, pb = (
+        make_params(shapes, scale, dtype, device=device),
+        make_params(shapes, scale, dtype, device=device),
+    )
+    oa, ob = make_opt(pa, False), make_opt(pb, fast)
     errs = []
     for t, gs in enumerate(grads):
         before = [p.detach().clone() for p in pa]
@@ -83,7 +91,7 @@ def run_pair(make_opt, shapes, grads, *, losses=None, dtype=torch.float32, scale
             for a, b in zip(pa, pb, strict=True):
                 b.copy_(a)
         for p, g in zip(pa + pb, gs + gs, strict=True):
-            p.grad = g.to(dtype).clone()
+            p.grad = g.to(p.device, dtype).clone()
         kw = {} if losses is None else {"loss": losses[t]}
         oa.step(**kw)
         ob.step(**kw)

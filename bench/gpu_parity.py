@@ -1,0 +1,135 @@
+"""Fused (Triton) versus reference parity on CUDA: per-step update error and 2000-step open-loop drift.
+
+Part of ``bench/gpu_check.sh``; writes ``bench/results/<host>-<date>-gpu-parity.json``. Same metric as the
+CPU tests (tests/test_fused_*.py): float32 ``|u_fused - u_ref|_inf / |u_ref|_inf`` per step (<= 1e-5), one ulp
+of ``p + u`` forgiven; open loop, max relative parameter difference after 2000 steps (<= 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
+
+from fused_support import SHAPES, adafac_theta, grad_stream, make_params, run_pair, velo_theta  # noqa: E402
+
+from pylo_runtime.adafac import SmallFCLOpt  # noqa: E402
+from pylo_runtime.mulo import MuLO  # noqa: E402
+from pylo_runtime.velo import VeLO  # noqa: E402
+
+BIG = [(768, 3, 16, 16), (2304, 768), (3072,), (1, 197, 768)]
+
+
+def _on(device, grads):
+    return [[g.to(device) for g in gs] for gs in grads]
+
+
+def _pair(make, shapes, steps, device, losses=None, dtype=torch.float32):
+    grads = _on(device, grad_stream(shapes, steps))
+    errs, _, _ = run_pair(make, shapes, grads, losses=losses, dtype=dtype, fast=True, device=device)
+    return errs
+
+
+def drift(family: str, device, steps: int) -> float:
+    shapes = [(), (6,), (4, 5), (3, 2, 4)]
+    grads = _on(device, grad_stream(shapes, steps))
+    pa, pb = make_params(shapes, 0.1, device=device), make_params(shapes, 0.1, device=device)
+    if family == "velo":
+        theta, cfg = velo_theta(lstm_hidden_size=8, param_inits=4)
+        oa, ob = (VeLO(p, theta, cfg, num_steps=steps, fused=f) for p, f in ((pa, False), (pb, True)))
+    else:
+        theta, cfg = adafac_theta(32)
+        oa, ob = (SmallFCLOpt(p, theta, cfg, num_steps=steps, fused=f) for p, f in ((pa, False), (pb, True)))
+    for t in range(steps):
+        for p, g in zip(pa + pb, grads[t] + grads[t], strict=True):
+            p.grad = g
+        oa.step(loss=2.0 * 0.999**t)
+        ob.step(loss=2.0 * 0.999**t)
+    pa, pb = [p.detach() for p in pa], [p.detach() for p in pb]
+    return max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(pa, pb, strict=True) if a.numel())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--drift-steps", type=int, default=2000)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--device", default="cuda", help="cpu runs it under TRITON_INTERPRET=1 (smoke test)")
+    ap.add_argument("--no-big", action="store_true", help="leave out the ViT-sized tensors")
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_parity: no CUDA device", file=sys.stderr)
+        return 2
+    shapes = SHAPES + ([] if a.no_big else BIG)
+    losses = [3.0 - 0.2 * t for t in range(a.steps)]
+    results = {}
+
+    def adafac(hidden, cls=SmallFCLOpt, **extra):
+        theta, cfg = adafac_theta(hidden)
+        return lambda ps, fused: cls(ps, theta, {**cfg, **extra}, num_steps=100, fused=fused)
+
+    def velo(**config):
+        theta, cfg = velo_theta(**config)
+        return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, fused=fused)
+
+    cases = {
+        "small_fc_lopt_h32": (adafac(32), None),
+        "small_fc_lopt_h4": (adafac(4), None),
+        "mulo_clip_grad": (adafac(32, MuLO, clip_grad=True), None),
+        "velo_default": (velo(), losses),
+        "velo_no_param_scale": (velo(param_scale_mult=False, step_mult=0.3), losses),
+        "velo_precondition": (velo(precondition_output=True), losses),
+    }
+    ok = True
+    for name, (make, ls) in cases.items():
+        t0 = time.perf_counter()
+        errs = _pair(make, shapes, a.steps, dev, losses=ls)
+        results[name] = {"max_update_error": max(errs), "per_step": errs, "wall_s": time.perf_counter() - t0}
+        ok &= max(errs) <= 1e-5
+        print(f"{name:<22} max update error {max(errs):.2e}  ({results[name]['wall_s']:.1f} s)", flush=True)
+    for dt in (torch.bfloat16, torch.float16):
+        # low-precision params: the fp32 results agree, so the stored params differ by at most one rounding
+        _, oa, ob = run_pair(adafac(32), [(7,), (64, 48)], _on(dev, grad_stream([(7,), (64, 48)], 2)), dtype=dt,
+                             scale=1.0, fast=True, device=dev)  # fmt: skip
+        eps = torch.finfo(dt).eps
+        ulps = max(
+            float(((a.detach().float() - b.detach().float()).abs() / (eps * a.detach().float().abs())).max())
+            for a, b in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"], strict=True)
+        )
+        results[f"small_fc_lopt_{dt}"] = {"max_ulps": ulps}
+        ok &= ulps <= 1.0
+        print(f"small_fc_lopt {dt} params: max difference {ulps:.2f} ulp", flush=True)
+    for fam in ("small_fc_lopt", "velo"):
+        t0 = time.perf_counter()
+        d = drift(fam, dev, a.drift_steps)
+        results[f"drift_{fam}"] = {
+            "steps": a.drift_steps,
+            "max_rel_param_diff": d,
+            "wall_s": time.perf_counter() - t0,
+        }
+        ok &= d <= 1e-4
+        print(f"open-loop drift {fam} after {a.drift_steps} steps: {d:.2e}", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    path = out / f"{socket.gethostname()}-{stamp:%Y%m%d-%H%M%S}-gpu-parity.json"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (triton interpreter)"
+    record = {"device": name, "torch": torch.__version__, "ok": ok, "results": results}
+    path.write_text(json.dumps(record, indent=1))
+    print(f"{'PASS' if ok else 'FAIL'}; wrote {path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The Triton kernels (pylo_runtime.kernels.*_triton) against the reference paths, on the CPU under
+``TRITON_INTERPRET=1`` (in a child process: triton reads the variable when the kernels are defined).
+
+Tolerance: float32 update error <= 1e-5 per step (the project's parity bar), one ulp of ``p + u`` forgiven.
+The interpreter is slow, so: small tensors of every rank, 1 or 2 steps per case (the 2000-step drift test
+runs the CPU fast path, tests/test_fused_cpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pylo_runtime import kernels
+from pylo_runtime.adafac import SmallFCLOpt
+
+pytest.importorskip("triton", reason="triton is an optional dependency (pip install 'lopt-bridge[triton]')")
+
+HERE = Path(__file__).resolve().parent
+
+CHILD = r"""
+import json, sys
+import torch
+from fused_support import SHAPES, adafac_theta, grad_stream, run_pair, velo_theta
+from pylo_runtime.adafac import SmallFCLOpt
+from pylo_runtime.mulo import MuLO
+from pylo_runtime.velo import VeLO
+
+out = {}
+def adafac(hidden, cls=SmallFCLOpt, **extra):
+    theta, cfg = adafac_theta(hidden)
+    cfg = {**cfg, **extra}
+    return lambda ps, fused: cls(ps, theta, cfg, num_steps=100, fused=fused)
+def velo(**config):
+    theta, cfg = velo_theta(**config)
+    return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, fused=fused)
+losses = [3.0, 2.5]
+g = grad_stream(SHAPES, 2)
+out["small_fc_lopt_h32"] = run_pair(adafac(32), SHAPES, g, fast=True)[0]
+out["small_fc_lopt_h4"] = run_pair(adafac(4), SHAPES, g[:1], fast=True)[0]
+out["mulo"] = run_pair(adafac(32, MuLO, clip_grad=True), SHAPES, g[:1], fast=True)[0]
+out["velo_no_param_scale"] = run_pair(velo(param_scale_mult=False, step_mult=0.3), SHAPES, g, losses=losses,
+                                      fast=True)[0]
+make = velo(precondition_output=True, clip_param_scale_amount=0.5)
+out["velo_precondition"] = run_pair(make, SHAPES, g[:1], losses=losses, fast=True)[0]
+# bf16 params (fp32 state and math): the results may differ by one bf16 rounding
+shapes = [(7,), (4, 6)]
+_, oa, ob = run_pair(adafac(32), shapes, grad_stream(shapes, 1), dtype=torch.bfloat16, scale=1.0, fast=True)
+pa, pb = oa.param_groups[0]["params"], ob.param_groups[0]["params"]
+out["bf16_dtype_kept"] = all(p.dtype == torch.bfloat16 for p in pb)
+eps = torch.finfo(torch.bfloat16).eps
+ulps = [(a.float() - b.float()).abs() / (eps * a.float().abs().clamp(min=1e-30)) for a, b in zip(pa, pb)]
+out["bf16_max_ulps"] = max(float(u.max()) for u in ulps)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_triton_kernels_match_reference_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900, cwd=HERE
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    for case in ("small_fc_lopt_h32", "small_fc_lopt_h4", "mulo", "velo_no_param_scale", "velo_precondition"):
+        assert max(out[case]) <= 1e-5, (case, out[case])
+    assert out["bf16_dtype_kept"]
+    assert out["bf16_max_ulps"] <= 1.0, out["bf16_max_ulps"]
+
+
+def test_fused_true_refused_on_cpu_without_interpreter(monkeypatch):
+    from fused_support import adafac_theta, make_params
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    theta, cfg = adafac_theta(4)
+    with pytest.raises(kernels.FusedUnavailableError, match="need CUDA tensors"):
+        SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10, fused=True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with pytest.raises(kernels.FusedUnavailableError, match="triton is not installed"):
+        SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10, fused=True)
+    # fused=None never raises: it falls back to a path that exists
+    opt = SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10)
+    assert kernels.choose_impl(opt, torch.device("cpu"), None) == "cpu"
+
+
+def test_scalar_path_is_not_fused():
+    from fused_support import adafac_theta, make_params
+
+    theta, cfg = adafac_theta(4)
+    cfg = {**cfg, "concat_weights": False}
+    with pytest.raises(kernels.FusedUnavailableError, match="concat_weights"):
+        SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10, fused=True)
+    opt = SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10)
+    assert kernels.choose_impl(opt, torch.device("cpu"), None) == "reference"
