@@ -35,7 +35,7 @@ CASES: dict[str, dict[str, Any]] = {
             "step_mult": 0.1,
         },
     },
-    # With a (512, 384) tensor where the factored moments dominate (record with --shapes large --steps 4).
+    # With a (512, 384) tensor where the factored moments dominate (record with --shapes large).
     "small_fc_lopt_large": {"form": "lo_params_gin", "config": {"hidden_size": 32, "step_mult": 0.01}},
 }
 
