@@ -1,9 +1,10 @@
-"""A sharded optimizer step for replicated parameters (DDP), as ``ZeroRedundancyOptimizer`` does.
+"""A sharded optimizer step, as ``ZeroRedundancyOptimizer`` does, for replicated (DDP) and FSDP2 params.
 
 Each rank steps only the tensors it owns (balanced by size, so it holds only their state and does only their
-share of the work), then every tensor is broadcast from its owner. The few statistics a family takes over
-several tensors (VeLO's mix-layer max, muLO's global gradient norm) are all-reduced through
-``distributed.tensors_max`` / ``tensors_sum``, so the result equals the unsharded step.
+share of the work), then every tensor is broadcast from its owner. An FSDP2 (DTensor) parameter is
+all-gathered on every rank, stepped whole by its owner, broadcast, and each rank keeps its shard. The few
+statistics a family takes over several tensors (VeLO's mix-layer max, muLO's global gradient norm) are
+all-reduced through ``distributed.tensors_max`` / ``tensors_sum``, so the result equals the unsharded step.
 """
 
 from __future__ import annotations
@@ -90,28 +91,49 @@ class ShardedOptimizer:
             opt.step(loss=loss)
             return closure_loss
         owners = assign_owners([p.numel() for p, _ in live], self.world)
-        hidden = []
+        hidden: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its grad) hidden from the base
+        swapped: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]] = []  # as in the base
+        targets: list[torch.Tensor] = []  # what each owner broadcasts: the param, or a DTensor's full copy
         wd_loss = None
-        for (p, group), owner in zip(live, owners, strict=True):
-            if owner == self.rank:
-                continue
-            # The base adds wd * |p|^2 of the params it steps to the loss; add the others' here.
-            if loss is not None and group["weight_decay"] != 0.0:
-                pf = p.detach().to(torch.float32)
-                term = group["weight_decay"] * torch.sum(pf * pf)
-                wd_loss = term if wd_loss is None else wd_loss + term
-            hidden.append((p, p.grad))
-            p.grad = None
-        if wd_loss is not None:
-            loss = LearnedOptimizer._as_loss(loss, wd_loss.device) + wd_loss
-        _dist._TENSOR_GROUP.append(self.group)
         try:
-            opt.step(loss=loss)
+            for (p, group), owner in zip(live, owners, strict=True):
+                value = p
+                if _dist.is_dtensor(p):  # FSDP2: every rank joins the all-gather, the owner steps the copy
+                    value, g = _dist.gather_param(p, p.grad.detach())
+                    if owner == self.rank:
+                        value.grad = g
+                        i = next(i for i, q in enumerate(group["params"]) if q is p)
+                        swapped.append((p, value, group["params"], i))
+                        opt.state[value] = opt.state[p]
+                        group["params"][i] = value
+                targets.append(value)
+                if owner == self.rank:
+                    continue
+                # The base adds wd * |p|^2 of the params it steps to the loss; add the others' here.
+                if loss is not None and group["weight_decay"] != 0.0:
+                    pf = value.detach().to(torch.float32)
+                    term = group["weight_decay"] * torch.sum(pf * pf)
+                    wd_loss = term if wd_loss is None else wd_loss + term
+                hidden.append((p, p.grad))
+                p.grad = None
+            if wd_loss is not None:
+                loss = LearnedOptimizer._as_loss(loss, wd_loss.device) + wd_loss
+            _dist._TENSOR_GROUP.append(self.group)
+            try:
+                opt.step(loss=loss)
+            finally:
+                _dist._TENSOR_GROUP.pop()
         finally:
-            _dist._TENSOR_GROUP.pop()
             for p, g in hidden:
                 p.grad = g
-        self._broadcast([p for p, _ in live], owners)
+            for p, full, group_params, i in swapped:
+                group_params[i] = p
+                del opt.state[full]
+                full.grad = None
+        self._broadcast(targets, owners)
+        for (p, _), value in zip(live, targets, strict=True):
+            if value is not p:
+                _dist.scatter_back(p, value)
         return closure_loss
 
     def _broadcast(self, params: list[torch.Tensor], owners: list[int]) -> None:

@@ -46,6 +46,9 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
         config = {"lstm_hidden_size": 8, "param_inits": 4, "ff_hidden_size": 4}
         shapes = expected_theta_shapes(VeLOConfig.from_mapping(config))
         theta = {k: 0.3 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+        for k in theta:
+            if k.startswith("ff."):  # mixed as 100 * mean(copy * control): keep the per-element MLP O(1)
+                theta[k] = theta[k] / 3.0
         return theta, config
     if family == "mlp_lopt":
         from pylo_runtime.mlp_lopt import DECAYS

@@ -15,7 +15,7 @@ ROWS = 8  # per rank
 OPTIONS = {"velo": {"weight_decay": 0.01}}
 
 
-def _train(model, opt, data, rank: int, distributed: bool) -> None:
+def _train(model, opt, data, rank: int, distributed: bool, replicated=()) -> None:
     from pylo_runtime.distributed import global_mean
 
     for x, y in data:
@@ -24,14 +24,23 @@ def _train(model, opt, data, rank: int, distributed: bool) -> None:
         opt.zero_grad(set_to_none=True)
         loss = torch.mean((model(x) - y) ** 2)
         loss.backward()
+        for p in replicated:  # outside FSDP: averaged by hand
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
         opt.step(loss=global_mean(loss.detach()) if distributed else loss.detach())
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
 def _worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from pylo_runtime.sharded import ShardedOptimizer
 
+    mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
     base = Net()
     data = batches(STEPS, ROWS * world)
@@ -49,6 +58,16 @@ def _worker(rank: int, world: int) -> dict:
         out[f"diff/{family}"] = max_rel_diff(got, want)
         names = {id(p): k.removeprefix("module.") for k, p in ddp.named_parameters()}
         out[f"stepped/{family}"] = sorted(names[id(p)] for p in inner.state if not isinstance(p, str))
+
+        # FSDP2 (the 0-d scale stays outside, replicated): each tensor stepped whole by one owner.
+        sharded = copy.deepcopy(base)
+        fully_shard(sharded, mesh=mesh, ignored_params={sharded.scale})
+        inner = make_optimizer(family, sharded.parameters(), **opts)
+        _train(sharded, ShardedOptimizer(inner), data, rank, True, replicated=[sharded.scale])
+        got = {k: _full(v) for k, v in sharded.named_parameters()}
+        out[f"fsdp_diff/{family}"] = max_rel_diff(got, want)
+        names = {id(p): k for k, p in sharded.named_parameters()}
+        out[f"fsdp_stepped/{family}"] = sorted(names[id(p)] for p in inner.state if not isinstance(p, str))
     return out
 
 
@@ -65,8 +84,15 @@ def test_sharded_step_equals_unsharded(results, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_rank_steps_a_disjoint_part(results, family):
-    a, b = (set(r[f"stepped/{family}"]) for r in results)
+def test_sharded_step_over_fsdp2_equals_unsharded(results, family):
+    for r in results:
+        assert r[f"fsdp_diff/{family}"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["stepped", "fsdp_stepped"])
+def test_each_rank_steps_a_disjoint_part(results, family, mode):
+    a, b = (set(r[f"{mode}/{family}"]) for r in results)
     assert a and b and not (a & b), (a, b)
     assert a | b == {"lin.weight", "lin.bias", "kernel", "row", "scale"}
 
