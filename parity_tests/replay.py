@@ -88,7 +88,7 @@ def replay(
             pb = p.detach().to(torch.float32).cpu().numpy().copy()
             before.append(pb)
             if n in fx.grads:
-                g = torch.as_tensor(fx.grads[n][t], device=device)
+                g = torch.tensor(fx.grads[n][t], device=device)  # a copy: the fixture stays intact
             else:
                 assert task is not None
                 g = torch.as_tensor(task.grad_quadratic(n, pb, t), device=device)
