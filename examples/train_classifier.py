@@ -12,69 +12,20 @@ from __future__ import annotations
 import argparse
 import csv
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from parity_tests.digits import batch_indices, init_cnn, init_mlp, load_digits_split
+from parity_tests.digits import MODELS, load_digits_split
+from parity_tests.digits import train_torch as train
 from pylo_runtime import Celo, load_optimizer, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ADAMW_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-# ------------------------------------------------------------------------------------------------ models
-def mlp_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    h = torch.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
-    return h @ p["w2"] + p["b2"]
-
-
-def cnn_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    h = torch.relu(F.conv2d(x, p["c1"], p["c1b"], padding=1))
-    h = torch.relu(F.conv2d(h, p["c2"], p["c2b"], stride=2, padding=1))
-    return h.reshape(x.shape[0], -1) @ p["fc"] + p["fcb"]
-
-
-MODELS: dict[str, tuple[Callable, Callable]] = {
-    "mlp": (mlp_forward, init_mlp),
-    "cnn": (cnn_forward, init_cnn),
-}
-
-
 # ------------------------------------------------------------------------------------------------ training
-def train(model: str, make_opt: Callable, data, *, steps: int, batch_size: int, seed: int) -> dict:
-    """Train ``model`` from the seeded init on the seeded batches; loss curve and final metrics."""
-    forward, init = MODELS[model]
-    params = {k: torch.tensor(v, requires_grad=True) for k, v in init(seed).items()}
-    opt = make_opt(list(params.values()), steps)
-    x_tr, y_tr = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    idx = torch.from_numpy(batch_indices(seed, steps, batch_size, len(y_tr)))
-    is_learned = not isinstance(opt, torch.optim.AdamW)
-    losses = []
-    start = time.perf_counter()
-    for t in range(steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(forward(params, x_tr[idx[t]]), y_tr[idx[t]])
-        loss.backward()
-        if is_learned:
-            opt.step(loss=loss.detach())
-        else:
-            opt.step()
-        losses.append(float(loss.detach()))
-    wall = time.perf_counter() - start
-    with torch.no_grad():
-        out = {}
-        for split, x, y in (("train", x_tr, y_tr), ("test", data.x_test, data.y_test)):
-            logits = forward(params, torch.as_tensor(x))
-            y = torch.as_tensor(y)
-            out[f"{split}_loss"] = float(F.cross_entropy(logits, y))
-            out[f"{split}_acc"] = float((logits.argmax(-1) == y).float().mean())
-    return {"losses": np.asarray(losses), "wall_s": wall, **out}
-
-
 def random_celo_theta(real: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """The Celo architecture with haiku-style random weights: N(0, 1/fan_in) weights, zero biases/state."""
     g = torch.Generator().manual_seed(seed)

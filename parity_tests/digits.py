@@ -2,11 +2,15 @@
 
 Data split, initial weights and minibatch order come from numpy seeds here, so the JAX reference and the
 PyTorch run see the same model, initialisation and batches. Models: an MLP (64-64-10) and a small CNN.
+torch is imported only inside the torch-side functions.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,3 +75,68 @@ def init_cnn(seed: int) -> dict[str, np.ndarray]:
         "fc": _he(rng, (256, N_CLASSES), 256),
         "fcb": np.zeros(N_CLASSES, np.float32),
     }
+
+
+# ------------------------------------------------------------------------------------------------ torch side
+def mlp_forward(p: dict[str, Any], x: Any) -> Any:
+    """Logits of the MLP (torch tensors)."""
+    import torch
+
+    h = torch.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+
+def cnn_forward(p: dict[str, Any], x: Any) -> Any:
+    """Logits of the CNN (torch tensors, NCHW)."""
+    import torch
+    import torch.nn.functional as F
+
+    h = torch.relu(F.conv2d(x, p["c1"], p["c1b"], padding=1))
+    h = torch.relu(F.conv2d(h, p["c2"], p["c2b"], stride=2, padding=1))
+    return h.reshape(x.shape[0], -1) @ p["fc"] + p["fcb"]
+
+
+MODELS: dict[str, tuple[Callable, Callable]] = {
+    "mlp": (mlp_forward, init_mlp),
+    "cnn": (cnn_forward, init_cnn),
+}
+
+
+def train_torch(
+    model: str, make_opt: Callable, data: Digits, *, steps: int, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """Train ``model`` from the seeded init on the seeded batches with ``make_opt(params, steps)``.
+
+    Learned optimizers get ``step(loss=...)``; returns the per-step training losses (float32 values), the
+    wall time of the loop and final loss / accuracy on the train and test sets.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from pylo_runtime import LearnedOptimizer
+
+    forward, init = MODELS[model]
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in init(seed).items()}
+    opt = make_opt(list(params.values()), steps)
+    x_tr, y_tr = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    idx = torch.from_numpy(batch_indices(seed, steps, batch_size, len(y_tr)))
+    losses = []
+    start = time.perf_counter()
+    for t in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(forward(params, x_tr[idx[t]]), y_tr[idx[t]])
+        loss.backward()
+        if isinstance(opt, LearnedOptimizer):
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+        losses.append(loss.detach())
+    wall = time.perf_counter() - start
+    out: dict[str, Any] = {"losses": torch.stack(losses).numpy(), "wall_s": wall}
+    with torch.no_grad():
+        for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+            logits = forward(params, torch.from_numpy(x))
+            y_t = torch.from_numpy(y)
+            out[f"{split}_loss"] = float(F.cross_entropy(logits, y_t))
+            out[f"{split}_acc"] = float((logits.argmax(-1) == y_t).float().mean())
+    return out

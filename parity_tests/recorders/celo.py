@@ -171,3 +171,118 @@ def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> CeloRe
         (Path(ckpt_dir) / "theta.state").write_bytes(blob)
         source = "theta.state"
     return CeloReference(arch, lopt, theta, source, prov, options.get("overrides") or {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Closed loop on a real task: the digits classifier trained by the published weights (issue 6).
+CLASSIFIER_FIXTURE = Path(__file__).resolve().parents[1] / "closed_loop" / "celo_digits.json"
+
+
+def _jax_forward(model: str):
+    import jax
+    import jax.numpy as jnp
+
+    def mlp(p, x):
+        h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
+        return h @ p["w2"] + p["b2"]
+
+    def cnn(p, x):
+        dn = ("NCHW", "OIHW", "NCHW")
+        h = jax.lax.conv_general_dilated(x, p["c1"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        h = jax.nn.relu(h + p["c1b"].reshape(1, -1, 1, 1))
+        h = jax.lax.conv_general_dilated(h, p["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
+        h = jax.nn.relu(h + p["c2b"].reshape(1, -1, 1, 1))
+        return h.reshape(x.shape[0], -1) @ p["fc"] + p["fcb"]
+
+    fwd = {"mlp": mlp, "cnn": cnn}[model]
+
+    def loss_fn(p, x, y):
+        logp = jax.nn.log_softmax(fwd(p, x), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def run_classifier_reference(
+    arch: str, model: str, *, steps: int = 100, batch_size: int = 64, seed: int = 0
+) -> list[float]:
+    """Training losses of ``model`` on the digits with the published ``arch`` weights, in JAX (float32)."""
+    import jax.numpy as jnp
+
+    from parity_tests.digits import MODELS, batch_indices, load_digits_split
+
+    lopt, theta, _, _ = load_reference(arch, weights="real")
+    opt = lopt.opt_fn(theta)
+    data = load_digits_split(seed)
+    idx = batch_indices(seed, steps, batch_size, len(data.y_train))
+    params = {k: jnp.asarray(v) for k, v in MODELS[model][1](seed).items()}
+    state = opt.init(params, num_steps=steps)
+    value_and_grad = _jax_forward(model)
+    losses = []
+    for t in range(steps):
+        x, y = jnp.asarray(data.x_train[idx[t]]), jnp.asarray(data.y_train[idx[t]])
+        loss, grads = value_and_grad(opt.get_params(state), x, y)
+        state = opt.update(state, grads, loss=loss)
+        losses.append(float(np.float32(loss)))
+    return losses
+
+
+def record_classifier(
+    out: Path = CLASSIFIER_FIXTURE, *, steps: int = 100, batch_size: int = 64, seed: int = 0
+):
+    """Write the JAX loss curves (celo / celo_adam x mlp / cnn) with provenance as a small JSON fixture."""
+    import json
+    import os
+    import tempfile
+
+    from parity_tests.record import harness_commit, package_versions
+
+    curves = {
+        f"{arch}/{model}": run_classifier_reference(
+            arch, model, steps=steps, batch_size=batch_size, seed=seed
+        )
+        for arch in ("celo", "celo_adam")
+        for model in ("mlp", "cnn")
+    }
+    doc = {
+        "task": "sklearn digits 8x8 (parity_tests.digits): seeded split, init and batches; float32",
+        "steps": steps,
+        "num_steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "curves": curves,
+        "provenance": {
+            "reference": {
+                "repo": CELO_REPO,
+                "commit": CELO_COMMIT,
+                "learned_optimization": {"repo": LO_REPO, "commit": LO_COMMIT},
+                "weights": {
+                    a: {
+                        "file": f"../shared/checkpoints/{a}/theta.state",
+                        "sha256": hashlib.sha256(shared_checkpoint(a).read_bytes()).hexdigest(),
+                    }
+                    for a in ("celo", "celo_adam")
+                },  # fmt: skip
+                "how": "celo.factory.get_optimizer + celo.utils.load_state; jax.value_and_grad of the same "
+                "model; opt.update(state, grads, loss=loss) each step (parity_tests/recorders/celo.py)",
+            },
+            "packages": package_versions(),
+            "harness_commit": harness_commit(),
+            "command": "python -m parity_tests.recorders.celo classifier",
+        },
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m parity_tests.recorders.celo classifier [OUT]
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "classifier":
+        raise SystemExit("usage: python -m parity_tests.recorders.celo classifier [OUT.json]")
+    print(record_classifier(Path(sys.argv[2]) if len(sys.argv) > 2 else CLASSIFIER_FIXTURE))
