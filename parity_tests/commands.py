@@ -251,15 +251,17 @@ def _result_to_dict(r: CaseResult) -> dict[str, Any]:
         "case": r.case, "family": r.family, "architecture": r.architecture, "names": r.names,
         "errors": r.errors.tolist(), "drifts": None if r.drifts is None else r.drifts.tolist(),
         "dtype": r.dtype, "mode": r.mode, "tolerance": r.tolerance, "notes": r.notes,
+        "resolutions": None if r.resolutions is None else r.resolutions.tolist(),
     }  # fmt: skip
 
 
 def _result_from_dict(d: dict[str, Any]) -> CaseResult:
     drifts = None if d["drifts"] is None else np.asarray(d["drifts"], dtype=np.float64)
+    res = None if d.get("resolutions") is None else np.asarray(d["resolutions"], dtype=np.float64)
     return CaseResult(
         d["case"], d["family"], d["architecture"], list(d["names"]),
         np.asarray(d["errors"], dtype=np.float64), drifts, d["dtype"], d["mode"], float(d["tolerance"]),
-        list(d["notes"]),
+        list(d["notes"]), resolutions=res,
     )  # fmt: skip
 
 

@@ -74,3 +74,16 @@ def test_fixture_with_absent_shared_weights_is_skipped_not_failed(tmp_path):
     assert "SKIP" in res.output and "absent" in res.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["passed"] is True and report["cases"][0]["skipped"]
+
+
+def test_live_results_survive_the_subprocess_json_round_trip():
+    import numpy as np
+
+    from parity_tests.commands import _result_from_dict, _result_to_dict
+    from parity_tests.compare import CaseResult
+
+    r = CaseResult("c", "f", "a", ["x", "y"], np.array([[1e-7, np.inf]]), drifts=np.array([[1.0, 2.0]]),
+                   mode="closed-loop", tolerance=1e-4, resolutions=np.array([[1e-6, 1e-6]]))  # fmt: skip
+    back = _result_from_dict(json.loads(json.dumps(_result_to_dict(r))))
+    assert back.mode == "closed-loop" and back.tolerance == 1e-4 and not back.passed
+    assert back.resolution_median == 1e-6 and back.max_drift == 2.0 and back.worst == (0, "y")
