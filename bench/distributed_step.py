@@ -1,4 +1,7 @@
-"""Optimizer step time on 2 CPU ranks (gloo): replicated (DDP), ShardedOptimizer, and FSDP2 (DTensor) params.
+"""Optimizer step time on 2 CPU ranks (gloo): replicated (DDP) or FSDP2 (DTensor) params, plain or sharded.
+
+Modes: ``replicated`` (every rank steps every tensor), ``sharded`` (ShardedOptimizer), ``fsdp2`` (DTensor
+params: all-gathered, stepped whole on every rank), ``fsdp2_sharded`` (ShardedOptimizer over DTensor params).
 
 Every rank uses one thread. Per family and mode it reports the median wall time of ``step`` (a barrier after
 each step, so the slowest rank counts), the bytes each rank moves, and the optimizer-state bytes it holds.
@@ -77,8 +80,8 @@ def _worker(rank: int, world: int, port: int, steps: int, out_path: str) -> None
     grads = [torch.randn(s, generator=gen) * 0.01 for s in SHAPES]
     rows = []
     for family in FAMILIES:
-        for mode in ("replicated", "sharded", "fsdp2"):
-            if mode == "fsdp2":
+        for mode in ("replicated", "sharded", "fsdp2", "fsdp2_sharded"):
+            if mode.startswith("fsdp2"):
                 params = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
                 for p, g in zip(params, grads, strict=True):
                     p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
@@ -87,16 +90,20 @@ def _worker(rank: int, world: int, port: int, steps: int, out_path: str) -> None
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g.clone()
             inner = _make(family, params)
-            opt = ShardedOptimizer(inner) if mode == "sharded" else inner
+            opt = ShardedOptimizer(inner) if mode.endswith("sharded") else inner
             loss = torch.tensor(1.0)
             times = _time(opt, loss, steps)
             n = sum(v.numel() for v in values)
             owners = assign_owners([v.numel() for v in values], world)
             not_owned = sum(v.numel() for v, o in zip(values, owners, strict=True) if o != rank)
-            # float32: sharded receives the tensors others own; fsdp2 all-gathers param and grad.
-            moved = {"replicated": 0, "sharded": 4 * not_owned, "fsdp2": 2 * 4 * n * (world - 1) // world}[
-                mode
-            ]
+            # float32: fsdp2 all-gathers param and grad; sharded receives the tensors others own.
+            gathered = 2 * 4 * n * (world - 1) // world
+            moved = {
+                "replicated": 0,
+                "sharded": 4 * not_owned,
+                "fsdp2": gathered,
+                "fsdp2_sharded": gathered + 4 * not_owned,
+            }[mode]
             rows.append(
                 {
                     "family": family,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 #: Families with a random-theta factory below (the ones these tests run).
-FAMILIES = ("small_fc_lopt", "velo", "mlp_lopt", "mulo")
+FAMILIES = ("small_fc_lopt", "velo", "mlp_lopt", "mulo", "celo", "celo_adam")
 
 
 def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -60,7 +60,23 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
             theta[f"linear_{i}.w"] = torch.randn(a, b, generator=gen) / a**0.5
             theta[f"linear_{i}.b"] = 0.1 * torch.randn(b, generator=gen)
         return theta, config
+    if family in ("celo", "celo_adam"):  # the random-weight parity fixture's own checkpoint
+        return _fixture_theta(f"{family}_random")
     raise ValueError(f"no random-theta factory for {family!r}")
+
+
+def _fixture_theta(case: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Theta and config of a committed parity fixture, converted by our architecture module."""
+    from converter.architectures import by_name
+    from converter.flax_msgpack import load
+    from parity_tests.fixture import load_fixture, repo_root
+
+    fx = load_fixture(repo_root() / "parity_tests" / "fixtures" / case)
+    src = fx.source_path()
+    spec = by_name(fx.meta["architecture"]).build(
+        load(src), dict(fx.meta.get("convert_sets") or {}), source=str(src)
+    )
+    return {k: torch.from_numpy(v) for k, v in spec.tensors.items()}, spec.config
 
 
 def make_optimizer(
