@@ -71,6 +71,8 @@ def global_mean(loss: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Reductions over TENSORS (not elements), for when each rank steps only some tensors (sharded.py).
+# A family whose update combines several tensors (a max, a sum, a global norm) must route that reduction
+# through these, or ShardedOptimizer silently computes it over this rank's tensors only.
 #: The process group of the sharded step in progress; None: this process steps every tensor itself.
 _TENSOR_GROUP: list[Any] = []
 
