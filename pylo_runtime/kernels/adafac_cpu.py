@@ -80,13 +80,19 @@ def _rms_scale(sumsq: torch.Tensor, n: int) -> torch.Tensor:
     return torch.rsqrt(1e-5 + sumsq / n)
 
 
-def _sumsq(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares per column (last axis) over all other axes.
+def _sumsq(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Sum of squares per column (last axis) over all other axes, in cache-sized row chunks.
 
     ``torch.sum`` (cascade summation) keeps about 1e-7 relative; ``linalg.vector_norm`` loses 1e-3 at 1M rows.
     """
     x = x.reshape(-1, x.shape[-1])
-    return torch.sum(x * x, dim=0)
+    if x.shape[0] <= chunk:
+        return torch.sum(x * x, dim=0)
+    acc = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    for c0 in range(0, x.shape[0], chunk):
+        xc = x[c0 : c0 + chunk]
+        acc += torch.sum(xc * xc, dim=0)
+    return acc
 
 
 def _mlp_tail(h: torch.Tensor, h2: torch.Tensor, weights, biases, out: torch.Tensor) -> None:
