@@ -79,12 +79,12 @@ def test_torch_losses_match_jax(key, converted):
 def test_celo_adam_cnn_is_chaotic(converted, monkeypatch):
     """Why ``HORIZON`` stops that curve at 30: a one-ulp change of the init diverges in PyTorch alone.
 
-    (Told ``num_steps=100`` like the fixture, run for 60 steps to keep the test fast.)
+    (Told ``num_steps=100`` like the fixture, run for 50 steps to keep the test fast.)
     """
     import parity_tests.digits as digits
 
     data = load_digits_split(DOC["seed"])
-    kw = dict(steps=60, batch_size=DOC["batch_size"], seed=DOC["seed"])
+    kw = dict(steps=50, batch_size=DOC["batch_size"], seed=DOC["seed"])
 
     def make(ps, n):
         return load_optimizer(converted["celo_adam"], ps, num_steps=DOC["num_steps"])
@@ -101,7 +101,8 @@ def test_celo_adam_cnn_is_chaotic(converted, monkeypatch):
     other = train_torch("cnn", make, data, **kw)["losses"].astype(np.float64)
     rel = np.abs(other - base) / base
     assert rel[:30].max() < 1e-5  # below the compared horizon the trajectory is still reproducible
-    assert rel.max() > 1e-3  # by step 60 float32 rounding alone moves the loss by 0.1% (0.26 by step 100)
+    # Within 50 steps float32 rounding alone moves the loss past the 1e-4 tolerance (0.26 by step 100).
+    assert rel.max() > RELATIVE_TOLERANCE
 
 
 def test_example_runs_and_writes_its_outputs(tmp_path, converted):
