@@ -13,7 +13,15 @@ from typing import Any, ClassVar
 import torch
 
 from . import kernels
+from .accumulators import factored_update, momentum_update, rms_update
 from .base import LearnedOptimizer, ParamsT, write_param
+from .features import (
+    STEP_TIMESCALES,
+    factored_dims,
+    safe_rsqrt,
+    second_moment_normalizer,
+    step_tanh_embedding,
+)
 
 #: Every constructor argument of ``AdafacMLPLOpt`` with its default (learned_optimization @32186aa4).
 DEFAULTS: dict[str, Any] = {
@@ -30,83 +38,26 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: Time scales of the tanh step embedding (``tanh_embedding``).
-TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+TIMESCALES = STEP_TIMESCALES
+
+# The shared pieces (features.py / accumulators.py), under the names this module has always used.
+tanh_embedding = step_tanh_embedding
+update_momentum = momentum_update
+update_rms = rms_update
+update_factored = factored_update
 
 
 # --------------------------------------------------------------------------------------------------------
-# Small pure functions (optax-like): decays, accumulators, features.
+# Small pure functions (optax-like): decays and features.
 def decay_from_offset(initial: Any, offset: torch.Tensor) -> torch.Tensor:
     """``param_to_decay(decay_to_param(d0) + offset)`` = ``1 - exp(10 * (log(1 - d0) / 10 + offset))``."""
     d0 = torch.as_tensor(initial, dtype=torch.float32, device=offset.device)
     return 1.0 - torch.exp((torch.log(1.0 - d0) / 10.0 + offset.to(torch.float32)) * 10.0)
 
 
-def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """The reference's choice: the two largest dims by ``numpy.argsort`` (same tie order), None below 2-D."""
-    if len(shape) < 2:
-        return None
-    return _top2_argsort(tuple(int(s) for s in shape))
-
-
-@torch.compiler.assume_constant_result  # numpy on static sizes: torch.compile uses the value, no graph break
-def _top2_argsort(shape: tuple[int, ...]) -> tuple[int, int]:
-    import numpy as np
-
-    order = np.argsort(shape)
-    return int(order[-2]), int(order[-1])
-
-
-def tanh_embedding(iteration: torch.Tensor) -> torch.Tensor:
-    """``tanh(t / timescale - 1)`` for the 11 timescales; ``iteration`` is an integer 0-d tensor."""
-    ts = torch.tensor(TIMESCALES, dtype=torch.float32, device=iteration.device)
-    return torch.tanh(iteration.to(torch.float32) / ts - 1.0)
-
-
 def second_moment_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Divide each feature (last axis) by its root mean square over the tensor's elements (all other axes)."""
-    dims = list(range(x.dim() - 1))
-    return x * torch.rsqrt(eps + torch.mean(torch.square(x), dim=dims, keepdim=True))
-
-
-def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
-    return torch.rsqrt(torch.clamp(x, min=1e-9))
-
-
-def update_momentum(m: torch.Tensor, g: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """``decay * m + (1 - decay) * g`` for every decay (last axis); momentum decays are not clipped."""
-    return decay * m + (1.0 - decay) * g.unsqueeze(-1)
-
-
-def update_rms(v: torch.Tensor, g: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """``d * v + (1 - d) * g**2`` with ``d`` clipped to [0, 1]."""
-    d = torch.clamp(decay, 0.0, 1.0)
-    return d * v + (1.0 - d) * (g * g).unsqueeze(-1)
-
-
-def update_factored(
-    v_row: torch.Tensor,
-    v_col: torch.Tensor,
-    v_diag: torch.Tensor,
-    g: torch.Tensor,
-    decay: torch.Tensor,
-    fdims: tuple[int, int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adafactor accumulators (``common.factored_rolling``); returns new (v_row, v_col, v_diag) and fac_g.
-
-    ``v_row`` drops dim ``d0`` and ``v_col`` drops dim ``d1``; non-factored tensors use ``v_diag``.
-    """
-    d = torch.clamp(decay, 0.0, 1.0)
-    mix = 1.0 - d
-    grad_sqr = g * g + 1e-30
-    if fdims is None:
-        v_diag = d * v_diag + mix * grad_sqr.unsqueeze(-1)
-        return v_row, v_col, v_diag, g.unsqueeze(-1) * safe_rsqrt(v_diag + 1e-9)
-    d1, d0 = fdims
-    v_row = d * v_row + mix * torch.mean(grad_sqr, dim=d0).unsqueeze(-1)
-    v_col = d * v_col + mix * torch.mean(grad_sqr, dim=d1).unsqueeze(-1)
-    row_factor, col_factor = _row_col_factors(v_row, v_col, fdims)
-    fac_g = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
-    return v_row, v_col, v_diag, fac_g
+    return second_moment_normalizer(x, tuple(range(x.dim() - 1)), eps)
 
 
 def _row_col_factors(

@@ -61,3 +61,13 @@ def rank_one_hot(shape: Sequence[int], num: int = 5, device: torch.device | None
     if n_rank < num:
         out[n_rank] = 1.0
     return out
+
+
+#: Time scales (in steps) of the tanh step embedding of AdafacMLPLOpt / MLPLOpt (``tanh_embedding``).
+STEP_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+
+
+def step_tanh_embedding(iteration: torch.Tensor) -> torch.Tensor:
+    """``tanh(t / timescale - 1)`` for the 11 step time scales; ``iteration`` is an integer 0-d tensor."""
+    ts = torch.tensor(STEP_TIMESCALES, dtype=torch.float32, device=iteration.device)
+    return torch.tanh(iteration.to(torch.float32) / ts - 1.0)
