@@ -68,6 +68,12 @@ def _worker(rank: int, world: int) -> dict:
         out[f"fsdp_diff/{family}"] = max_rel_diff(got, want)
         names = {id(p): k for k, p in sharded.named_parameters()}
         out[f"fsdp_stepped/{family}"] = sorted(names[id(p)] for p in inner.state if not isinstance(p, str))
+
+    # Fewer tensors than ranks: every rank steps them all (nothing to split), still equal.
+    ref, ddp = copy.deepcopy(base), DistributedDataParallel(copy.deepcopy(base))
+    _train(ref, make_optimizer("velo", [ref.lin.weight]), data, rank, False)
+    _train(ddp, ShardedOptimizer(make_optimizer("velo", [ddp.module.lin.weight])), data, rank, True)
+    out["one_tensor"] = max_rel_diff({"w": ddp.module.lin.weight.detach()}, {"w": ref.lin.weight.detach()})
     return out
 
 
@@ -95,6 +101,11 @@ def test_each_rank_steps_a_disjoint_part(results, family, mode):
     a, b = (set(r[f"{mode}/{family}"]) for r in results)
     assert a and b and not (a & b), (a, b)
     assert a | b == {"lin.weight", "lin.bias", "kernel", "row", "scale"}
+
+
+def test_fewer_tensors_than_ranks_falls_back_to_stepping_all(results):
+    for r in results:
+        assert r["one_tensor"] <= 1e-5, r
 
 
 def test_owner_assignment_balances_sizes():
