@@ -1,0 +1,38 @@
+"""The reference paths (not only the default fast path that `lopt-parity run` exercises) match the fixtures.
+
+Tolerance (issue 4): max relative update error <= 1e-5 per step and tensor in float32, with the parameters
+reset to the recorded ones each step and one ulp of the result allowed (parity_tests/compare.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parity_tests.compare import FLOAT32_TOLERANCE
+from parity_tests.fixture import load_fixture, repo_root
+from parity_tests.replay import convert_fixture, replay
+from pylo_runtime import load_optimizer
+
+FIX = repo_root() / "parity_tests" / "fixtures"
+
+
+@pytest.mark.parametrize(
+    ("case", "foreach", "steps"),
+    [("small_fc_lopt_pylo", False, 20), ("small_fc_lopt_large", True, 6), ("mlp_lopt_default", False, 20)],
+)
+def test_reference_paths_replay_fixture(case, foreach, steps, tmp_path):
+    # The first ``steps`` recorded steps (all of them run in `lopt-parity run`): keeps this file quick.
+    fx = load_fixture(FIX / case)
+    fx.loss = fx.loss[:steps]
+    ckpt = convert_fixture(fx, tmp_path)
+
+    def factory(fx, params, ckpt):
+        # fused=False keeps pylo_runtime.kernels out: foreach=False is the per-tensor reference path,
+        # foreach=True the one-matmul-chain batched path.
+        return load_optimizer(
+            str(ckpt), params, num_steps=int(fx.meta["num_steps"]), foreach=foreach, fused=False
+        )
+
+    errors, _ = replay(fx, ckpt, mode="reset", factory=factory)
+    assert errors.shape == (steps, len(fx.names))
+    assert errors.max() <= FLOAT32_TOLERANCE, (errors.max(), divmod(int(errors.argmax()), len(fx.names)))
