@@ -61,33 +61,45 @@ def interpolate_all(controls: torch.Tensor, ff_theta: list[torch.Tensor]) -> lis
     return out
 
 
-def _elem_features(pf, g, m, rms, fac, out: torch.Tensor) -> None:
-    """The 18 per-element inputs of a factored tensor, in reference order, into ``out`` (n, 18)."""
-    o = out.view(pf.shape + (18,))
-    o[..., 0] = g
-    torch.clamp(g, -0.1, 0.1, out=o[..., 1])
-    o[..., 2] = pf
-    o[..., 3:6] = m
-    o[..., 6:7] = rms
-    rsqrt = torch.rsqrt(rms + 1e-6)
-    torch.mul(m, rsqrt, out=o[..., 7:10])
-    o[..., 10:11] = rsqrt
-    torch.mul(g.unsqueeze(-1), fac, out=o[..., 11:14])
-    torch.mul(g.unsqueeze(-1), rsqrt, out=o[..., 14:15])
-    torch.mul(m, fac, out=o[..., 15:18])
+def _elem_chunk(pf, g, m, rms, rf_u, cf_u, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    """The 18 per-element inputs of rows ``r0:r1`` (axis 0) of a factored tensor, in reference order.
+
+    ``rf_u`` / ``cf_u`` are the row / column factors with their reduced axis kept (size 1). Written into
+    ``out`` (a cache-sized buffer) and returned as a (rows, 18) matrix.
+    """
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t[r0:r1] if t.shape[0] != 1 else t
+
+    gc = g[r0:r1].unsqueeze(-1)
+    mc, rc = m[r0:r1], rms[r0:r1]
+    fac = rows(rf_u) * rows(cf_u)
+    rsqrt = torch.rsqrt(rc + 1e-6)
+    parts = [gc, torch.clamp(gc, -0.1, 0.1), pf[r0:r1].unsqueeze(-1), mc, rc, mc * rsqrt, rsqrt]
+    parts += [gc * fac, gc * rsqrt, mc * fac]
+    o = out[: gc.numel() * 18].view(gc.shape[:-1] + (18,))
+    torch.cat(parts, dim=-1, out=o)
+    return o.view(-1, 18)
 
 
-def _mlp_chunks(e, w_e, bias_of, shape, weights, out) -> None:
+def _row_chunks(shape: tuple[int, ...]):
+    """``(r0, r1, c0, c1)``: slices of axis 0 holding about CHUNK elements, and their element ranges."""
+    inner = 1
+    for s_ in shape[1:]:
+        inner *= s_
+    rows_per = max(1, CHUNK // max(inner, 1))
+    for r0 in range(0, shape[0], rows_per):
+        r1 = min(shape[0], r0 + rows_per)
+        yield r0, r1, r0 * inner, r1 * inner
+
+
+def _mlp_chunks(e_of, w_e, bias_of, shape, weights, out) -> None:
     """Chunked ``relu(e @ w_e + bias) -> relu(@ w1 + b1) -> @ w2 + b2`` into ``out`` (n, 3)."""
     (w1, b1), (w2, b2) = weights
     hidden = w_e.shape[1]
-    inner = e.shape[0] // shape[0]
-    rows_per = max(1, CHUNK // inner)
-    for r0 in range(0, shape[0], rows_per):
-        r1 = min(shape[0], r0 + rows_per)
-        c0, c1 = r0 * inner, r1 * inner
+    for r0, r1, c0, c1 in _row_chunks(shape):
         h = bias_of(r0, r1, c1 - c0, hidden)
-        h.addmm_(e[c0:c1], w_e)
+        h.addmm_(e_of(r0, r1, c0, c1), w_e)
         h.relu_()
         h = torch.addmm(b1, h, w1)
         h.relu_()
@@ -97,13 +109,14 @@ def _mlp_chunks(e, w_e, bias_of, shape, weights, out) -> None:
 def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
     """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1."""
     mom_d, rms_d, fac_d = decays
-    shape = pf.shape
+    shape = tuple(pf.shape)
     n = pf.numel()
     m = acc.momentum_update(st["m"], g, mom_d)
     rms = acc.rms_update(st["rms"], g, rms_d)
     st["m"], st["rms"] = m, rms
     fdims = feat.factored_dims(shape)
     out = torch.empty(n, 3, dtype=torch.float32, device=pf.device)
+    layers = ((w1, b1), (w2, b2))
     if fdims is None:
         v_row, v_col, v_full, fac_g = acc.factored_update(
             st["v_row"], st["v_col"], st["v_full"], g, fac_d, None
@@ -113,7 +126,8 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
             [t.reshape(n, -1) for t in ref.ff_inputs(pf, g, m, rms, fac_g, v_row, v_col, v_full, cfg)], 1
         )
         w = _rms_scale(_sumsq(x), n).unsqueeze(1) * w0
-        _mlp_chunks(x, w, lambda r0, r1, c, h: b0.expand(c, h).clone(), (n,), ((w1, b1), (w2, b2)), out)
+        bias = lambda r0, r1, c, h: b0.expand(c, h).clone()  # noqa: E731
+        _mlp_chunks(lambda r0, r1, c0, c1: x[c0:c1], w, bias, (n,), layers, out)
         return out
     d = torch.clamp(fac_d, 0.0, 1.0)
     d1, d0 = fdims
@@ -124,9 +138,11 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
     reduced_d1 = d1 - 1 if d1 > d0 else d1
     row_factor = feat.safe_rsqrt(v_row / (torch.mean(v_row, dim=reduced_d1, keepdim=True) + 1e-9))
     col_factor = feat.safe_rsqrt(v_col)
-    fac = row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
-    e = torch.empty(n, 18, dtype=torch.float32, device=pf.device)
-    _elem_features(pf, g, m, rms, fac, e)
+    rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
+    # The 18 per-element features, written once by one concatenation (strided column writes cost more).
+    e = _elem_chunk(
+        pf, g, m, rms, rf_u, cf_u, 0, shape[0], torch.empty(n * 18, dtype=torch.float32, device=pf.device)
+    )
     w_e = _rms_scale(_sumsq(e), n).unsqueeze(1) * w0[_ELEM]
     rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
     colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
@@ -139,7 +155,10 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
         ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
         return torch.add(ar, ac).reshape(c, hidden)
 
-    _mlp_chunks(e, w_e, bias_of, shape, ((w1, b1), (w2, b2)), out)
+    def e_of(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        return e[c0:c1]
+
+    _mlp_chunks(e_of, w_e, bias_of, shape, layers, out)
     return out
 
 
