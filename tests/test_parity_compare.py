@@ -201,3 +201,11 @@ def test_record_case_with_sampled_large_tensor(tmp_path, monkeypatch):
     assert not _check(out, float(LR) * 1.001, open_loop=False).passed
     with pytest.raises(FileExistsError):
         record_case("sgdtest", "sgd_large", out, steps=5)
+
+
+def test_report_without_matplotlib_skips_the_plot_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    good = CaseResult("good", "f", "a", ["x"], np.array([[1e-7]]))
+    out = write_report([good], tmp_path / "rep")
+    assert not (out / "errors.png").exists()
+    assert "matplotlib is not installed" in (out / "report.md").read_text()
