@@ -11,7 +11,14 @@ from .loading import ARCHITECTURES, load_optimizer, optimizer_class
 
 _CLASSES = {target.split(":")[1]: target.split(":")[0] for target in ARCHITECTURES.values()}
 
-__all__ = ["LearnedOptimizer", "Checkpoint", "read_checkpoint", "load_optimizer", "optimizer_class", *_CLASSES]
+__all__ = [
+    "LearnedOptimizer",
+    "Checkpoint",
+    "read_checkpoint",
+    "load_optimizer",
+    "optimizer_class",
+    *_CLASSES,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ GLOBAL = "global"
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set ``architecture`` and implement ``_init_global``, ``_init_param`` and ``_update``.
+    """Base class: subclasses set ``architecture`` and implement ``_init_global``, ``_init_param``, ``_update``.
 
     Args:
         params: tensors or param groups, as for any torch optimizer.
@@ -73,7 +73,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------------
     # Construction from a converted file.
     @classmethod
-    def from_checkpoint(cls, path: str, params: ParamsT, *, num_steps: int, **options: Any) -> LearnedOptimizer:
+    def from_checkpoint(
+        cls, path: str, params: ParamsT, *, num_steps: int, **options: Any
+    ) -> LearnedOptimizer:
         """Build the optimizer from a ``.safetensors`` file written by ``lopt-convert``."""
         ckpt = read_checkpoint(path)
         if cls.architecture and ckpt.architecture != cls.architecture:
@@ -157,9 +159,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     if p.grad is None:  # like torch optimizers: no gradient, no update, no state change
                         continue
                     if p.grad.is_sparse:
-                        raise RuntimeError(
-                            f"{type(self).__name__} does not support sparse gradients"
-                        )
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     g = p.grad.detach()
                     if _dist.is_dtensor(p):  # FSDP2: the update reads whole-tensor statistics
                         full, g = _dist.gather_param(p, g)
@@ -212,7 +212,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _accumulate(self, params, grads, lrs, loss_t, global_state):
         """``GradientAccumulator``: sum gradients and losses, update with their mean every k-th call."""
         k = self.num_accumulate
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             st = self.state[p]
             if "grad_accum" not in st:
                 st["grad_accum"] = torch.zeros_like(g)

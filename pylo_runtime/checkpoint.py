@@ -53,10 +53,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except SafetensorError as e:
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not written by lopt-convert (metadata 'format' is {metadata.get('format')!r})")
+        raise ValueError(
+            f"{path}: not written by lopt-convert (metadata 'format' is {metadata.get('format')!r})"
+        )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format version {metadata.get('format_version')!r}, this runtime reads {FORMAT_VERSION!r}"
+            f"{path}: format version {metadata.get('format_version')!r}, "
+            f"this runtime reads {FORMAT_VERSION!r}"
         )
     try:
         config = json.loads(metadata["config"])
