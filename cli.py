@@ -1,4 +1,4 @@
-"""Console entry points: ``lopt-convert`` (converter/commands.py), ``lopt-parity`` (parity_tests/commands.py)."""
+"""Console entry points: ``lopt-convert`` and ``lopt-parity`` (their commands live in the packages)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ GLOBAL = "global"
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set ``architecture`` and implement ``_init_global``, ``_init_param``, ``_update``.
+    """Base class: subclasses set ``architecture`` and implement the three hooks below.
 
     Args:
         params: tensors or param groups, as for any torch optimizer.
