@@ -75,6 +75,24 @@ def _worker(rank: int, world: int) -> dict:
         _train(ddp, make_optimizer(family, ddp.parameters()), data, rank, world, True)
         got = {k.removeprefix("module."): v.detach() for k, v in ddp.named_parameters()}
         out[f"ddp/{family}"] = max_rel_diff(got, want)
+
+    # GradScaler over DTensor grads: an inf in ONE rank's shard must make EVERY rank skip the step (a rank
+    # stepping alone would wait forever in the all-gathers of the next step).
+    model = copy.deepcopy(base)
+    fully_shard(model, mesh=mesh, ignored_params={model.scale})
+    opt = make_optimizer("small_fc_lopt", [p for n, p in model.named_parameters() if n != "scale"])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    out["amp_iterations"] = []
+    for i, (x, y) in enumerate(data[:3]):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.mean((model(x) - y) ** 2)
+        scaler.scale(loss).backward()
+        if i == 1 and rank == 1:
+            model.lin.weight.grad.to_local()[0, 0] = float("inf")
+        scaler.step(opt, loss=loss.detach())
+        scaler.update()
+        out["amp_iterations"].append(int(opt.state["global"]["iteration"]))
+    out["amp_scale"] = scaler.get_scale()
     return out
 
 
@@ -99,3 +117,8 @@ def test_fsdp2_equals_single_process(results, family):
 def test_ddp_equals_single_process(results, family):
     for r in results:
         assert r[f"ddp/{family}"] <= 1e-5, r
+
+
+def test_grad_scaler_skip_is_agreed_across_ranks(results):
+    for r in results:
+        assert r["amp_iterations"] == [1, 1, 2] and r["amp_scale"] == 2.0**9, r
