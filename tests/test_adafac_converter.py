@@ -147,3 +147,15 @@ def test_jax_pickle_refuses_other_globals():
         jax_pickle.loads(pickle.dumps(os.system))
     data = pickle.dumps({"a": np.arange(3, dtype=np.float32)})
     assert np.array_equal(jax_pickle.loads(data)["a"], np.arange(3, dtype=np.float32))
+
+
+def test_celo_repo_theta_state_is_small_fc_lopt(tmp_path):
+    # amoudgl/celo's AdafacMLPLOpt (the adafac-mlp-lopt Hugging Face format): same class, same tree; made by
+    # celo's code (tests/data/adafac/celo_adafac_theta.provenance.json), detected without any --set.
+    src = ROOT / "tests" / "data" / "adafac" / "celo_adafac_theta.state"
+    out = convert_source(str(src), tmp_path / "c.safetensors")
+    ckpt = read_checkpoint(out)
+    assert ckpt.architecture == "small_fc_lopt" and ckpt.metadata["source_format"] == "theta_state"
+    assert ckpt.config == SMALL_FC_LOPT.defaults()
+    assert ckpt.tensors["nn.w0"].shape == (39, 4) and ckpt.tensors["rms_decays"].abs().max() > 0
+    verify(str(out), str(src))
