@@ -56,6 +56,13 @@ def test_mulo_fixtures_present_with_provenance():
         ref = fx.meta["provenance"]["reference"]
         assert ref["repo"] == "bentherien/mu_learned_optimization" and ref["commit"].startswith("e160d548")
         assert fx.meta["source_format"] == "pickle" and fx.source_path().suffix == ".pickle"
+        if fx.meta["options"]["config"].get("clip_grad"):
+            # The clip must act: the recorded gradients' global norm exceeds 1 on some steps.
+            norms = [
+                sum(float((fx.grads[n][t].astype("float64") ** 2).sum()) for n in fx.grads) ** 0.5
+                for t in range(fx.steps)
+            ]
+            assert max(norms) > 1.0, max(norms)
 
 
 def _zero_params():
