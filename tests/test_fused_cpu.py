@@ -127,7 +127,9 @@ def test_lr_multiplier_and_none_grads():
 @pytest.mark.parametrize("family", ["small_fc_lopt", "velo"])
 def test_open_loop_drift_2000_steps(family):
     """2000 steps on the same gradient stream, no resets: max relative param difference <= 1e-4."""
-    shapes = [(), (4, 5)]  # one non-factored, one factored tensor: the per-step cost is per tensor
+    # The per-step cost is per tensor (CI time): small_fc_lopt one non-factored and one factored tensor,
+    # VeLO (its reference step costs twice as much) one factored tensor; all ranks are checked per step above.
+    shapes = [(4, 5)] if family == "velo" else [(), (4, 5)]
     steps = 2000
     grads = grad_stream(shapes, steps)
     pa, pb = make_params(shapes, scale=0.1), make_params(shapes, scale=0.1)
@@ -146,8 +148,12 @@ def test_open_loop_drift_2000_steps(family):
         oa.step(loss=loss)
         ob.step(loss=loss)
     moved = max(
-        float((a.detach() - a0).abs().max()) for a, a0 in zip(pa, make_params(shapes, 0.1), strict=True)
+        float((a.detach() - a0.detach()).abs().max())
+        for a, a0 in zip(pa, make_params(shapes, 0.1), strict=True)
     )
     assert moved > 1e-3  # the run did something
-    drift = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(pa, pb, strict=True))
+    drift = max(
+        float((a.detach() - b.detach()).abs().max() / a.detach().abs().max())
+        for a, b in zip(pa, pb, strict=True)
+    )
     assert drift <= 1e-4, drift
