@@ -23,12 +23,13 @@ LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
 CASES: dict[str, dict[str, Any]] = {
     "celo_real": {"arch": "celo", "weights": "real"},
     "celo_adam_real": {"arch": "celo_adam", "weights": "real"},
-    # Random weights take far smaller steps than the published ones: a larger step_mult keeps each update
-    # hundreds of thousands of float32 ulps of the parameter, so the parity metric's one-ulp allowance
-    # cannot hide an error (the converter gets the same value with --set).
-    "celo_random": {"arch": "celo", "weights": "random", "overrides": {"step_mult": 0.1}},
-    "celo_adam_random": {"arch": "celo_adam", "weights": "random", "overrides": {"step_mult": 0.1}},
-    # Random weights with 3 interpolated MLP copies: exercises the (learned) control softmax.
+    # Random weights take far smaller steps than the published ones: a larger step_mult (the converter gets
+    # the same value with --set) makes each update tens of thousands of float32 ulps of the parameter, so
+    # the parity metric's one-ulp allowance hides little, while the task's loss still falls by half.
+    "celo_random": {"arch": "celo", "weights": "random", "overrides": {"step_mult": 0.3}},
+    "celo_adam_random": {"arch": "celo_adam", "weights": "random", "overrides": {"step_mult": 0.5}},
+    # Random weights with 3 interpolated MLP copies: exercises the (learned) control softmax. Its random
+    # scheduler takes small steps (a few thousand ulps): larger step_mult values stop the loss falling.
     "celo_random_inits3": {
         "arch": "celo",
         "weights": "random",
