@@ -366,7 +366,7 @@ def _multi_tensor_celo(
     o = torch.cat(rows, dim=0) @ w0 + w["ff.b0"]
     for i in range(1, n_layers + 1):
         o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
-    sizes = [max(p.numel(), 1) for p in params]
+    sizes = [p.numel() for p in params]
     for p, p32, o_i, st, lr in zip(params, p32s, torch.split(o, sizes), states, lrs, strict=True):
         shape = tuple(p.shape) if p.dim() > 0 else (1,)
         step = _step_from_mlp_out(o_i.reshape(*shape, -1), p32, st["rms"], lr_mult, cfg)

@@ -118,6 +118,6 @@ def _multi_tensor_celo_adam(
     m = torch.cat([st["mom"][..., -1].reshape(-1) for st in states])
     v = torch.cat([st["rms"][..., -1].reshape(-1) for st in states])
     steps = adam_step(params[0], m.unsqueeze(-1), v.unsqueeze(-1), lr, corr, cfg)
-    sizes = [max(p.numel(), 1) for p in params]
+    sizes = [p.numel() for p in params]
     for p, s, group_lr in zip(params, torch.split(steps, sizes), lrs, strict=True):
         _apply(p, s.reshape(p.shape), group_lr)
