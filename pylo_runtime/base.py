@@ -38,7 +38,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     """
 
     architecture: ClassVar[str] = ""
-    #: Whether the update reads the training loss (VeLO's loss features). Celo/Adafac do not.
+    #: Whether the update reads the training loss (VeLO and Celo loss features); small_fc_lopt does not.
     uses_loss: ClassVar[bool] = False
 
     def __init__(
