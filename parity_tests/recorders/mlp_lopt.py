@@ -11,6 +11,8 @@ from .adafac import LO_COMMIT, LO_REPO, LOReference, perturb_theta, save_lo_chec
 #: case -> {"form": checkpoint format, "config": MLPLOpt constructor arguments}.
 CASES: dict[str, dict[str, Any]] = {
     "mlp_lopt_default": {"form": "lo_params_gin", "config": {}},
+    # A 100x larger step, as a no_config file: updates large enough in ulps that the metric resolves 1e-5.
+    "mlp_lopt_resolved": {"form": "lo_no_config", "config": {"step_mult": 0.1}},
 }
 
 
