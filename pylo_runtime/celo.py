@@ -30,6 +30,47 @@ from .accumulators import (
 from .base import LearnedOptimizer, ParamsT
 from .features import factored_dims, fractional_tanh_embed, safe_rsqrt, second_moment_normalizer
 
+#: Constructor arguments of ``celo.optimizers.celo.Celo`` as ``get_optimizer('celo')`` sets them (phase 2,
+#: the published meta-test configuration); the rest are the class defaults.
+CELO_DEFAULTS: dict[str, Any] = {
+    "lstm_hidden_size": 64,
+    "ff_hidden_size": 4,
+    "ff_hidden_layers": 2,
+    "initial_momentum_decays": [0.9, 0.99, 0.999],
+    "initial_rms_decays": [0.999],
+    "initial_adafactor_decays": [0.9, 0.99, 0.999],
+    "param_inits": 1,
+    "mix_layers": True,
+    "exp_mult": 0.001,
+    "step_mult": 0.001,
+    "validation_mode": False,
+    "with_validation_feature_dim": False,
+    "train_phase": 2,
+    "with_g": True,
+    "with_m": True,
+    "with_m_feat": True,
+    "with_rms": True,
+    "with_rms_feat": True,
+    "with_rms_norm_g": True,
+    "with_rsqrt_rms": True,
+    "with_p": True,
+    "with_fac_norm_g": True,
+    "with_fac_rms": True,
+    "with_fac_rsqrt": True,
+    "with_grad_clip_feat": True,
+    "with_fac_mom_mult": True,
+    "with_rms_only_norm_g": True,
+    "adafactor_accumulator": True,
+    "param_scale_mult": True,
+    "precondition_output": False,
+    "reparam_decay": 10.0,
+    "rnn_state_decay": 0.0,
+    "summarize_each_layer": False,
+    "summarize_all_control": False,
+    "constant_loss": False,
+    "clip_param_scale_amount": None,
+}
+
 #: Options whose value only changes the reference's logging.
 _LOGGING_ONLY = ("summarize_each_layer", "summarize_all_control")
 
@@ -126,16 +167,7 @@ class Celo(_CeloScheduler):
     """
 
     architecture = "celo"
-    _CONFIG_KEYS = (
-        "lstm_hidden_size", "ff_hidden_size", "ff_hidden_layers", "initial_momentum_decays",
-        "initial_rms_decays", "initial_adafactor_decays", "param_inits", "mix_layers", "exp_mult",
-        "step_mult", "validation_mode", "with_validation_feature_dim", "train_phase", "with_g", "with_m",
-        "with_m_feat", "with_rms", "with_rms_feat", "with_rms_norm_g", "with_rsqrt_rms", "with_p",
-        "with_fac_norm_g", "with_fac_rms", "with_fac_rsqrt", "with_grad_clip_feat", "with_fac_mom_mult",
-        "with_rms_only_norm_g", "adafactor_accumulator", "param_scale_mult", "precondition_output",
-        "reparam_decay", "rnn_state_decay", "summarize_each_layer", "summarize_all_control",
-        "constant_loss", "clip_param_scale_amount",
-    )  # fmt: skip
+    _CONFIG_KEYS = tuple(CELO_DEFAULTS)
 
     def __init__(
         self, params: ParamsT, theta: Mapping[str, torch.Tensor], config: Mapping[str, Any], **kw: Any

@@ -17,90 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from pylo_runtime.celo import CELO_DEFAULTS
+from pylo_runtime.celo_adam import CELO_ADAM_DEFAULTS
+
 from ..errors import ConversionError
 from .base import ArchSpec
-
-#: Constructor arguments of ``celo.optimizers.celo.Celo`` as ``get_optimizer('celo')`` sets them (phase 2,
-#: the published meta-test configuration); the rest are the class defaults.
-CELO_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 64,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": [0.9, 0.99, 0.999],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "param_inits": 1,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "validation_mode": False,
-    "with_validation_feature_dim": False,
-    "train_phase": 2,
-    "with_g": True,
-    "with_m": True,
-    "with_m_feat": True,
-    "with_rms": True,
-    "with_rms_feat": True,
-    "with_rms_norm_g": True,
-    "with_rsqrt_rms": True,
-    "with_p": True,
-    "with_fac_norm_g": True,
-    "with_fac_rms": True,
-    "with_fac_rsqrt": True,
-    "with_grad_clip_feat": True,
-    "with_fac_mom_mult": True,
-    "with_rms_only_norm_g": True,
-    "adafactor_accumulator": True,
-    "param_scale_mult": True,
-    "precondition_output": False,
-    "reparam_decay": 10.0,
-    "rnn_state_decay": 0.0,
-    "summarize_each_layer": False,
-    "summarize_all_control": False,
-    "constant_loss": False,
-    "clip_param_scale_amount": None,
-}
-
-#: Constructor arguments of ``celo.optimizers.celo_adam.Celo`` as ``get_optimizer('celo_adam')`` sets them.
-CELO_ADAM_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 64,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": [0.9],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "param_inits": 64,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "validation_mode": False,
-    "with_validation_feature_dim": False,
-    "initial_epsilon": 1e-8,
-    "with_g": True,
-    "with_m": True,
-    "with_m_feat": True,
-    "with_rms": True,
-    "with_rms_feat": True,
-    "with_rms_norm_g": True,
-    "with_rsqrt_rms": True,
-    "with_p": True,
-    "with_fac_norm_g": True,
-    "with_fac_rms": True,
-    "with_fac_rsqrt": True,
-    "with_grad_clip_feat": True,
-    "with_fac_mom_mult": True,
-    "with_rms_only_norm_g": True,
-    "adafactor_accumulator": True,
-    "param_scale_mult": False,
-    "precondition_output": False,
-    "reparam_decay": 10.0,
-    "rnn_state_decay": 0.0,
-    "mom_decay": True,
-    "summarize_each_layer": False,
-    "summarize_all_control": False,
-    "constant_loss": False,
-    "clip_param_scale_amount": None,
-}
 
 #: Number of LSTM inputs: 9 tanh embeddings of the fraction trained + 9 loss features (+1 validation flag).
 LSTM_BASE_INPUTS = 18

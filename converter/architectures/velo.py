@@ -22,49 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from pylo_runtime.velo import HYPERV2_DEFAULTS  # one source of truth: the runtime owns the config
+
 from ..errors import ConversionError
 from .base import ArchSpec
-
-#: Every constructor argument of ``HyperV2`` with its default (hyper_v2.py at commit 32186aa4).
-HYPERV2_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 128,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": [0.9, 0.99, 0.999],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "param_inits": 64,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "validation_mode": False,
-    "with_validation_feature_dim": False,
-    "with_g": True,
-    "with_m": True,
-    "with_m_feat": True,
-    "with_rms": True,
-    "with_rms_feat": True,
-    "with_rms_norm_g": True,
-    "with_rsqrt_rms": True,
-    "with_p": True,
-    "with_fac_norm_g": True,
-    "with_fac_rms": True,
-    "with_fac_rsqrt": True,
-    "with_grad_clip_feat": True,
-    "with_fac_mom_mult": True,
-    "with_rms_only_norm_g": True,
-    "adafactor_accumulator": True,
-    "param_scale_mult": True,
-    "use_bugged_next_lstm_state": False,
-    "use_bugged_loss_features": True,
-    "precondition_output": False,
-    "reparam_decay": 10.0,
-    "rnn_state_decay": 0.0,
-    "summarize_each_layer": False,
-    "summarize_all_control": False,
-    "constant_loss": False,
-    "clip_param_scale_amount": None,
-}
 
 _SIZES = ("lstm_hidden_size", "param_inits", "ff_hidden_size", "ff_hidden_layers")
 _DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
@@ -320,7 +281,7 @@ class _VeLO:
 
     def defaults(self) -> dict[str, Any]:
         """Every HyperV2 constructor argument with its default (lists for tuples)."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in HYPERV2_DEFAULTS.items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in HYPERV2_DEFAULTS.items()}
 
     def matches(self, tree: dict[str, Any]) -> bool:
         """A HyperV2 theta: three top-level groups, a controls head, more LSTM inputs than Celo's 18/19."""
