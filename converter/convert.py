@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import architectures, flax_msgpack, gin_config, sources, writer
+from . import architectures, flax_msgpack, gin_config, jax_pickle, sources, writer
 from .architectures.base import Architecture, ArchSpec, apply_transform
 from .errors import ConversionError
 
@@ -86,7 +85,11 @@ def _from_pickle(obj: Any) -> Any:
 
 def _load_pickle(path: Path, data: bytes) -> dict[str, Any]:
     try:
-        obj = pickle.loads(data)  # noqa: S301 - only reached with an explicit --allow-pickle
+        # Only reached with an explicit --allow-pickle; even then only numpy / jax-array globals are allowed,
+        # and jax arrays are rebuilt as numpy without importing jax (converter/jax_pickle.py).
+        obj = jax_pickle.loads(data)
+    except jax_pickle.UnsupportedPickle as e:
+        raise ConversionError(path, str(e)) from None
     except ModuleNotFoundError as e:
         raise ConversionError(
             path, f"the pickle needs module {e.name!r}, which the converter does not import"

@@ -111,7 +111,8 @@ def write(
         raise ConversionError(output, "is a directory; give a .safetensors file name")
     check_tensors(spec, source=source, allow_nonfinite=allow_nonfinite)
     meta = metadata(spec, provenance, source=source)
-    tensors = {k: np.ascontiguousarray(v) for k, v in spec.tensors.items()}
+    # ascontiguousarray turns 0-d arrays into shape (1,): reshape back so scalars stay scalars.
+    tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in spec.tensors.items()}
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
