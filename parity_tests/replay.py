@@ -42,14 +42,33 @@ def convert_fixture(fx: Fixture, out_dir: Path) -> Path:
         raise ValueError(f"{src}: sha256 differs from the one recorded in {fx.path / 'meta.json'}")
     out = Path(out_dir) / f"{fx.meta['case']}.safetensors"
     sets = fx.meta.get("convert_sets") or None
-    return Path(convert_source(str(src), out, architecture=fx.meta["architecture"], sets=sets, force=True))
+    # A committed recording is trusted: its pickle (muLO) is read by the restricted unpickler.
+    allow_pickle = fx.meta.get("source_format") == "pickle"
+    return Path(
+        convert_source(
+            str(src),
+            out,
+            architecture=fx.meta["architecture"],
+            sets=sets,
+            force=True,
+            allow_pickle=allow_pickle,
+        )
+    )
 
 
 def default_factory(fx: Fixture, params: list[torch.Tensor], ckpt: Path) -> Any:
-    """``pylo_runtime.load_optimizer`` on the converted file, told the recorded ``num_steps``."""
+    """``pylo_runtime.load_optimizer`` on the converted file, told the recorded ``num_steps``.
+
+    Per-tensor options recorded under ``options.param_group_options`` (muLO's ``mup_scale``) become one
+    param group per tensor.
+    """
     from pylo_runtime import load_optimizer
 
-    return load_optimizer(str(ckpt), params, num_steps=int(fx.meta["num_steps"]))
+    per_tensor = (fx.meta.get("options") or {}).get("param_group_options")
+    groups: Any = params
+    if per_tensor:
+        groups = [{"params": [p], **per_tensor.get(n, {})} for n, p in zip(fx.names, params, strict=True)]
+    return load_optimizer(str(ckpt), groups, num_steps=int(fx.meta["num_steps"]))
 
 
 def replay(

@@ -20,7 +20,7 @@ from pylo_runtime import load_optimizer, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "parity_tests" / "fixtures"
-MULO_FIX = ROOT / "tests" / "data" / "mulo"
+MULO_FIX = ROOT / "parity_tests" / "fixtures"
 
 
 def test_params_and_config_gin_convert_and_load(tmp_path):

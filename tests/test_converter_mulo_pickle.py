@@ -9,7 +9,14 @@ from click.testing import CliRunner
 
 from converter.commands import main
 
-PICKLE = Path(__file__).parent / "data" / "mulo" / "mulo_pylo" / "checkpoint" / "global_step1.pickle"
+PICKLE = (
+    Path(__file__).parents[1]
+    / "parity_tests"
+    / "fixtures"
+    / "mulo_pylo"
+    / "checkpoint"
+    / "global_step1.pickle"
+)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """MuLO: parity with muLO's own code (pickled theta, per-tensor muP scales), muP scale options, clip_grad.
 
-The fixtures in tests/data/mulo/ were recorded with bentherien/mu_learned_optimization @e160d548 (see each
-meta.json): theta saved with pickle.dump as muLO's helpers.save_checkpoint does. They are read here with
-converter.jax_pickle (no jax) and replayed with the recorded muP scales as ``mup_scale`` param-group options.
+The fixtures parity_tests/fixtures/mulo_*/ were recorded with bentherien/mu_learned_optimization
+@e160d548 (see each meta.json): theta saved with pickle.dump as muLO's helpers.save_checkpoint does.
+They are read here with converter.jax_pickle (no jax) and replayed with the recorded muP scales as
+``mup_scale`` param-group options.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from parity_tests.fixture import load_fixture
 from parity_tests.replay import replay
 from pylo_runtime.mulo import MuLO, clip_by_global_norm, mup_param_groups, mup_scale
 
-FIXTURES = sorted((Path(__file__).parent / "data" / "mulo").glob("*/meta.json"))
+FIXTURES = sorted((Path(__file__).parents[1] / "parity_tests" / "fixtures").glob("mulo_*/meta.json"))
 
 
 def _theta_from_fixture(fx) -> tuple[dict[str, torch.Tensor], dict]:
