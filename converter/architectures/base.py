@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,3 +77,59 @@ def apply_transform(leaf: Any, transform: str | None) -> np.ndarray:
         else:
             raise ValueError(f"unknown transform {step!r} (known: {TRANSFORM_HELP})")
     return np.ascontiguousarray(arr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Theta-tree helpers shared by the architecture modules (a theta is nested dicts of numpy arrays).
+Keys = tuple[str, ...]
+
+
+def lookup(tree: Any, keys: Keys) -> Any:
+    """The node at ``keys`` (haiku module names such as ``rnn/linear`` are single keys), or None."""
+    node = tree
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def leaves(tree: Mapping[str, Any], prefix: Keys = ()) -> list[Keys]:
+    """Paths of every non-mapping node under ``tree``, in insertion order."""
+    out: list[Keys] = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out += leaves(value, (*prefix, str(key)))
+        else:
+            out.append((*prefix, str(key)))
+    return out
+
+
+def tree_path(keys: Keys) -> str:
+    """``keys`` joined with "/" (the ``path`` recorded in ``ArchSpec.source_paths``)."""
+    return "/".join(keys)
+
+
+def few(items: list[str], limit: int = 6) -> str:
+    """Join at most ``limit`` items, so an error stays one readable line."""
+    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def shape_problems(
+    expected: Mapping[Keys, tuple[int, ...]], found: Mapping[Keys, tuple[int, ...]]
+) -> dict[str, str]:
+    """``"wrong shape"`` / ``"missing"`` / ``"unexpected"`` -> one-line list, for each kind present."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    problems: dict[str, str] = {}
+    if wrong:
+        problems["wrong shape"] = "wrong shape " + few(
+            [f"{tree_path(k)} {found[k]} (expected {expected[k]})" for k in wrong]
+        )
+    if missing:
+        problems["missing"] = "missing " + few([f"{tree_path(k)} {expected[k]}" for k in missing])
+    if extra:
+        problems["unexpected"] = "unexpected " + few([f"{tree_path(k)} {found[k]}" for k in extra])
+    return problems

@@ -25,19 +25,18 @@ import numpy as np
 from pylo_runtime.velo import HYPERV2_DEFAULTS  # one source of truth: the runtime owns the config
 
 from ..errors import ConversionError
-from .base import ArchSpec
+from .base import ArchSpec, Keys, few, leaves, lookup, shape_problems, tree_path
 
 _SIZES = ("lstm_hidden_size", "param_inits", "ff_hidden_size", "ff_hidden_layers")
 _DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
 _FLOATS = ("exp_mult", "step_mult", "reparam_decay", "rnn_state_decay")
 _BOOLS = tuple(k for k, v in HYPERV2_DEFAULTS.items() if isinstance(v, bool))
 
-Keys = tuple[str, ...]
-_FF: Keys = ("ff_mod_stack", "~")  # haiku: parameters created outside any module
+FF: Keys = ("ff_mod_stack", "~")  # haiku: parameters created outside any module
 
-#: runtime tensor name -> theta path (the fixed part; the per-element MLP rows are added by ``_table``).
-#: Names are shared with the Celo family (converter/architectures/celo.py).
-_RNN_TABLE: dict[str, Keys] = {
+#: runtime tensor name -> theta path of the LSTM scheduler; shared with Celo / Celo-Adam (celo.py).
+#: ``linear`` is the first mix layer: the reference computes it and overwrites the result (dead weights).
+RNN_TABLE: dict[str, Keys] = {
     "lstm_init.hidden": ("lstm_init_state", "hidden"),
     "lstm_init.cell": ("lstm_init_state", "cell"),
     "rnn.mix_unused.w": ("rnn_params", "linear", "w"),
@@ -48,8 +47,6 @@ _RNN_TABLE: dict[str, Keys] = {
     "rnn.in.b": ("rnn_params", "linear_2", "b"),
     "rnn.lstm.w": ("rnn_params", "rnn/linear", "w"),
     "rnn.lstm.b": ("rnn_params", "rnn/linear", "b"),
-    "rnn.to_controls.w": ("rnn_params", "rnn_to_controls", "w"),
-    "rnn.to_controls.b": ("rnn_params", "rnn_to_controls", "b"),
     "rnn.step_size.w": ("rnn_params", "step_size", "w"),
     "rnn.step_size.b": ("rnn_params", "step_size", "b"),
 }
@@ -97,88 +94,85 @@ def ff_input_widths(config: Mapping[str, Any]) -> list[int]:
     return w
 
 
-def expected_shapes(config: Mapping[str, Any]) -> dict[Keys, tuple[int, ...]]:
-    """theta path -> shape that ``HyperV2(**config).init`` produces."""
-    h, p, hid = config["lstm_hidden_size"], config["param_inits"], config["ff_hidden_size"]
-    f = lstm_input_size(config)
+def lstm_shapes(h: int, n_in: int, mix_layers: bool) -> dict[Keys, tuple[int, ...]]:
+    """theta path -> shape of the LSTM scheduler (hidden size ``h``, ``n_in`` inputs), without controls."""
     s: dict[Keys, tuple[int, ...]] = {
         ("lstm_init_state", "hidden"): (1, h),
         ("lstm_init_state", "cell"): (1, h),
     }
-    if config["mix_layers"]:
+    if mix_layers:
         for layer in ("linear", "linear_1", "linear_2"):
-            s[("rnn_params", layer, "w")] = (f, h)
+            s[("rnn_params", layer, "w")] = (n_in, h)
             s[("rnn_params", layer, "b")] = (h,)
-    lstm_in = h if config["mix_layers"] else f
+    lstm_in = h if mix_layers else n_in
     s[("rnn_params", "rnn/linear", "w")] = (lstm_in + h, 4 * h)
     s[("rnn_params", "rnn/linear", "b")] = (4 * h,)
-    s[("rnn_params", "rnn_to_controls", "w")] = (h, p)
-    s[("rnn_params", "rnn_to_controls", "b")] = (p,)
     s[("rnn_params", "step_size", "w")] = (h, 1)
     s[("rnn_params", "step_size", "b")] = (1,)
-    for i, width in enumerate(ff_input_widths(config)):
-        s[(*_FF, f"w0__{i}")] = (p, width, hid)
-    sizes = [hid] * config["ff_hidden_layers"] + [3]
-    for i, size in enumerate(sizes):
-        s[(*_FF, f"b{i}")] = (p, size)
-        if i > 0:
-            s[(*_FF, f"w{i}")] = (p, sizes[i - 1], size)
     return s
 
 
-def tensor_table(config: Mapping[str, Any]) -> dict[str, Keys]:
-    """runtime tensor name -> theta path; ``w0__i`` in numeric order (as strings they sort w0__10 < w0__2)."""
-    table = {k: v for k, v in _RNN_TABLE.items() if config["mix_layers"] or not k.startswith(_MIX_ONLY)}
-    for i in range(len(ff_input_widths(config))):
-        table[f"ff.w0.{i}"] = (*_FF, f"w0__{i}")
+def ff_shapes(config: Mapping[str, Any]) -> dict[Keys, tuple[int, ...]]:
+    """theta path -> shape of the controls head and the ``param_inits`` per-element MLPs."""
+    h, p, hid = config["lstm_hidden_size"], config["param_inits"], config["ff_hidden_size"]
+    s: dict[Keys, tuple[int, ...]] = {
+        ("rnn_params", "rnn_to_controls", "w"): (h, p),
+        ("rnn_params", "rnn_to_controls", "b"): (p,),
+    }
+    for i, width in enumerate(ff_input_widths(config)):
+        s[(*FF, f"w0__{i}")] = (p, width, hid)
+    sizes = [hid] * config["ff_hidden_layers"] + [3]
+    for i, size in enumerate(sizes):
+        s[(*FF, f"b{i}")] = (p, size)
+        if i > 0:
+            s[(*FF, f"w{i}")] = (p, sizes[i - 1], size)
+    return s
+
+
+def rnn_table(config: Mapping[str, Any]) -> dict[str, Keys]:
+    """runtime tensor name -> theta path of the LSTM scheduler (mix layers only when ``mix_layers``)."""
+    return {k: v for k, v in RNN_TABLE.items() if config["mix_layers"] or not k.startswith(_MIX_ONLY)}
+
+
+def ff_table(config: Mapping[str, Any]) -> dict[str, Keys]:
+    """runtime tensor name -> theta path of the controls head and MLPs; ``w0__i`` in numeric order."""
+    table: dict[str, Keys] = {
+        "rnn.to_controls.w": ("rnn_params", "rnn_to_controls", "w"),
+        "rnn.to_controls.b": ("rnn_params", "rnn_to_controls", "b"),
+    }
+    for i in range(len(ff_input_widths(config))):  # as strings they would sort w0__10 < w0__2
+        table[f"ff.w0.{i}"] = (*FF, f"w0__{i}")
     for i in range(config["ff_hidden_layers"] + 1):
         if i > 0:
-            table[f"ff.w{i}"] = (*_FF, f"w{i}")
-        table[f"ff.b{i}"] = (*_FF, f"b{i}")
+            table[f"ff.w{i}"] = (*FF, f"w{i}")
+        table[f"ff.b{i}"] = (*FF, f"b{i}")
     return table
 
 
+def expected_shapes(config: Mapping[str, Any]) -> dict[Keys, tuple[int, ...]]:
+    """theta path -> shape that ``HyperV2(**config).init`` produces."""
+    h = config["lstm_hidden_size"]
+    return {**lstm_shapes(h, lstm_input_size(config), config["mix_layers"]), **ff_shapes(config)}
+
+
+def tensor_table(config: Mapping[str, Any]) -> dict[str, Keys]:
+    """runtime tensor name -> theta path."""
+    return {**rnn_table(config), **ff_table(config)}
+
+
 # ----------------------------------------------------------------------------------------------------
-def _lookup(tree: Any, keys: Keys) -> Any:
-    node = tree
-    for key in keys:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def _leaves(tree: Mapping[str, Any], prefix: Keys = ()) -> list[Keys]:
-    out: list[Keys] = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out += _leaves(value, (*prefix, str(key)))
-        else:
-            out.append((*prefix, str(key)))
-    return out
-
-
 def _shape(tree: Any, keys: Keys) -> tuple[int, ...] | None:
-    leaf = _lookup(tree, keys)
+    leaf = lookup(tree, keys)
     if leaf is None or isinstance(leaf, Mapping) or not hasattr(leaf, "shape"):
         return None
     return tuple(leaf.shape)
-
-
-def _path(keys: Keys) -> str:
-    return "/".join(keys)
-
-
-def _few(items: list[str], limit: int = 6) -> str:
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def _normalise_config(bindings: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Defaults + bindings, JSON-friendly (tuples as lists), with types checked; errors name the option."""
     unknown = sorted(set(bindings) - set(HYPERV2_DEFAULTS))
     if unknown:
-        raise ConversionError(source, f"velo: unknown HyperV2 argument(s) {_few(unknown)}")
+        raise ConversionError(source, f"velo: unknown HyperV2 argument(s) {few(unknown)}")
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in HYPERV2_DEFAULTS.items()}
     for k, v in bindings.items():
         if k in _DECAYS:
@@ -241,15 +235,15 @@ def _infer_sizes(
     hidden = _shape(tree, ("lstm_init_state", "hidden"))
     if hidden is not None and len(hidden) == 2:
         found["lstm_hidden_size"] = (hidden[1], ("lstm_init_state", "hidden"), hidden)
-    b0 = _shape(tree, (*_FF, "b0"))
+    b0 = _shape(tree, (*FF, "b0"))
     if b0 is not None and len(b0) == 2:
-        found["param_inits"] = (b0[0], (*_FF, "b0"), b0)
-        found["ff_hidden_size"] = (b0[1], (*_FF, "b0"), b0)
-    ff = _lookup(tree, _FF)
+        found["param_inits"] = (b0[0], (*FF, "b0"), b0)
+        found["ff_hidden_size"] = (b0[1], (*FF, "b0"), b0)
+    ff = lookup(tree, FF)
     if isinstance(ff, Mapping):
         layers = sorted(k for k in ff if k.startswith("w") and k[1:].isdigit())
         if layers:
-            found["ff_hidden_layers"] = (len(layers), _FF, (len(layers),))
+            found["ff_hidden_layers"] = (len(layers), FF, (len(layers),))
     for key, (value, keys, shape) in found.items():
         if key in bindings and bindings[key] != value:
             what = (
@@ -258,7 +252,7 @@ def _infer_sizes(
             raise ConversionError(
                 source,
                 f"velo: config sets {key} = {bindings[key]!r} but the theta has {key} = {value} "
-                f"({_path(keys)}: {what})",
+                f"({tree_path(keys)}: {what})",
             )
         if key not in bindings:
             config[key] = int(value)
@@ -292,7 +286,7 @@ class _VeLO:
             return False
         if _shape(tree, ("rnn_params", "rnn_to_controls", "w")) is None:
             return False
-        if _shape(tree, ("rnn_params", "step_size", "w")) is None or _shape(tree, (*_FF, "w0__0")) is None:
+        if _shape(tree, ("rnn_params", "step_size", "w")) is None or _shape(tree, (*FF, "w0__0")) is None:
             return False
         rows = _shape(tree, ("rnn_params", "linear_2", "w"))
         if rows is None:
@@ -309,35 +303,24 @@ class _VeLO:
         _check_supported(config, source)
 
         expected = expected_shapes(config)
-        leaves = _leaves(tree)
-        found = {k: tuple(np.shape(_lookup(tree, k))) for k in leaves}
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        if missing or extra or wrong:
-            parts = []
-            if wrong:
-                parts.append(
-                    "wrong shape " + _few([f"{_path(k)} {found[k]} (expected {expected[k]})" for k in wrong])
-                )
-            if missing:
-                parts.append("missing " + _few([f"{_path(k)} {expected[k]}" for k in missing]))
-            if extra:
-                parts.append("unexpected " + _few([f"{_path(k)} {found[k]}" for k in extra]))
+        found = {k: tuple(np.shape(lookup(tree, k))) for k in leaves(tree)}
+        problems = shape_problems(expected, found)
+        if problems:
+            parts = [problems[k] for k in ("wrong shape", "missing", "unexpected") if k in problems]
             raise ConversionError(source, "not a VeLO (HyperV2) theta for this config: " + "; ".join(parts))
 
         tensors: dict[str, np.ndarray] = {}
         source_paths: dict[str, dict[str, Any]] = {}
         for out_name, keys in tensor_table(config).items():
-            leaf = _lookup(tree, keys)
+            leaf = lookup(tree, keys)
             arr = np.asarray(leaf) if isinstance(leaf, np.ndarray | np.generic) else None
             if arr is None or arr.dtype.kind != "f":
                 what = type(leaf).__name__ if arr is None else f"dtype {arr.dtype}"
                 raise ConversionError(
-                    source, f"velo: {_path(keys)} is {what}, expected a floating-point array"
+                    source, f"velo: {tree_path(keys)} is {what}, expected a floating-point array"
                 )
             tensors[out_name] = arr
-            source_paths[out_name] = {"path": _path(keys), "keys": list(keys), "transform": None}
+            source_paths[out_name] = {"path": tree_path(keys), "keys": list(keys), "transform": None}
         return ArchSpec(self.name, config, tensors, source_paths)
 
 
