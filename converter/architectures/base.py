@@ -76,7 +76,7 @@ def apply_transform(leaf: Any, transform: str | None) -> np.ndarray:
             arr = np.reshape(arr, numbers)
         else:
             raise ValueError(f"unknown transform {step!r} (known: {TRANSFORM_HELP})")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes 0-d arrays (1,)
 
 
 # ----------------------------------------------------------------------------------------------------
