@@ -23,10 +23,9 @@ import triton.language as tl
 
 from .. import adafac as ref
 from ..base import write_param
+from .triton_common import BLOCK, TL_DTYPES, load_state, pack_group
 
-BLOCK = 256
 N_FEAT = 28
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def dot_precision() -> str:
@@ -73,88 +72,6 @@ def _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT: 
 
 
 @triton.jit
-def _load_tensor_info(t, INFO):
-    base = INFO + t * 12
-    return (
-        tl.load(base + 0),  # numel
-        tl.load(base + 1),  # factored?
-        tl.load(base + 2),  # stride of d0
-        tl.load(base + 3),  # size of d0
-        tl.load(base + 4),  # stride of d1
-        tl.load(base + 5),  # size of d1
-        tl.load(base + 6),  # offset of row aux (6 floats per row)
-        tl.load(base + 7),  # offset of col aux (6 floats per col)
-    )
-
-
-@triton.jit
-def _load_state(t, offs, mask, PTRS, INFO, AUX, DEC, P_DT: tl.constexpr, FACT: tl.constexpr,
-                UPDATE: tl.constexpr):  # fmt: skip
-    """Load (and in pass A update) one block's state; returns what ``_features`` takes."""
-    pp = tl.load(PTRS + t * 5 + 0).to(tl.pointer_type(P_DT))
-    gp = tl.load(PTRS + t * 5 + 1).to(tl.pointer_type(tl.float32))
-    mp = tl.load(PTRS + t * 5 + 2).to(tl.pointer_type(tl.float32))
-    rp = tl.load(PTRS + t * 5 + 3).to(tl.pointer_type(tl.float32))
-    vp = tl.load(PTRS + t * 5 + 4).to(tl.pointer_type(tl.float32))
-    n, fact, st0, s0, st1, s1, row_off, col_off = _load_tensor_info(t, INFO)
-    g = tl.load(gp + offs, mask=mask, other=0.0)
-    p = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
-    m0 = tl.load(mp + offs * 3 + 0, mask=mask, other=0.0)
-    m1 = tl.load(mp + offs * 3 + 1, mask=mask, other=0.0)
-    m2 = tl.load(mp + offs * 3 + 2, mask=mask, other=0.0)
-    r = tl.load(rp + offs, mask=mask, other=0.0)
-    if UPDATE:
-        dm0 = tl.load(DEC + 0)
-        dm1 = tl.load(DEC + 1)
-        dm2 = tl.load(DEC + 2)
-        dr = tl.load(DEC + 3)
-        m0 = dm0 * m0 + (1.0 - dm0) * g
-        m1 = dm1 * m1 + (1.0 - dm1) * g
-        m2 = dm2 * m2 + (1.0 - dm2) * g
-        r = dr * r + (1.0 - dr) * (g * g)
-        tl.store(mp + offs * 3 + 0, m0, mask=mask)
-        tl.store(mp + offs * 3 + 1, m1, mask=mask)
-        tl.store(mp + offs * 3 + 2, m2, mask=mask)
-        tl.store(rp + offs, r, mask=mask)
-    if FACT:
-        ri = (offs // (st0 * s0)) * st0 + offs % st0
-        ci = (offs // (st1 * s1)) * st1 + offs % st1
-        rs0 = tl.load(AUX + row_off + ri * 6 + 0, mask=mask, other=1.0)
-        rs1 = tl.load(AUX + row_off + ri * 6 + 1, mask=mask, other=1.0)
-        rs2 = tl.load(AUX + row_off + ri * 6 + 2, mask=mask, other=1.0)
-        v0 = tl.load(AUX + col_off + ci * 6 + 0, mask=mask, other=1.0)
-        v1 = tl.load(AUX + col_off + ci * 6 + 1, mask=mask, other=1.0)
-        v2 = tl.load(AUX + col_off + ci * 6 + 2, mask=mask, other=1.0)
-        f0 = tl.load(AUX + row_off + ri * 6 + 3, mask=mask, other=0.0) * tl.load(
-            AUX + col_off + ci * 6 + 3, mask=mask, other=0.0
-        )
-        f1 = tl.load(AUX + row_off + ri * 6 + 4, mask=mask, other=0.0) * tl.load(
-            AUX + col_off + ci * 6 + 4, mask=mask, other=0.0
-        )
-        f2 = tl.load(AUX + row_off + ri * 6 + 5, mask=mask, other=0.0) * tl.load(
-            AUX + col_off + ci * 6 + 5, mask=mask, other=0.0
-        )
-    else:
-        v0 = tl.load(vp + offs * 3 + 0, mask=mask, other=1.0)
-        v1 = tl.load(vp + offs * 3 + 1, mask=mask, other=1.0)
-        v2 = tl.load(vp + offs * 3 + 2, mask=mask, other=1.0)
-        if UPDATE:
-            df0 = tl.load(DEC + 4)
-            df1 = tl.load(DEC + 5)
-            df2 = tl.load(DEC + 6)
-            gs = g * g + 1e-30
-            v0 = df0 * v0 + (1.0 - df0) * gs
-            v1 = df1 * v1 + (1.0 - df1) * gs
-            v2 = df2 * v2 + (1.0 - df2) * gs
-            tl.store(vp + offs * 3 + 0, v0, mask=mask)
-            tl.store(vp + offs * 3 + 1, v1, mask=mask)
-            tl.store(vp + offs * 3 + 2, v2, mask=mask)
-        rs0, rs1, rs2 = v0, v1, v2
-        f0, f1, f2 = v0, v1, v2
-    return pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, n
-
-
-@triton.jit
 def _adafac_pass_a(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, P_DT: tl.constexpr, FACT: tl.constexpr,
                    BLOCK: tl.constexpr):  # fmt: skip
     """Update the element-wise accumulators; add per-tensor feature sums of squares into STATS."""
@@ -163,7 +80,7 @@ def _adafac_pass_a(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, P_DT: tl.constexpr
     offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
     n = tl.load(INFO + t * 12)
     mask = offs < n
-    _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = _load_state(
+    _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, True
     )
     feats = _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT)
@@ -183,7 +100,7 @@ def _adafac_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, W1, B1, WH, BH, W3
     offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
     n = tl.load(INFO + t * 12)
     mask = offs < n
-    pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = _load_state(
+    pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, False
     )
     feats = _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT)
@@ -208,16 +125,6 @@ def _adafac_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, W1, B1, WH, BH, W3
     step = direction * tl.exp(magnitude * exp_mult) * step_mult
     step = step * tl.load(SCALE + t)
     tl.store(pp + offs, (p - step).to(P_DT), mask=mask)
-
-
-def _contig_info(shape: tuple[int, ...], fdims: tuple[int, int] | None) -> tuple[int, int, int, int]:
-    if fdims is None:
-        return 1, 1, 1, 1
-    d1, d0 = fdims
-    stride = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        stride[i] = stride[i + 1] * shape[i + 1]
-    return stride[d0], shape[d0], stride[d1], shape[d1]
 
 
 def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
@@ -273,39 +180,15 @@ def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
         s = 1.0 if scales is None else float(scales[i])
         scale_vals.append(s * lr)
     prec = dot_precision()
+    items = [(w[1], w[2], w[3]["m"], w[3]["rms"], w[3].get("v_diag"), w[4], w[5], w[6]) for w in work]
     for (dtype, fact), idx in groups.items():
-        if dtype not in _TL_DTYPES:
+        if dtype not in TL_DTYPES:
             raise TypeError(f"{type(opt).__name__}: fused kernels take float32/bfloat16/float16, not {dtype}")
-        ptrs, info, aux_parts, blk_t, blk_s, sc = [], [], [], [], [], []
-        aux_len = 0
-        for j, i in enumerate(idx):
-            p, pc, gc, st, shape, fdims, aux = work[i]
-            n = pc.numel()
-            vptr = st["v_diag"].data_ptr() if fdims is None else 0
-            ptrs += [pc.data_ptr(), gc.data_ptr(), st["m"].data_ptr(), st["rms"].data_ptr(), vptr]
-            st0, s0, st1, s1 = _contig_info(shape, fdims)
-            row_off = col_off = 0
-            if aux is not None:
-                row_off = aux_len
-                aux_len += aux[0].numel()
-                col_off = aux_len
-                aux_len += aux[1].numel()
-                aux_parts += list(aux)
-            info += [n, int(fdims is not None), st0, s0, st1, s1, row_off, col_off, 0, 0, 0, 0]
-            for s in range(0, n, BLOCK):
-                blk_t.append(j)
-                blk_s.append(s)
-            sc.append(scale_vals[i])
-        i64 = dict(dtype=torch.int64)
-        ptr_t = torch.tensor(ptrs, **i64).to(device, non_blocking=True)
-        info_t = torch.tensor(info, **i64).to(device, non_blocking=True)
-        blk_t_t = torch.tensor(blk_t, dtype=torch.int32).to(device, non_blocking=True)
-        blk_s_t = torch.tensor(blk_s, **i64).to(device, non_blocking=True)
-        sc_t = torch.tensor(sc, dtype=torch.float32).to(device, non_blocking=True)
-        aux_t = torch.cat(aux_parts).contiguous() if aux_parts else torch.zeros(1, **f32)
+        ptr_t, info_t, aux_t, blk_t_t, blk_s_t, _ = pack_group([items[i] for i in idx], device)
+        sc_t = torch.tensor([scale_vals[i] for i in idx], dtype=torch.float32).to(device, non_blocking=True)
         stats = torch.zeros(len(idx) * N_FEAT, **f32)
-        grid = (len(blk_t),)
-        p_dt = _TL_DTYPES[dtype]
+        grid = (blk_t_t.numel(),)
+        p_dt = TL_DTYPES[dtype]
         args = (ptr_t, info_t, aux_t, dec, blk_t_t, blk_s_t, stats)
         _adafac_pass_a[grid](*args, P_DT=p_dt, FACT=fact, BLOCK=BLOCK)
         _adafac_pass_b[grid](

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import features as feat
 from .. import velo as ref
-from .adafac_triton import _TL_DTYPES, BLOCK, _contig_info, _load_state
+from .triton_common import BLOCK, TL_DTYPES, load_state, pack_group
 from .velo_cpu import interpolate_all
 
 N_FEAT = 30
@@ -63,7 +63,7 @@ def _velo_pass_a(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, P_DT: tl.constexpr, 
     offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
     n = tl.load(INFO + t * 12)
     mask = offs < n
-    _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = _load_state(
+    _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, True
     )
     feats = _velo_features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT)
@@ -83,7 +83,7 @@ def _velo_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, WT, SCAL,
     offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
     n = tl.load(INFO + t * 12)
     mask = offs < n
-    pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = _load_state(
+    pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, False
     )
     feats = _velo_features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT)
@@ -182,29 +182,13 @@ def velo_impl_triton(params, grads, lrs, states, ctx) -> None:
         work.append((p, pc, gc, s, shape, fdims, aux))
         groups.setdefault((p.dtype, fdims is not None), []).append(i)
 
+    items = [(w[1], w[2], w[3]["mom"], w[3]["rms"], w[3]["fac_full"], w[4], w[5], w[6]) for w in work]
     for (dtype, fact), idx in groups.items():
-        if dtype not in _TL_DTYPES:
+        if dtype not in TL_DTYPES:
             raise TypeError(f"VeLO: fused kernels take float32/bfloat16/float16 params, not {dtype}")
-        ptrs, info, aux_parts, blk_t, blk_s = [], [], [], [], []
+        ptr_t, info_t, aux_t, blk_t_t, blk_s_t, numels = pack_group([items[i] for i in idx], device)
         max_scale = []
-        aux_len = 0
-        for j, i in enumerate(idx):
-            p, pc, gc, s, shape, fdims, aux = work[i]
-            n = pc.numel()
-            vptr = s["fac_full"].data_ptr() if fdims is None else 0
-            ptrs += [pc.data_ptr(), gc.data_ptr(), s["mom"].data_ptr(), s["rms"].data_ptr(), vptr]
-            st0, s0, st1, s1 = _contig_info(shape, fdims)
-            row_off = col_off = 0
-            if aux is not None:
-                row_off = aux_len
-                aux_len += aux[0].numel()
-                col_off = aux_len
-                aux_len += aux[1].numel()
-                aux_parts += list(aux)
-            info += [n, int(fdims is not None), st0, s0, st1, s1, row_off, col_off, 0, 0, 0, 0]
-            for b in range(0, n, BLOCK):
-                blk_t.append(j)
-                blk_s.append(b)
+        for n in numels:
             if cfg.clip_param_scale_amount is None:
                 max_scale.append(float("inf"))
             else:
@@ -220,16 +204,10 @@ def velo_impl_triton(params, grads, lrs, states, ctx) -> None:
             ],
             dim=1,
         ).contiguous()
-        i64 = dict(dtype=torch.int64)
-        ptr_t = torch.tensor(ptrs, **i64).to(device, non_blocking=True)
-        info_t = torch.tensor(info, **i64).to(device, non_blocking=True)
-        blk_t_t = torch.tensor(blk_t, dtype=torch.int32).to(device, non_blocking=True)
-        blk_s_t = torch.tensor(blk_s, **i64).to(device, non_blocking=True)
-        aux_t = torch.cat(aux_parts).contiguous() if aux_parts else torch.zeros(1, **f32)
         wt_g = wt.index_select(0, sel).contiguous()
         stats = torch.zeros(len(idx) * N_FEAT, **f32)
-        grid = (len(blk_t),)
-        p_dt = _TL_DTYPES[dtype]
+        grid = (blk_t_t.numel(),)
+        p_dt = TL_DTYPES[dtype]
         args = (ptr_t, info_t, aux_t, dec, blk_t_t, blk_s_t, stats)
         _velo_pass_a[grid](*args, P_DT=p_dt, FACT=fact, BLOCK=BLOCK)
         _velo_pass_b[grid](
