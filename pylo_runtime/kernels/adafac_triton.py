@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .. import adafac as ref
 from ..base import write_param
-from .triton_common import BLOCK, TL_DTYPES, load_state, pack_group
+from .triton_common import BLOCK, TL_DTYPES, factored_aux, load_state, pack_group
 
 N_FEAT = 28
 
@@ -162,13 +162,7 @@ def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
         gc = g.reshape(shape).to(torch.float32).contiguous()
         aux = None
         if fdims is not None:
-            d = torch.clamp(fac_d, 0.0, 1.0)
-            gsq = gc * gc + 1e-30
-            d1, d0 = fdims
-            st["v_row"] = d * st["v_row"] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
-            st["v_col"] = d * st["v_col"] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
-            rf, cf = ref._row_col_factors(st["v_row"], st["v_col"], fdims)
-            aux = (torch.cat([st["v_row"], rf], -1).reshape(-1), torch.cat([st["v_col"], cf], -1).reshape(-1))
+            aux = factored_aux(st, "v_row", "v_col", gc, fac_d, fdims)
         for k in ("m", "rms", "v_diag"):
             if k in st and not st[k].is_contiguous():
                 st[k] = st[k].contiguous()

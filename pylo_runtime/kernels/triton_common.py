@@ -9,10 +9,13 @@ blocks; ``DEC`` holds the 3 momentum, 1 rms and 3 adafactor decays.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from ..features import safe_rsqrt
 
 BLOCK = 256
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -155,3 +158,20 @@ def pack_group(
         torch.cat(aux_parts).contiguous() if aux_parts else torch.zeros(1, dtype=torch.float32, device=device)
     )
     return ptr_t, info_t, aux_t, blk_t_t, blk_s_t, numels
+
+
+def factored_aux(
+    state: dict[str, Any], row: str, col: str, gc: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update ``state[row]`` / ``state[col]`` (torch reductions over the whole tensor, before pass A) and
+    return the ``AUX`` rows: (row values | row factors, col values | col factors), flattened."""
+    d = torch.clamp(fac_d, 0.0, 1.0)
+    gsq = gc * gc + 1e-30
+    d1, d0 = fdims
+    state[row] = d * state[row] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
+    state[col] = d * state[col] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_col_mean = torch.mean(state[row], dim=reduced_d1, keepdim=True)
+    rf = safe_rsqrt(state[row] / (row_col_mean + 1e-9))
+    cf = safe_rsqrt(state[col])
+    return torch.cat([state[row], rf], -1).reshape(-1), torch.cat([state[col], cf], -1).reshape(-1)

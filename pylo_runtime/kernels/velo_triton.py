@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import features as feat
 from .. import velo as ref
-from .triton_common import BLOCK, TL_DTYPES, load_state, pack_group
+from .triton_common import BLOCK, TL_DTYPES, factored_aux, load_state, pack_group
 from .velo_cpu import interpolate_all
 
 N_FEAT = 30
@@ -163,19 +163,7 @@ def velo_impl_triton(params, grads, lrs, states, ctx) -> None:
         gc = g.reshape(shape).to(torch.float32).contiguous()
         aux = None
         if fdims is not None:
-            d = torch.clamp(fac_d, 0.0, 1.0)
-            gsq = gc * gc + 1e-30
-            d1, d0 = fdims
-            s["fac_row"] = d * s["fac_row"] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
-            s["fac_col"] = d * s["fac_col"] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
-            reduced_d1 = d1 - 1 if d1 > d0 else d1
-            row_col_mean = torch.mean(s["fac_row"], dim=reduced_d1, keepdim=True)
-            rf = feat.safe_rsqrt(s["fac_row"] / (row_col_mean + 1e-9))
-            cf = feat.safe_rsqrt(s["fac_col"])
-            aux = (
-                torch.cat([s["fac_row"], rf], -1).reshape(-1),
-                torch.cat([s["fac_col"], cf], -1).reshape(-1),
-            )
+            aux = factored_aux(s, "fac_row", "fac_col", gc, fac_d, fdims)
         for k in ("mom", "rms", "fac_full"):
             if not s[k].is_contiguous():
                 s[k] = s[k].contiguous()
