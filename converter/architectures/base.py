@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import ConversionError
+
 
 @dataclass
 class ArchSpec:
@@ -133,3 +135,33 @@ def shape_problems(
     if extra:
         problems["unexpected"] = "unexpected " + few([f"{tree_path(k)} {found[k]}" for k in extra])
     return problems
+
+
+def check_shapes(
+    tree: Mapping[str, Any],
+    expected: Mapping[Keys, tuple[int, ...]],
+    source: str,
+    label: str,
+    order: tuple[str, ...] = ("missing", "unexpected", "wrong shape"),
+) -> None:
+    """ConversionError "not a <label> theta for this config: ..." unless the leaves match ``expected``."""
+    found = {keys: tuple(np.shape(lookup(tree, keys))) for keys in leaves(tree)}
+    problems = shape_problems(expected, found)
+    if problems:
+        parts = [problems[k] for k in order if k in problems]
+        raise ConversionError(source, f"not a {label} theta for this config: " + "; ".join(parts))
+
+
+def float32_tensors(
+    tree: Mapping[str, Any], table: Mapping[str, Keys], source: str
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """``ArchSpec`` tensors and source_paths for ``table`` (name -> path); every leaf must be float32."""
+    tensors: dict[str, np.ndarray] = {}
+    source_paths: dict[str, dict[str, Any]] = {}
+    for out_name, keys in table.items():
+        arr = np.asarray(lookup(tree, keys))
+        if arr.dtype != np.float32:
+            raise ConversionError(source, f"{tree_path(keys)}: dtype {arr.dtype}, expected float32")
+        tensors[out_name] = arr
+        source_paths[out_name] = {"path": tree_path(keys), "keys": list(keys), "transform": None}
+    return tensors, source_paths

@@ -21,7 +21,7 @@ from pylo_runtime.celo import CELO_DEFAULTS
 from pylo_runtime.celo_adam import CELO_ADAM_DEFAULTS
 
 from ..errors import ConversionError
-from .base import ArchSpec, Keys, few, leaves, lookup, shape_problems, tree_path
+from .base import ArchSpec, Keys, check_shapes, few, float32_tensors, lookup
 from .velo import FF, ff_shapes, ff_table, lstm_shapes, rnn_table
 from .velo import ff_input_widths as ff_input_widths  # re-exported: Celo's MLP inputs are HyperV2's
 
@@ -79,21 +79,8 @@ class _Celo:
         config.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in bindings.items()})
         self._infer_sizes(tree, bindings, config, source)
 
-        expected = self._expected_shapes(config)
-        found = {keys: tuple(np.shape(lookup(tree, keys))) for keys in leaves(tree)}
-        problems = shape_problems(expected, found)
-        if problems:
-            parts = [problems[k] for k in ("missing", "unexpected", "wrong shape") if k in problems]
-            raise ConversionError(source, f"not a {self.name} theta for this config: " + "; ".join(parts))
-
-        tensors: dict[str, np.ndarray] = {}
-        source_paths: dict[str, dict[str, Any]] = {}
-        for out_name, keys in self._table(config).items():
-            arr = np.asarray(lookup(tree, keys))
-            if arr.dtype != np.float32:
-                raise ConversionError(source, f"{tree_path(keys)}: dtype {arr.dtype}, expected float32")
-            tensors[out_name] = arr
-            source_paths[out_name] = {"path": tree_path(keys), "keys": list(keys), "transform": None}
+        check_shapes(tree, self._expected_shapes(config), source, self.name)
+        tensors, source_paths = float32_tensors(tree, self._table(config), source)
         return ArchSpec(self.name, config, tensors, source_paths)
 
     # ----------------------------------------------------------------------------------------------------

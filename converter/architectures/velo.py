@@ -25,7 +25,7 @@ import numpy as np
 from pylo_runtime.velo import HYPERV2_DEFAULTS  # one source of truth: the runtime owns the config
 
 from ..errors import ConversionError
-from .base import ArchSpec, Keys, few, leaves, lookup, shape_problems, tree_path
+from .base import ArchSpec, Keys, check_shapes, few, lookup, tree_path
 
 _SIZES = ("lstm_hidden_size", "param_inits", "ff_hidden_size", "ff_hidden_layers")
 _DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
@@ -302,12 +302,8 @@ class _VeLO:
         _infer_sizes(tree, bindings, config, source)
         _check_supported(config, source)
 
-        expected = expected_shapes(config)
-        found = {k: tuple(np.shape(lookup(tree, k))) for k in leaves(tree)}
-        problems = shape_problems(expected, found)
-        if problems:
-            parts = [problems[k] for k in ("wrong shape", "missing", "unexpected") if k in problems]
-            raise ConversionError(source, "not a VeLO (HyperV2) theta for this config: " + "; ".join(parts))
+        order = ("wrong shape", "missing", "unexpected")
+        check_shapes(tree, expected_shapes(config), source, "VeLO (HyperV2)", order)
 
         tensors: dict[str, np.ndarray] = {}
         source_paths: dict[str, dict[str, Any]] = {}
