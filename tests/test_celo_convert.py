@@ -48,7 +48,7 @@ def test_real_weights_convert_and_load(name, tmp_path):
 
 
 def test_celo_carries_rnn_to_controls_and_orders_w0_numerically():
-    tree = load(FIXTURES / "celo_random_inits3" / "checkpoint" / "theta.state")
+    tree = load(FIXTURES / "celo_random_inits3" / "checkpoint" / "random_theta.state")
     spec = CELO.build(tree, {"step_mult": 1.0}, source="t")
     assert spec.config["param_inits"] == 3
     assert spec.tensors["rnn.to_controls.w"].shape == (64, 3)
@@ -59,8 +59,8 @@ def test_celo_carries_rnn_to_controls_and_orders_w0_numerically():
 
 
 def test_detection_tells_the_two_apart():
-    celo = load(FIXTURES / "celo_random" / "checkpoint" / "theta.state")
-    adam = load(FIXTURES / "celo_adam_random" / "checkpoint" / "theta.state")
+    celo = load(FIXTURES / "celo_random" / "checkpoint" / "random_theta.state")
+    adam = load(FIXTURES / "celo_adam_random" / "checkpoint" / "random_theta.state")
     assert CELO.matches(celo) and not CELO_ADAM.matches(celo)
     assert CELO_ADAM.matches(adam) and not CELO.matches(adam)
     # A VeLO-like LSTM (many per-tensor inputs) is not Celo's.
@@ -87,7 +87,7 @@ def test_defaults_are_factory_arguments():
 
 
 def test_bad_theta_is_a_one_line_error_naming_the_file():
-    tree = load(FIXTURES / "celo_random" / "checkpoint" / "theta.state")
+    tree = load(FIXTURES / "celo_random" / "checkpoint" / "random_theta.state")
     tree["rnn_params"]["step_size"]["w"] = np.zeros((3, 1), np.float32)
     with pytest.raises(ConversionError) as err:
         CELO.build(tree, {}, source="some/theta.state")
@@ -96,13 +96,13 @@ def test_bad_theta_is_a_one_line_error_naming_the_file():
     assert "rnn_params/step_size/w (3, 1) (expected (64, 1))" in msg
     with pytest.raises(ConversionError, match="lstm_init_state/hidden"):
         CELO.build(
-            load(FIXTURES / "celo_random" / "checkpoint" / "theta.state"),
+            load(FIXTURES / "celo_random" / "checkpoint" / "random_theta.state"),
             {"lstm_hidden_size": 32},
             source="x",
         )
     with pytest.raises(ConversionError, match="missing ff_mod_stack"):
-        CELO.build(load(FIXTURES / "celo_adam_random" / "checkpoint" / "theta.state"), {}, source="x")
+        CELO.build(load(FIXTURES / "celo_adam_random" / "checkpoint" / "random_theta.state"), {}, source="x")
     with pytest.raises(ConversionError, match="unknown constructor argument"):
         CELO_ADAM.build(
-            load(FIXTURES / "celo_adam_random" / "checkpoint" / "theta.state"), {"nope": 1}, source="x"
+            load(FIXTURES / "celo_adam_random" / "checkpoint" / "random_theta.state"), {"nope": 1}, source="x"
         )

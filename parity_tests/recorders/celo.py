@@ -161,7 +161,7 @@ def load_reference(arch: str, *, weights: str, seed: int = 0, overrides: dict[st
 
 
 def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> CeloReference:
-    """Build the case's reference; random weights are written to ``ckpt_dir/theta.state``."""
+    """Build the case's reference; random weights go to ``ckpt_dir/random_theta.state``."""
     arch = options["arch"]
     lopt, theta, blob, prov = load_reference(
         arch, weights=options["weights"], seed=seed, overrides=options.get("overrides")
@@ -169,8 +169,9 @@ def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> CeloRe
     if blob is None:
         source = str(shared_checkpoint(arch))
     else:
-        (Path(ckpt_dir) / "theta.state").write_bytes(blob)
-        source = "theta.state"
+        # Named apart from the published ``theta.state`` files, which never enter the repository.
+        (Path(ckpt_dir) / "random_theta.state").write_bytes(blob)
+        source = "random_theta.state"
     return CeloReference(arch, lopt, theta, source, prov, options.get("overrides") or {})
 
 
