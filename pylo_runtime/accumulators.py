@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import distributed as _dist
 from .features import safe_rsqrt
 
 
@@ -54,17 +55,19 @@ def factored_update(
 
     ``fdims = (d1, d0)`` from ``features.factored_dims`` (d0 the largest axis): ``v_row`` averages g**2
     over d0, ``v_col`` over d1. Without ``fdims`` a full diagonal ``v_full`` is kept and the output is
-    ``g * safe_rsqrt(v + 1e-9)``. The decay axis is last everywhere.
+    ``g * safe_rsqrt(v + 1e-9)``. The decay axis is last everywhere. The means are ``distributed.tensor_mean``
+    (all-reduced when the axis is the sharded one of an FSDP2 shard stepped rank-locally; ``fdims`` must then
+    come from the global shape).
     """
     d = torch.clamp(decays, 0.0, 1.0)
     mixing = 1.0 - d
     grad_sqr = g * g + epsilon
     if fdims is not None:
         d1, d0 = fdims
-        new_row = d * v_row + mixing * torch.mean(grad_sqr, dim=d0).unsqueeze(-1)
-        new_col = d * v_col + mixing * torch.mean(grad_sqr, dim=d1).unsqueeze(-1)
+        new_row = d * v_row + mixing * _dist.tensor_mean(grad_sqr, d0).unsqueeze(-1)
+        new_col = d * v_col + mixing * _dist.tensor_mean(grad_sqr, d1).unsqueeze(-1)
         reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_col_mean = torch.mean(new_row, dim=reduced_d1, keepdim=True)
+        row_col_mean = _dist.tensor_mean(new_row, reduced_d1, keepdim=True, dropped=d0)
         row_factor = safe_rsqrt(new_row / (row_col_mean + 1e-9))
         col_factor = safe_rsqrt(new_col)
         y = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)

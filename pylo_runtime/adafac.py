@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import distributed as _dist
 from . import kernels
 from .accumulators import factored_update, momentum_update, rms_update
 from .base import LearnedOptimizer, ParamsT, write_param
@@ -65,7 +66,7 @@ def _row_col_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     d1, d0 = fdims
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_col_mean = torch.mean(v_row, dim=reduced_d1, keepdim=True)
+    row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
     return safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col)
 
 
@@ -171,6 +172,7 @@ class SmallFCLOpt(LearnedOptimizer):
     """
 
     architecture: ClassVar[str] = "small_fc_lopt"
+    shard_local: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -249,7 +251,7 @@ class SmallFCLOpt(LearnedOptimizer):
         kw = dict(dtype=torch.float32, device=p.device)
         state["m"] = torch.zeros(shape + (n_mom,), **kw)
         state["rms"] = torch.zeros(shape + (n_rms,), **kw)
-        fdims = factored_dims(shape)
+        fdims = factored_dims(_dist.global_shape(shape))  # FSDP2 shard: state local, dims from the whole
         if fdims is None:
             state["v_diag"] = torch.zeros(shape + (n_fac,), **kw)
         else:
@@ -261,7 +263,9 @@ class SmallFCLOpt(LearnedOptimizer):
         """Per-tensor multipliers applied to the step before ``lr`` (muLO's muP scales); None here."""
         return None
 
-    def _prepare_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _prepare_grads(
+        self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """Hook for muLO's gradient clipping and nan_to_num; identity for AdafacMLPLOpt."""
         return grads
 
@@ -274,25 +278,26 @@ class SmallFCLOpt(LearnedOptimizer):
         pf = p.detach().to(torch.float32).reshape(shape)
         g = g.reshape(shape)
         mom_d, rms_d, fac_d = decays
-        fdims = factored_dims(shape)
-        st["m"] = update_momentum(st["m"], g, mom_d)
-        st["rms"] = update_rms(st["rms"], g, rms_d)
-        empty = st["m"].new_zeros(())
-        v_row, v_col, v_diag, fac_g = update_factored(
-            st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
-        )
-        if fdims is None:
-            st["v_diag"] = v_diag
-        else:
-            st["v_row"], st["v_col"] = v_row, v_col
-        feats = adafac_features(pf, g, st["m"], st["rms"], fac_g, v_row, v_col, v_diag, fdims)
+        with _dist.on_tensor(p):  # an FSDP2 shard: row/column means over the sharded dim are all-reduced
+            fdims = factored_dims(_dist.global_shape(shape))
+            st["m"] = update_momentum(st["m"], g, mom_d)
+            st["rms"] = update_rms(st["rms"], g, rms_d)
+            empty = st["m"].new_zeros(())
+            v_row, v_col, v_diag, fac_g = update_factored(
+                st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
+            )
+            if fdims is None:
+                st["v_diag"] = v_diag
+            else:
+                st["v_row"], st["v_col"] = v_row, v_col
+            feats = adafac_features(pf, g, st["m"], st["rms"], fac_g, v_row, v_col, v_diag, fdims)
         return pf, feats
 
     def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
         if kernels.fast_step(self, params, grads, lrs, loss, global_state, foreach=foreach, fused=fused):
             return  # Triton kernels (CUDA) or the vectorised CPU path: pylo_runtime/kernels
         device = params[0].device
-        grads = self._prepare_grads(grads)
+        grads = self._prepare_grads(grads, params)
         decays = self._decays(device)
         weights, biases = self._mlp(device)
         it = global_state["iteration"]
@@ -306,7 +311,7 @@ class SmallFCLOpt(LearnedOptimizer):
             foreach = False  # the scalar-math path is per tensor by definition
 
         prepared = [self._features(p, g, decays) for p, g in zip(params, grads, strict=True)]
-        if foreach:
+        if foreach:  # (never for FSDP2 shards stepped rank-locally: the base asks for foreach=False)
             # One MLP over every element of every tensor: normalise per tensor, then one matmul chain.
             rows = [
                 _with_time(second_moment_normalize(f), time_feat).reshape(-1, f.shape[-1] + 11)
@@ -317,12 +322,14 @@ class SmallFCLOpt(LearnedOptimizer):
             steps = [_step(o[:, 0], o[:, 1], exp_mult, step_mult) for o in outs]
         else:
             steps = []
-            for _, f in prepared:
+            for p, (_, f) in zip(params, prepared, strict=True):
+                with _dist.on_tensor(p):
+                    f = second_moment_normalize(f)
                 if concat:
-                    o = mlp_matmul(_with_time(second_moment_normalize(f), time_feat), weights, biases)
+                    o = mlp_matmul(_with_time(f, time_feat), weights, biases)
                     steps.append(_step(o[..., 0], o[..., 1], exp_mult, step_mult))
                 else:
-                    feats = [x.squeeze(-1) for x in torch.split(second_moment_normalize(f), 1, dim=-1)]
+                    feats = [x.squeeze(-1) for x in torch.split(f, 1, dim=-1)]
                     d, mag = mlp_scalar(feats, time_feat, weights, biases)
                     steps.append(_step(d, mag, exp_mult, step_mult))
         for i, (p, (pf, _), step, lr) in enumerate(zip(params, prepared, steps, lrs, strict=True)):

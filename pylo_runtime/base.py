@@ -40,6 +40,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
     architecture: ClassVar[str] = ""
     #: Whether the update reads the training loss (VeLO and Celo loss features); small_fc_lopt does not.
     uses_loss: ClassVar[bool] = False
+    #: Whether FSDP2 shards may be stepped rank-locally: every reduction over a tensor's elements goes through
+    #: ``distributed.tensor_mean`` / ``tensor_sum`` inside ``distributed.on_tensor(p)``, and shapes through
+    #: ``distributed.global_shape``. False: DTensor params are all-gathered and stepped whole (the fallback).
+    shard_local: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -148,8 +152,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grads: list[torch.Tensor] = []
         lrs: list[float] = []
         wd_loss: list[torch.Tensor] = []
-        # FSDP2: (DTensor param, the full copy the update runs on, its group's params list, index in it).
-        sharded: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]] = []
+        # FSDP2: (DTensor param, what the update runs on: its local shard or a gathered full copy, its
+        # group's params list, index in it); ``gathered``: the (param, full copy) pairs to scatter back.
+        swapped: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]] = []
+        gathered: list[tuple[torch.Tensor, torch.Tensor]] = []
         foreach = fused = None
         try:
             for group in self.param_groups:
@@ -161,29 +167,39 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     g = p.grad.detach()
-                    if _dist.is_dtensor(p):  # FSDP2: the update reads whole-tensor statistics
-                        full, g = _dist.gather_param(p, g)
-                        sharded.append((p, full, group["params"], i))
-                        # For this step the full copy stands in for p: in its group and as its state's key.
-                        self.state[full] = self.state[p]
-                        group["params"][i] = full
-                        p = full
+                    if _dist.is_dtensor(p):  # FSDP2: step the local shard, or gather (distributed.py)
+                        spec = _dist.shard_spec(p, g) if self.shard_local else None
+                        if spec is not None:
+                            stand_in, g = p.to_local(), g.to_local()
+                            _dist.register_shard(stand_in, spec)
+                        else:
+                            stand_in, g = _dist.gather_param(p, g)
+                            gathered.append((p, stand_in))
+                        # For this step the stand-in replaces p: in its group and as its state's key.
+                        swapped.append((p, stand_in, group["params"], i))
+                        self.state[stand_in] = self.state[p]
+                        group["params"][i] = stand_in
+                        p = stand_in
                     g = g.to(torch.float32)
                     if wd != 0.0:
                         pf = p.detach().to(torch.float32)
                         g = g + wd * pf
-                        wd_loss.append(wd * torch.sum(pf * pf))
+                        with _dist.on_tensor(p):
+                            wd_loss.append(wd * _dist.tensor_sum(pf * pf))
                     params.append(p)
                     grads.append(g)
                     lrs.append(float(group["lr"]))
             if params:
+                if len(swapped) > len(gathered):  # rank-local shards: the reference torch path
+                    foreach = fused = False
                 self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
-                for p, full, _, _ in sharded:
+                for p, full in gathered:
                     _dist.scatter_back(p, full)
         finally:
-            for p, full, group_params, i in sharded:
+            for p, stand_in, group_params, i in swapped:
                 group_params[i] = p
-                del self.state[full]
+                del self.state[stand_in]
+                _dist.unregister_shard(stand_in)
         return closure_loss
 
     def _step_tensors(self, params, grads, lrs, wd_loss, loss, foreach, fused) -> None:
@@ -200,7 +216,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         global_state = self.state[GLOBAL]
         for p in params:
             if len(self.state[p]) == 0:
-                self._init_param(p, self.state[p])
+                with _dist.on_tensor(p):  # a shard's state: local shape, factored dims from the global
+                    self._init_param(p, self.state[p])
 
         if self.num_accumulate > 1:
             params, grads, lrs, loss_t = self._accumulate(params, grads, lrs, loss_t, global_state)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as _dist
 from .accumulators import (
     factored_state_shapes,
     factored_update,
@@ -89,6 +90,7 @@ class _CeloScheduler(LearnedOptimizer):
     """What Celo and Celo-Adam share: loss statistics and the LSTM that predicts the step-size multiplier."""
 
     uses_loss = True
+    shard_local = True  # FSDP2 shards are stepped rank-locally (distributed.py)
     _CONFIG_KEYS: tuple[str, ...] = ()
 
     def __init__(
@@ -187,7 +189,8 @@ class Celo(_CeloScheduler):
     def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         self._init_moments(p, state)
         shape = tuple(p.shape) if p.dim() > 0 else (1,)
-        rows, cols, full = factored_state_shapes(shape, factored_dims(shape), len(self.fac_decays))
+        fdims = factored_dims(_dist.global_shape(shape))  # FSDP2 shard: local state, global dims
+        rows, cols, full = factored_state_shapes(shape, fdims, len(self.fac_decays))
         for key, s in (("fac_row", rows), ("fac_col", cols), ("fac_full", full)):
             state[key] = torch.zeros(s, dtype=torch.float32, device=p.device)
 
@@ -223,7 +226,10 @@ class Celo(_CeloScheduler):
         states = [self.state[p] for p in params]
         grads = [torch.clamp(g, -1000.0, 1000.0) for g in grads]
         decays = (self.mom_decays.to(device), self.rms_decays.to(device), self.fac_decays.to(device))
-        fac_gs = [_accumulate(st, g, *decays) for g, st in zip(grads, states, strict=True)]
+        fac_gs = []
+        for p, g, st in zip(params, grads, states, strict=True):
+            with _dist.on_tensor(p):  # an FSDP2 shard: means over its sharded dim are all-reduced
+                fac_gs.append(_accumulate(st, g, *decays))
         if foreach is None:
             foreach = True
         fn = _multi_tensor_celo if foreach else _single_tensor_celo
@@ -241,7 +247,7 @@ def _accumulate(
     st["rms"] = rms_update(st["rms"], g, rms_d)
     g1 = g.reshape(1) if g.dim() == 0 else g
     row, col, full, fac_g = factored_update(
-        st["fac_row"], st["fac_col"], st["fac_full"], g1, fac_d, factored_dims(tuple(g1.shape))
+        st["fac_row"], st["fac_col"], st["fac_full"], g1, fac_d, factored_dims(_dist.global_shape(g1.shape))
     )
     st["fac_row"], st["fac_col"], st["fac_full"] = row, col, full
     return fac_g
@@ -263,8 +269,8 @@ def celo_features(
     """
     if p.dim() == 0:
         p, g = p.reshape(1), g.reshape(1)
-    m = st["mom"].reshape(*p.shape, -1)
-    rms = st["rms"].reshape(*p.shape, -1)
+    m = st["mom"].reshape(*p.shape, st["mom"].shape[-1])  # (explicit width: a shard may be empty)
+    rms = st["rms"].reshape(*p.shape, st["rms"].shape[-1])
     g_ = g.unsqueeze(-1)
     inps: list[torch.Tensor] = []
     if cfg["with_g"]:
@@ -288,7 +294,7 @@ def celo_features(
     if cfg["with_rms_only_norm_g"]:
         inps.append(g_ * rsqrt)
     if cfg["adafactor_accumulator"]:
-        fdims = factored_dims(tuple(p.shape))
+        fdims = factored_dims(_dist.global_shape(p.shape))
         if fdims is not None:
             d1, d0 = fdims
             v_row, v_col = st["fac_row"], st["fac_col"]
@@ -301,7 +307,7 @@ def celo_features(
                 inps += [torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8)]
             if cfg["with_fac_mom_mult"]:
                 reduced_d1 = d1 - 1 if d1 > d0 else d1
-                row_col_mean = torch.mean(v_row, dim=reduced_d1, keepdim=True)
+                row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
                 row_factor = safe_rsqrt(v_row / (row_col_mean + 1e-9))
                 col_factor = safe_rsqrt(v_col)
                 inps.append(m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
@@ -328,9 +334,10 @@ def _step_from_mlp_out(
     mag_param = torch.exp(o[..., 1] * cfg["exp_mult"])
     p1 = p.reshape(1) if p.dim() == 0 else p
     if cfg["param_scale_mult"]:
-        param_scale = torch.sqrt(torch.mean(torch.square(p1)) + 1e-9)
+        param_scale = torch.sqrt(_dist.tensor_mean(torch.square(p1)) + 1e-9)
         if cfg["clip_param_scale_amount"] is not None:
-            max_scale = torch.tensor(cfg["clip_param_scale_amount"] * p1.numel() ** 0.5, dtype=torch.float32)
+            n = _dist.global_numel(p1)
+            max_scale = torch.tensor(cfg["clip_param_scale_amount"] * n**0.5, dtype=torch.float32)
             param_scale = torch.minimum(param_scale, max_scale.to(p.device))
         step = direction * (param_scale * mag_param) * cfg["step_mult"]
     else:
@@ -338,7 +345,7 @@ def _step_from_mlp_out(
     if cfg["train_phase"] > 1:
         step = lr_mult * step
     if cfg["precondition_output"]:
-        step = step * torch.rsqrt(rms.reshape(*p1.shape, -1)[..., -1] + 1e-6)
+        step = step * torch.rsqrt(rms.reshape(*p1.shape, rms.shape[-1])[..., -1] + 1e-6)
     return step.reshape(p.shape)
 
 
@@ -361,17 +368,22 @@ def _single_tensor_celo(
     ff_in: list[str],
     n_layers: int,
 ) -> None:
-    """Reference path: one tensor at a time, first layer summed input by input as the reference does."""
+    """Reference path: one tensor at a time, first layer summed input by input as the reference does.
+
+    The path FSDP2 shards take: inside ``distributed.on_tensor(p)`` every mean over a shard is all-reduced.
+    """
     for p, g, fac_g, st, lr in zip(params, grads, fac_gs, states, lrs, strict=True):
         p32 = p.detach().to(torch.float32)
-        inps = celo_features(p32, g, fac_g, st, cfg)
-        o = inps[0] @ w[ff_in[0]]
-        for x, name in zip(inps[1:], ff_in[1:], strict=True):
-            o = o + x @ w[name]
-        o = o + w["ff.b0"]
-        for i in range(1, n_layers + 1):
-            o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
-        _apply(p, _step_from_mlp_out(o, p32, st["rms"], lr_mult, cfg), lr)
+        with _dist.on_tensor(p):
+            inps = celo_features(p32, g, fac_g, st, cfg)
+            o = inps[0] @ w[ff_in[0]]
+            for x, name in zip(inps[1:], ff_in[1:], strict=True):
+                o = o + x @ w[name]
+            o = o + w["ff.b0"]
+            for i in range(1, n_layers + 1):
+                o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
+            step = _step_from_mlp_out(o, p32, st["rms"], lr_mult, cfg)
+        _apply(p, step, lr)
 
 
 def _multi_tensor_celo(

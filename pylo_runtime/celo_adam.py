@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as _dist
 from .accumulators import momentum_update, rms_update
 from .celo import _apply, _CeloScheduler
 
@@ -117,7 +118,7 @@ def adam_step(
     step = m * (lr * 1.0 / (cfg["initial_epsilon"] + torch.sqrt(v + 1e-10)))
     step = step[..., -1]
     if cfg["param_scale_mult"]:
-        step = step * torch.sqrt(torch.mean(torch.square(p)) + 1e-9)
+        step = step * torch.sqrt(_dist.tensor_mean(torch.square(p)) + 1e-9)
     return step
 
 
@@ -132,7 +133,9 @@ def _single_tensor_celo_adam(
     """Reference path: the full slot arrays are corrected and divided, then the last slot is taken."""
     for p, st, group_lr in zip(params, states, lrs, strict=True):
         p32 = p.detach().to(torch.float32)
-        _apply(p, adam_step(p32, st["mom"], st["rms"], lr, corr, cfg), group_lr)
+        with _dist.on_tensor(p):  # an FSDP2 shard: param_scale's mean is all-reduced
+            step = adam_step(p32, st["mom"], st["rms"], lr, corr, cfg)
+        _apply(p, step, group_lr)
 
 
 def _multi_tensor_celo_adam(

@@ -1,15 +1,24 @@
-"""DTensor (FSDP2) parameters: give the learned update whole tensors, write back each rank's shard.
+"""DTensor (FSDP2) parameters: step each rank's shard, reducing the whole-tensor statistics over its group.
 
 A learned optimizer reads whole-tensor statistics (means over a tensor, row/column second moments, factored
 dims chosen from the full shape, the tensor's rank and size), so a shard alone does not define its update.
-``gather_param`` all-gathers a sharded parameter and its gradient; the family code then runs on plain full
-tensors exactly as in a single process, and ``scatter_back`` copies this rank's slice of the result into the
-local shard. Cost per step: one all-gather of each sharded parameter and gradient (the same bytes FSDP2 moves
-in its own forward all-gather), and optimizer state for the full tensor on every rank.
+
+Rank-local path (a 1-D mesh and one ``Shard(d)`` placement, gradient alike, family with ``shard_local``):
+the family code runs on the local shard; ``LearnedOptimizer.step`` registers each shard here
+(``register_shard``) and the family enters ``on_tensor(p)`` around each tensor's work. Inside it,
+``tensor_mean`` / ``tensor_sum`` reduce over the elements of the WHOLE tensor (local sum, one
+``all_reduce(SUM)`` over the shard group, divided by the global count) and ``global_shape`` gives the
+unsharded shape. Outside a sharded step they are the plain torch ops: one process computes exactly as before.
+
+Gather fallback (any other placement: Replicate/Partial, a mesh of more than one dim, a family without
+``shard_local``): ``gather_param`` all-gathers the parameter and its gradient, the family runs on the full
+tensors on every rank, and ``scatter_back`` copies this rank's slice of the result into the local shard.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,3 +102,115 @@ def tensors_sum(x: torch.Tensor) -> torch.Tensor:
     out = x.clone()
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=_TENSOR_GROUP[-1])
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reductions over the ELEMENTS of one tensor, for the rank-local step of FSDP2 shards (see the module doc).
+@dataclass(frozen=True)
+class ShardSpec:
+    """How one rank-local tensor is split: along ``dim`` of the global ``shape``, over ``group``."""
+
+    dim: int
+    shape: tuple[int, ...]
+    group: Any
+
+
+#: id(local shard) -> its ShardSpec, for the tensors of the step in progress (empty outside one).
+_SHARDS: dict[int, ShardSpec] = {}
+#: The spec of the tensor the family is working on (set by ``on_tensor``); None: a whole tensor.
+_CURRENT: list[ShardSpec | None] = [None]
+
+
+def shard_spec(p: torch.Tensor, g: Any) -> ShardSpec | None:
+    """The spec if DTensor ``p`` (with gradient ``g``) can be stepped rank-locally, else None (gather)."""
+    from torch.distributed.tensor import Shard
+
+    if p.dim() == 0 or p.device_mesh.ndim != 1 or len(p.placements) != 1:
+        return None
+    placement = p.placements[0]
+    if type(placement) is not Shard:  # Replicate, Partial, _StridedShard (FSDP2 + TP): gather
+        return None
+    if not is_dtensor(g) or tuple(g.placements) != tuple(p.placements):
+        return None
+    return ShardSpec(placement.dim % p.dim(), tuple(p.shape), p.device_mesh.get_group(0))
+
+
+def register_shard(local: torch.Tensor, spec: ShardSpec) -> None:
+    """Mark ``local`` (a DTensor's local shard) as a shard of ``spec`` until ``unregister_shard``."""
+    _SHARDS[id(local)] = spec
+
+
+def unregister_shard(local: torch.Tensor) -> None:
+    _SHARDS.pop(id(local), None)
+    _CURRENT[0] = None
+
+
+class on_tensor:  # noqa: N801 - used like a function: ``with on_tensor(p):``
+    """Context: the reductions below are over the elements of ``p`` (all its shards when it is one)."""
+
+    __slots__ = ("spec", "prev")
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.spec = _SHARDS.get(id(p)) if _SHARDS else None
+
+    def __enter__(self) -> None:
+        self.prev = _CURRENT[0]
+        _CURRENT[0] = self.spec
+
+    def __exit__(self, *exc: Any) -> None:
+        _CURRENT[0] = self.prev
+
+
+def global_shape(shape: Any) -> tuple[int, ...]:
+    """The current tensor's unsharded shape (``shape`` itself outside a shard)."""
+    spec = _CURRENT[0]
+    return tuple(shape) if spec is None else spec.shape
+
+
+def global_numel(t: torch.Tensor) -> int:
+    """The current tensor's unsharded number of elements (``t.numel()`` outside a shard)."""
+    spec = _CURRENT[0]
+    return t.numel() if spec is None else math.prod(spec.shape)
+
+
+def tensor_mean(
+    x: torch.Tensor,
+    dim: int | tuple[int, ...] | None = None,
+    keepdim: bool = False,
+    *,
+    dropped: int | None = None,
+) -> torch.Tensor:
+    """``torch.mean(x, dim, keepdim)`` where ``x``'s leading axes are the current tensor's (``dropped``: the
+    tensor axis ``x`` lacks, e.g. a factored row statistic); over a sharded axis: sum, all_reduce, divide."""
+    spec = _CURRENT[0]
+    if spec is None:
+        return torch.mean(x) if dim is None else torch.mean(x, dim=dim, keepdim=keepdim)
+    axis = _sharded_axis(spec, dropped)
+    dims = tuple(range(x.dim())) if dim is None else tuple(d % x.dim() for d in _as_tuple(dim))
+    if axis is None or axis not in dims:  # the sharded axis is kept: the local mean is the mean
+        return torch.mean(x) if dim is None else torch.mean(x, dim=dim, keepdim=keepdim)
+    total = torch.sum(x, dim=dims, keepdim=keepdim)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=spec.group)
+    count = math.prod(x.shape[d] for d in dims if d != axis) * spec.shape[spec.dim]
+    return total / count
+
+
+def tensor_sum(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sum(x)`` over every element of the current tensor (all shards); compare ``tensors_sum``."""
+    spec = _CURRENT[0]
+    total = torch.sum(x)
+    if spec is not None:
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=spec.group)
+    return total
+
+
+def _sharded_axis(spec: ShardSpec, dropped: int | None) -> int | None:
+    if dropped is None:
+        return spec.dim
+    if dropped == spec.dim:
+        return None
+    return spec.dim - 1 if dropped < spec.dim else spec.dim
+
+
+def _as_tuple(dim: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (dim,) if isinstance(dim, int) else tuple(dim)

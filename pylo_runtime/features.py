@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from . import distributed as _dist
+
 #: Time scales of the tanh "fraction of training" embedding (hyper_v2._fractional_tanh_embed).
 TANH_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 
@@ -28,8 +30,11 @@ def clip_log_abs(v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 def second_moment_normalizer(x: torch.Tensor, dims: Sequence[int], eps: float = 1e-5) -> torch.Tensor:
-    """``x * rsqrt(eps + mean(x**2 over dims))``; ``dims`` must be non-empty (reshape 0-d inputs to (1,))."""
-    return x * torch.rsqrt(eps + torch.mean(torch.square(x), dim=tuple(dims), keepdim=True))
+    """``x * rsqrt(eps + mean(x**2 over dims))``; ``dims`` must be non-empty (reshape 0-d inputs to (1,)).
+
+    The mean is ``distributed.tensor_mean``: over all shards of an FSDP2 parameter stepped rank-locally.
+    """
+    return x * torch.rsqrt(eps + _dist.tensor_mean(torch.square(x), tuple(dims), keepdim=True))
 
 
 def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import distributed as _dist
 from .adafac import mlp_matmul, second_moment_normalize, tanh_embedding, update_momentum
 from .base import LearnedOptimizer, ParamsT, write_param
 
@@ -36,6 +37,7 @@ class MLPLOpt(LearnedOptimizer):
     """``MLPLOpt`` as a torch optimizer; ``lr`` multiplies the learned step, ``num_steps`` is unused."""
 
     architecture: ClassVar[str] = "mlp_lopt"
+    shard_local: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -97,7 +99,8 @@ class MLPLOpt(LearnedOptimizer):
             pf = p.detach().to(torch.float32).reshape(shape)
             g = g.reshape(shape)
             st["m"] = update_momentum(st["m"], g, decays)
-            x = second_moment_normalize(torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["m"]], dim=-1))
+            with _dist.on_tensor(p):  # an FSDP2 shard: the normaliser is all-reduced over its group
+                x = second_moment_normalize(torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["m"]], dim=-1))
             x = torch.cat([x, time_feat.expand(shape + time_feat.shape)], dim=-1)
             prepared.append((pf, x))
         if foreach:

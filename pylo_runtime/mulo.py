@@ -76,15 +76,27 @@ class MuLO(SmallFCLOpt):
         by_id = {id(p): float(g["mup_scale"]) for g in self.param_groups for p in g["params"]}
         return [by_id[id(p)] for p in params]
 
-    def _prepare_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _prepare_grads(
+        self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         if self.config["clip_grad"]:
-            grads = clip_by_global_norm(grads, 1.0)
+            grads = clip_by_global_norm(grads, 1.0, params)
         return [torch.nan_to_num(g) for g in grads]
 
 
-def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
-    """optax's ``clip_by_global_norm``: ``g / norm * max_norm`` when the global norm is ``>= max_norm``."""
-    norm = torch.sqrt(_dist.tensors_sum(sum(torch.sum(g * g) for g in grads)))  # all ranks' tensors
+def clip_by_global_norm(
+    grads: list[torch.Tensor], max_norm: float, params: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """optax's ``clip_by_global_norm``: ``g / norm * max_norm`` when the global norm is ``>= max_norm``.
+
+    ``params`` (the tensors of ``grads``) tells which grads are FSDP2 shards, whose squares are summed over
+    all their shards; without it every grad is taken as whole.
+    """
+    sums = []
+    for p, g in zip(grads if params is None else params, grads, strict=True):
+        with _dist.on_tensor(p):
+            sums.append(_dist.tensor_sum(g * g))
+    norm = torch.sqrt(_dist.tensors_sum(sum(sums)))  # all ranks' tensors
     keep = norm < max_norm
     return [torch.where(keep, g, (g / norm) * max_norm) for g in grads]
 

@@ -260,7 +260,7 @@ def _mean_leading(x: torch.Tensor, n_lead: int, keepdim: bool) -> torch.Tensor:
     """Mean over the first ``n_lead`` axes; over none (0-d params) the identity, as jnp.mean(axis=[])."""
     if n_lead == 0:
         return x
-    return torch.mean(x, dim=tuple(range(n_lead)), keepdim=keepdim)
+    return _dist.tensor_mean(x, tuple(range(n_lead)), keepdim=keepdim)
 
 
 def lstm_features_for_tensor(
@@ -273,7 +273,7 @@ def lstm_features_for_tensor(
     cfg: VeLOConfig,
 ) -> torch.Tensor:
     """The LSTM input row of one tensor, from the PREVIOUS step's momentum ``m`` and second moment ``rms``."""
-    norm_mult = torch.rsqrt(torch.clamp(torch.mean(p * p), min=1e-9))
+    norm_mult = torch.rsqrt(torch.clamp(_dist.tensor_mean(p * p), min=1e-9))
     m = m * norm_mult
     rms = rms * norm_mult
     n_lead = p.dim()
@@ -363,7 +363,7 @@ def ff_inputs(
     if cfg.with_rms_only_norm_g:
         inps.append(g.unsqueeze(-1) * rsqrt)
     if cfg.adafactor_accumulator:
-        fdims = feat.factored_dims(g.shape)
+        fdims = feat.factored_dims(_dist.global_shape(g.shape))
         if fdims is not None:
             d1, d0 = fdims
             full = (*g.shape, v_row.shape[-1])
@@ -375,7 +375,7 @@ def ff_inputs(
                 inps += [torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8)]
             if cfg.with_fac_mom_mult:
                 reduced_d1 = d1 - 1 if d1 > d0 else d1
-                row_col_mean = torch.mean(v_row, dim=reduced_d1, keepdim=True)
+                row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
                 row_factor = feat.safe_rsqrt(v_row / (row_col_mean + 1e-9))
                 col_factor = feat.safe_rsqrt(v_col)
                 inps.append(m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
@@ -415,9 +415,9 @@ def ff_step(
     magnitude = o[..., 1]
     mag_param = torch.exp(magnitude * cfg.exp_mult)
     if cfg.param_scale_mult:
-        param_scale = torch.sqrt(torch.mean(torch.square(p)) + 1e-9)
+        param_scale = torch.sqrt(_dist.tensor_mean(torch.square(p)) + 1e-9)
         if cfg.clip_param_scale_amount is not None:
-            max_scale = cfg.clip_param_scale_amount * math.sqrt(p.numel())
+            max_scale = cfg.clip_param_scale_amount * math.sqrt(_dist.global_numel(p))
             param_scale = torch.clamp(param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32)))
         step = direction * (param_scale * mag_param) * cfg.step_mult
     else:
@@ -449,7 +449,7 @@ def velo_tensor_update(
     mom_d, rms_d, fac_d = decays
     m = acc.momentum_update(m, g, mom_d)
     rms = acc.rms_update(rms, g, rms_d)
-    fdims = feat.factored_dims(g.shape)
+    fdims = feat.factored_dims(_dist.global_shape(g.shape))
     v_row, v_col, v_full, fac_g = acc.factored_update(v_row, v_col, v_full, g, fac_d, fdims)
 
     n_w = len(ff_theta) - (cfg.ff_hidden_layers + 1)
@@ -479,6 +479,7 @@ class VeLO(LearnedOptimizer):
 
     architecture = "velo"
     uses_loss = True
+    shard_local = True
 
     def __init__(
         self,
@@ -534,7 +535,8 @@ class VeLO(LearnedOptimizer):
         shape = tuple(p.shape)
         state["mom"] = torch.zeros(*shape, len(cfg.mom_decays), **f32)
         state["rms"] = torch.zeros(*shape, len(cfg.rms_decays), **f32)
-        rows, cols, full = acc.factored_state_shapes(shape, feat.factored_dims(shape), len(cfg.fac_decays))
+        fdims = feat.factored_dims(_dist.global_shape(shape))  # FSDP2 shard: local state, global dims
+        rows, cols, full = acc.factored_state_shapes(shape, fdims, len(cfg.fac_decays))
         state["fac_row"] = torch.zeros(rows, **f32)
         state["fac_col"] = torch.zeros(cols, **f32)
         state["fac_full"] = torch.zeros(full, **f32)
@@ -640,42 +642,47 @@ def _single_tensor_velo(
     states: list[dict[str, Any]],
     ctx: _StepContext,
 ) -> None:
-    """Reference path: the per-tensor functions one tensor at a time (the LSTM on all at once)."""
+    """Reference path: the per-tensor functions one tensor at a time (the LSTM on all at once).
+
+    The path FSDP2 shards take: inside ``distributed.on_tensor(p)`` every mean over a shard is all-reduced.
+    """
     cfg = ctx.cfg
     rows = []
     for p, s in zip(params, states, strict=True):
         pf = p.detach().to(torch.float32)
         dev = pf.device
-        rows.append(
-            lstm_features_for_tensor(
-                pf,
-                s["mom"],
-                s["rms"],
-                ctx.fraction_left.to(dev),
-                ctx.loss_features.to(dev),
-                _rank_feature(p.shape, dev),
-                cfg,
+        with _dist.on_tensor(p):
+            rows.append(
+                lstm_features_for_tensor(
+                    pf,
+                    s["mom"],
+                    s["rms"],
+                    ctx.fraction_left.to(dev),
+                    ctx.loss_features.to(dev),
+                    _rank_feature(_dist.global_shape(p.shape), dev),
+                    cfg,
+                )
             )
-        )
     controls, lr_mult = _run_lstm(rows, states, ctx)
     ff_theta = ctx.ff_theta()
     for i, (p, g, lr, s) in enumerate(zip(params, grads, lrs, states, strict=True)):
         dev = p.device
         pf = p.detach().to(torch.float32)
-        m, rms, v_row, v_col, v_full, step = velo_tensor_update(
-            pf,
-            g,
-            s["mom"],
-            s["rms"],
-            s["fac_row"],
-            s["fac_col"],
-            s["fac_full"],
-            controls[i].to(dev),
-            lr_mult[i].to(dev),
-            [t.to(dev) for t in ff_theta],
-            tuple(d.to(dev) for d in ctx.decays),
-            cfg,
-        )
+        with _dist.on_tensor(p):
+            m, rms, v_row, v_col, v_full, step = velo_tensor_update(
+                pf,
+                g,
+                s["mom"],
+                s["rms"],
+                s["fac_row"],
+                s["fac_col"],
+                s["fac_full"],
+                controls[i].to(dev),
+                lr_mult[i].to(dev),
+                [t.to(dev) for t in ff_theta],
+                tuple(d.to(dev) for d in ctx.decays),
+                cfg,
+            )
         s["mom"], s["rms"], s["fac_row"], s["fac_col"], s["fac_full"] = m, rms, v_row, v_col, v_full
         _apply_step(p, step, lr)
 

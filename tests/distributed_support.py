@@ -112,9 +112,11 @@ def batches(n: int, rows: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.
 
 
 def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max over tensors of ``|a - b|_inf / |b|_inf``."""
+    """max over tensors of ``|a - b|_inf / |b|_inf``; inf if either holds NaN/inf (max() would drop a NaN)."""
     out = 0.0
     for k, ref in b.items():
+        if not (torch.isfinite(a[k]).all() and torch.isfinite(ref).all()):
+            return float("inf")
         den = float(ref.abs().max()) or 1.0
         out = max(out, float((a[k] - ref).abs().max()) / den)
     return out

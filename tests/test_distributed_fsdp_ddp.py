@@ -3,6 +3,10 @@
 Each rank trains on its half of every batch and passes the global mean loss (``distributed.global_mean``); the
 single-process reference trains on the whole batch. Params: dim 0 of size 7 and 3 (split 4/3 and 2/1),
 a (1, 7) row (one rank holds an empty shard), a 4-D kernel and a 0-d scale.
+
+FSDP2 runs twice per family: on a 1-D mesh (the rank-local step: each rank steps its shard, the statistics
+are all-reduced; ``gather_param`` is made to raise) and on a (1, 2) HSDP mesh, whose placements
+``(Replicate(), Shard(0))`` take the all-gather fallback.
 """
 
 from __future__ import annotations
@@ -37,13 +41,72 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
 
+class _Gathers:
+    """Counts ``distributed.gather_param`` calls, or makes them raise (the rank-local path never gathers)."""
+
+    def __init__(self, allow: bool) -> None:
+        import pylo_runtime.distributed as dist_mod
+
+        self.mod, self.real, self.allow, self.calls = dist_mod, dist_mod.gather_param, allow, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if not self.allow:
+            raise AssertionError("gather_param called in the rank-local path")
+        return self.real(*args)
+
+    def __enter__(self):
+        self.mod.gather_param = self
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.gather_param = self.real
+
+
+def _state_shapes(model, opt) -> dict:
+    """Local shape, global shape and optimizer-state shapes of each DTensor param (on this rank)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            st = {k: list(v.shape) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+            out[name] = {"local": list(p.to_local().shape), "global": list(p.shape), "state": st}
+    return out
+
+
+def _fsdp_run(family, base, data, mesh, rank, world, want, allow_gather: bool) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+
+    model = copy.deepcopy(base)
+    # fully_shard refuses 0-d params: the scale stays a plain replicated tensor in the same optimizer.
+    # The 4-D kernel is sharded on dim 1 (FSDP2 allows uneven shards on dim 0 only), the others on dim 0.
+    fully_shard(
+        model,
+        mesh=mesh,
+        ignored_params={model.scale},
+        shard_placement_fn=lambda p: Shard(1) if p.dim() == 4 else Shard(0),
+    )
+    opt = make_optimizer(family, model.parameters())
+    with _Gathers(allow_gather) as gathers:
+        _train(model, opt, data, rank, world, True, replicated=[model.scale])
+    got = {k: _full(v) for k, v in model.named_parameters()}
+    return {
+        "placements": sorted(str(p.placements) for p in model.parameters() if isinstance(p, DTensor)),
+        "diff": max_rel_diff(got, want),
+        "gathers": gathers.calls,
+        "shapes": _state_shapes(model, opt),
+    }
+
+
 def _worker(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard
     from torch.nn.parallel import DistributedDataParallel
 
     mesh = init_device_mesh("cpu", (world,))
+    hsdp = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
     torch.manual_seed(0)
     base = Net()
     data = batches(STEPS, ROWS * world)
@@ -52,24 +115,9 @@ def _worker(rank: int, world: int) -> dict:
         ref = copy.deepcopy(base)
         _train(ref, make_optimizer(family, ref.parameters()), data, rank, world, False)
         want = {k: v.detach() for k, v in ref.named_parameters()}
-
-        sharded = copy.deepcopy(base)
-        # fully_shard refuses 0-d params: the scale stays a plain replicated tensor in the same optimizer.
-        # The 4-D kernel is sharded on dim 1 (FSDP2 allows uneven shards on dim 0 only), the others on dim 0.
-        fully_shard(
-            sharded,
-            mesh=mesh,
-            ignored_params={sharded.scale},
-            shard_placement_fn=lambda p: Shard(1) if p.dim() == 4 else Shard(0),
-        )
-        out[f"fsdp_placements/{family}"] = sorted(
-            str(p.placements) for p in sharded.parameters() if isinstance(p, DTensor)
-        )
-        opt = make_optimizer(family, sharded.parameters())
-        _train(sharded, opt, data, rank, world, True, replicated=[sharded.scale])
-        got = {k: _full(v) for k, v in sharded.named_parameters()}
-        out[f"fsdp/{family}"] = max_rel_diff(got, want)
         out[f"moved/{family}"] = max_rel_diff({k: base.state_dict()[k] for k in want}, want)
+        out[f"fsdp/{family}"] = _fsdp_run(family, base, data, mesh, rank, world, want, allow_gather=False)
+        out[f"hsdp/{family}"] = _fsdp_run(family, base, data, hsdp, rank, world, want, allow_gather=True)
 
         ddp = DistributedDataParallel(copy.deepcopy(base))
         _train(ddp, make_optimizer(family, ddp.parameters()), data, rank, world, True)
@@ -102,15 +150,66 @@ def results() -> list[dict]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fsdp2_equals_single_process(results, family):
-    # 1e-5: the issue's bound; the update runs on the gathered tensors, so rounding differs only through the
-    # gradient reduction (FSDP2 averages the two half-batch gradients, the reference differentiates the mean).
+def test_fsdp2_rank_local_equals_single_process(results, family):
+    # 1e-5: the issue's bound. Rounding differs from one process through the gradient reduction (FSDP2
+    # averages the two half-batch gradients, the reference differentiates the mean) and the summation order
+    # of the all-reduced statistics (local sums, then their sum).
     for r in results:
-        assert r[f"fsdp_placements/{family}"] == ["(Shard(dim=0),)"] * 3 + ["(Shard(dim=1),)"]
+        run = r[f"fsdp/{family}"]
+        assert run["placements"] == ["(Shard(dim=0),)"] * 3 + ["(Shard(dim=1),)"]
+        assert run["gathers"] == 0  # _Gathers raises as well: no parameter was all-gathered
         assert r[f"moved/{family}"] > 1e-3, (
             "the optimizer barely moved the parameters: the test would be vacuous"
         )
-        assert r[f"fsdp/{family}"] <= 1e-5, r
+        assert run["diff"] <= 1e-5, (family, run["diff"])
+
+
+#: Per-element state of each family (one slot per decay on the last axis).
+ELEMENT_STATE = {
+    "small_fc_lopt": ("m", "rms"),
+    "mulo": ("m", "rms"),
+    "mlp_lopt": ("m",),
+    "velo": ("mom", "rms"),
+    "celo": ("mom", "rms"),
+    "celo_adam": ("mom", "rms"),
+}
+#: Factored second moments (row, col) of the families that keep them.
+FACTORED = {
+    "small_fc_lopt": ("v_row", "v_col"),
+    "mulo": ("v_row", "v_col"),
+    "velo": ("fac_row", "fac_col"),
+    "celo": ("fac_row", "fac_col"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp2_rank_local_state_is_shard_sized(results, family):
+    local_sizes = []
+    for r in results:
+        shapes = r[f"fsdp/{family}"]["shapes"]
+        assert sorted(shapes) == ["kernel", "lin.bias", "lin.weight", "row"]
+        for name, info in shapes.items():
+            for key in ELEMENT_STATE[family]:
+                assert info["state"][key][:-1] == info["local"], (name, key, info)
+        local_sizes.append(shapes["lin.weight"]["local"])
+        if family in FACTORED:
+            # (7, 5) sharded on dim 0, factored dims (1, 0): the row statistic averages over the sharded dim
+            # (all-reduced, the whole (5,) vector on each rank), the column one keeps it (local rows).
+            row, col = FACTORED[family]
+            info = shapes["lin.weight"]
+            assert info["state"][row][:-1] == [5] and info["state"][col][:-1] == info["local"][:1], info
+    assert local_sizes == [[4, 5], [3, 5]]  # the two ranks hold different halves: state / world_size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp2_fallback_gather_equals_single_process(results, family):
+    # A 2-D (HSDP) mesh is not rank-local: the parameters are all-gathered and stepped whole (the fallback).
+    for r in results:
+        run = r[f"hsdp/{family}"]
+        assert run["placements"] == ["(Replicate(), Shard(dim=0))"] * 3 + ["(Replicate(), Shard(dim=1))"]
+        assert run["gathers"] == 4 * STEPS  # every DTensor param, every step
+        assert run["shapes"]["lin.weight"]["state"][ELEMENT_STATE[family][0]][:-1] == [7, 5]
+        assert run["diff"] <= 1e-5, (family, run["diff"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
