@@ -29,7 +29,13 @@ from .accumulators import (
     rms_update,
 )
 from .base import LearnedOptimizer, ParamsT
-from .features import factored_dims, fractional_tanh_embed, safe_rsqrt, second_moment_normalizer
+from .features import (
+    factored_dims,
+    fractional_tanh_embed,
+    safe_rsqrt,
+    second_moment_normalizer,
+    second_moment_normalizers,
+)
 
 #: Constructor arguments of ``celo.optimizers.celo.Celo`` as ``get_optimizer('celo')`` sets them (phase 2,
 #: the published meta-test configuration); the rest are the class defaults.
@@ -323,7 +329,7 @@ def celo_features(
     if not normalize:
         return inps
     dims = list(range(p.dim()))
-    return [second_moment_normalizer(x, dims) for x in inps]
+    return second_moment_normalizers(inps, dims)
 
 
 def _step_from_mlp_out(

@@ -161,6 +161,11 @@ class on_tensor:  # noqa: N801 - used like a function: ``with on_tensor(p):``
         _CURRENT[0] = self.prev
 
 
+def current_shard() -> ShardSpec | None:
+    """The spec of the shard being stepped (inside ``on_tensor``), or None for a whole tensor."""
+    return _CURRENT[0]
+
+
 def global_shape(shape: Any) -> tuple[int, ...]:
     """The current tensor's unsharded shape (``shape`` itself outside a shard)."""
     spec = _CURRENT[0]
@@ -193,6 +198,22 @@ def tensor_mean(
     torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=spec.group)
     count = math.prod(x.shape[d] for d in dims if d != axis) * spec.shape[spec.dim]
     return total / count
+
+
+def tensor_means(xs: list[torch.Tensor], dim: tuple[int, ...], keepdim: bool = False) -> list[torch.Tensor]:
+    """``tensor_mean`` of each of ``xs`` (leading axes the current tensor's, reduced over the same ``dim``),
+    with one all-reduce for all of them when the reduction crosses the sharded axis."""
+    spec = _CURRENT[0]
+    if spec is None or not xs or spec.dim not in tuple(d % xs[0].dim() for d in dim):
+        return [tensor_mean(x, dim, keepdim) for x in xs]
+    sums = [torch.sum(x, dim=dim, keepdim=keepdim) for x in xs]
+    flat = torch.cat([s.reshape(-1) for s in sums])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=spec.group)
+    out = []
+    for x, s, part in zip(xs, sums, torch.split(flat, [s.numel() for s in sums]), strict=True):
+        count = math.prod(x.shape[d % x.dim()] for d in dim if d % x.dim() != spec.dim) * spec.shape[spec.dim]
+        out.append(part.reshape(s.shape) / count)
+    return out
 
 
 def tensor_sum(x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,17 @@ def second_moment_normalizer(x: torch.Tensor, dims: Sequence[int], eps: float = 
     return x * torch.rsqrt(eps + _dist.tensor_mean(torch.square(x), tuple(dims), keepdim=True))
 
 
+def second_moment_normalizers(
+    xs: Sequence[torch.Tensor], dims: Sequence[int], eps: float = 1e-5
+) -> list[torch.Tensor]:
+    """``second_moment_normalizer`` of each of ``xs``; an FSDP2 shard's means take one all-reduce for all."""
+    dims = tuple(dims)
+    if _dist.current_shard() is None:  # a whole tensor: exactly second_moment_normalizer, input by input
+        return [second_moment_normalizer(x, dims, eps) for x in xs]
+    means = _dist.tensor_means([torch.square(x) for x in xs], dims, keepdim=True)
+    return [x * torch.rsqrt(eps + m) for x, m in zip(xs, means, strict=True)]
+
+
 def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
     """``rsqrt(max(x, 1e-9))`` (common.safe_rsqrt)."""
     return torch.rsqrt(torch.clamp(x, min=1e-9))

@@ -402,7 +402,7 @@ def ff_step(
 ) -> torch.Tensor:
     """The step (``p_new = p - step``) of one tensor of rank >= 1 from its MLP inputs and weights."""
     dims = tuple(range(p.dim()))
-    normed = [feat.second_moment_normalizer(x, dims) for x in inps]
+    normed = feat.second_moment_normalizers(inps, dims)
     o = normed[0] @ weights[0]
     for x, w in zip(normed[1:], weights[1:n_first], strict=True):
         o = o + x @ w
