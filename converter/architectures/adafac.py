@@ -19,22 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConversionError
-from .base import ArchSpec
+from pylo_runtime.adafac import DEFAULTS as ADAFAC_DEFAULTS  # one source of truth: the runtime's
 
-#: Every constructor argument of ``AdafacMLPLOpt`` (learned_optimization @32186aa4) with its default.
-ADAFAC_DEFAULTS: dict[str, Any] = {
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "hidden_size": 4,
-    "hidden_layers": 2,
-    "initial_momentum_decays": [0.9, 0.99, 0.999],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "concat_weights": True,
-    "make_separate_weights": False,
-    "split_weights": False,
-}
+from ..errors import ConversionError
+from .base import ArchSpec, Keys, check_shapes, few, float32_tensors, lookup
+
 #: Number of tanh time features appended to the normalised per-element features.
 N_TIME_FEATURES = 11
 _NN = ("nn", "~")
@@ -44,8 +33,6 @@ _DECAYS = (
     ("adafactor_decays", "initial_adafactor_decays"),
 )
 _BOOLS = ("concat_weights", "make_separate_weights", "split_weights")
-
-Keys = tuple[str, ...]
 
 
 def n_inputs(config: Mapping[str, Any]) -> int:
@@ -70,30 +57,6 @@ def layer_sizes(config: Mapping[str, Any]) -> list[int]:
 def separate_weights(config: Mapping[str, Any]) -> bool:
     """Whether the reference stores the MLP as scalars (``w{i}_{v}_{o}``) rather than matrices."""
     return not config["concat_weights"] and bool(config["make_separate_weights"])
-
-
-def _lookup(tree: Any, keys: Keys) -> Any:
-    node = tree
-    for key in keys:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def _leaves(tree: Mapping[str, Any], prefix: Keys = ()) -> list[Keys]:
-    out: list[Keys] = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out += _leaves(value, (*prefix, str(key)))
-        else:
-            out.append((*prefix, str(key)))
-    return out
-
-
-def _few(items: list[str], limit: int = 6) -> str:
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def _norm(value: Any) -> Any:
@@ -122,7 +85,7 @@ class AdafacFamily:
             return False
         if set(tree) != {"momentum_decays", "rms_decays", "adafactor_decays", "nn"}:
             return False
-        nn = _lookup(tree, _NN)
+        nn = lookup(tree, _NN)
         return isinstance(nn, Mapping) and ("b0" in nn or "b0_0" in nn)
 
     # ----------------------------------------------------------------------------------------------------
@@ -130,7 +93,7 @@ class AdafacFamily:
         """Validate theta against the config (sizes inferred from shapes, checked against bindings)."""
         unknown = sorted(set(bindings) - set(self.base_defaults))
         if unknown:
-            raise ConversionError(source, f"{self.name}: unknown constructor argument(s) {_few(unknown)}")
+            raise ConversionError(source, f"{self.name}: unknown constructor argument(s) {few(unknown)}")
         if not isinstance(tree, Mapping):
             raise ConversionError(source, f"{self.name}: theta is a {type(tree).__name__}, not a tree")
         config = self.defaults()
@@ -138,32 +101,8 @@ class AdafacFamily:
         self._check_values(config, source)
         self._infer_sizes(tree, bindings, config, source)
 
-        expected = self._expected_shapes(config)
-        found = {keys: tuple(np.shape(_lookup(tree, keys))) for keys in _leaves(tree)}
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        if missing or extra or wrong:
-            parts = []
-            if missing:
-                parts.append("missing " + _few([f"{'/'.join(k)} {expected[k]}" for k in missing]))
-            if extra:
-                parts.append("unexpected " + _few([f"{'/'.join(k)} {found[k]}" for k in extra]))
-            if wrong:
-                parts.append(
-                    "wrong shape "
-                    + _few([f"{'/'.join(k)} {found[k]} (expected {expected[k]})" for k in wrong])
-                )
-            raise ConversionError(source, f"not a {self.name} theta for this config: " + "; ".join(parts))
-
-        tensors: dict[str, np.ndarray] = {}
-        source_paths: dict[str, dict[str, Any]] = {}
-        for out_name, keys in self.table(config).items():
-            arr = np.asarray(_lookup(tree, keys))
-            if arr.dtype != np.float32:
-                raise ConversionError(source, f"{'/'.join(keys)}: dtype {arr.dtype}, expected float32")
-            tensors[out_name] = arr
-            source_paths[out_name] = {"path": "/".join(keys), "keys": list(keys), "transform": None}
+        check_shapes(tree, self._expected_shapes(config), source, self.name)
+        tensors, source_paths = float32_tensors(tree, self.table(config), source)
         return ArchSpec(self.name, config, tensors, source_paths)
 
     # ----------------------------------------------------------------------------------------------------
@@ -195,7 +134,7 @@ class AdafacFamily:
         self, tree: Mapping[str, Any], bindings: Mapping[str, Any], config: dict[str, Any], source: str
     ) -> None:
         """hidden_size / hidden_layers from the MLP shapes; decay counts checked against the offsets."""
-        nn = _lookup(tree, _NN)
+        nn = lookup(tree, _NN)
         if isinstance(nn, Mapping):
             if separate_weights(config):
                 layers = sorted({int(k[1:].split("_")[0]) for k in nn if k.startswith("b") and "_" in k})
@@ -220,7 +159,7 @@ class AdafacFamily:
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "hidden_size" else 0):
                 raise ConversionError(source, f"{self.name}: {key} must be a positive int, got {v!r}")
         for leaf, init in _DECAYS:
-            shape = np.shape(_lookup(tree, (leaf,)))
+            shape = np.shape(lookup(tree, (leaf,)))
             if len(shape) == 1 and shape[0] != len(config[init]):
                 raise ConversionError(
                     source,

@@ -12,18 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConversionError
-from .adafac import _few, _leaves, _lookup
-from .base import ArchSpec
+from pylo_runtime.mlp_lopt import DEFAULTS as MLP_LOPT_DEFAULTS  # one source of truth: the runtime's
 
-#: Every constructor argument of ``MLPLOpt`` (learned_optimization @32186aa4) with its default.
-MLP_LOPT_DEFAULTS: dict[str, Any] = {
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "hidden_size": 32,
-    "hidden_layers": 2,
-    "compute_summary": True,
-}
+from ..errors import ConversionError
+from .base import ArchSpec, check_shapes, few, float32_tensors, lookup
+
 #: g, p, momenta at 6 fixed decays, 11 tanh time features.
 N_INPUTS = 19
 
@@ -49,13 +42,13 @@ class MLPLOptArch:
             return False
         if any(not str(k).startswith("mlp/~/linear_") for k in tree):
             return False
-        return np.shape(_lookup(tree, (_layer(0), "w")))[:1] == (N_INPUTS,)
+        return np.shape(lookup(tree, (_layer(0), "w")))[:1] == (N_INPUTS,)
 
     def build(self, tree: dict[str, Any], bindings: dict[str, Any], *, source: str) -> ArchSpec:
         """Validate theta (hidden sizes inferred from shapes, checked against bindings) and name tensors."""
         unknown = sorted(set(bindings) - set(MLP_LOPT_DEFAULTS))
         if unknown:
-            raise ConversionError(source, f"{self.name}: unknown constructor argument(s) {_few(unknown)}")
+            raise ConversionError(source, f"{self.name}: unknown constructor argument(s) {few(unknown)}")
         if not isinstance(tree, Mapping):
             raise ConversionError(source, f"{self.name}: theta is a {type(tree).__name__}, not a tree")
         config = self.defaults()
@@ -67,7 +60,7 @@ class MLPLOptArch:
         if n_layers:
             inferred = {"hidden_layers": n_layers - 1}
             if n_layers > 1:
-                shape = np.shape(_lookup(tree, (_layer(0), "b")))
+                shape = np.shape(lookup(tree, (_layer(0), "b")))
                 if len(shape) == 1:
                     inferred["hidden_size"] = shape[0]
             for key, value in inferred.items():
@@ -89,32 +82,9 @@ class MLPLOptArch:
             expected[(_layer(i), "w")] = (n_in, out)
             expected[(_layer(i), "b")] = (out,)
             n_in = out
-        found = {keys: tuple(np.shape(_lookup(tree, keys))) for keys in _leaves(tree)}
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        if missing or extra or wrong:
-            parts = []
-            if missing:
-                parts.append("missing " + _few([f"{'/'.join(k)} {expected[k]}" for k in missing]))
-            if extra:
-                parts.append("unexpected " + _few([f"{'/'.join(k)} {found[k]}" for k in extra]))
-            if wrong:
-                parts.append(
-                    "wrong shape "
-                    + _few([f"{'/'.join(k)} {found[k]} (expected {expected[k]})" for k in wrong])
-                )
-            raise ConversionError(source, f"not a {self.name} theta for this config: " + "; ".join(parts))
-
-        tensors: dict[str, np.ndarray] = {}
-        source_paths: dict[str, dict[str, Any]] = {}
-        for keys in expected:
-            arr = np.asarray(_lookup(tree, keys))
-            if arr.dtype != np.float32:
-                raise ConversionError(source, f"{'/'.join(keys)}: dtype {arr.dtype}, expected float32")
-            out_name = f"{keys[0].rsplit('/', 1)[1]}.{keys[1]}"
-            tensors[out_name] = arr
-            source_paths[out_name] = {"path": "/".join(keys), "keys": list(keys), "transform": None}
+        check_shapes(tree, expected, source, self.name)
+        table = {f"{keys[0].rsplit('/', 1)[1]}.{keys[1]}": keys for keys in expected}
+        tensors, source_paths = float32_tensors(tree, table, source)
         return ArchSpec(self.name, config, tensors, source_paths)
 
 

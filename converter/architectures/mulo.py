@@ -11,10 +11,9 @@ never picks muLO: choose it with the ``mulo`` subcommand or ``--set architecture
 
 from __future__ import annotations
 
-from .adafac import ADAFAC_DEFAULTS, AdafacFamily
+from pylo_runtime.mulo import DEFAULTS as MULO_DEFAULTS  # one source of truth: the runtime's
 
-#: Every constructor argument of ``MuAdafacMLPLOpt`` with its default.
-MULO_DEFAULTS = {**ADAFAC_DEFAULTS, "clip_grad": False, "mup_lrs": None}
+from .adafac import AdafacFamily
 
 MULO = AdafacFamily(
     "mulo",
