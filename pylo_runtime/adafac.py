@@ -311,12 +311,13 @@ class SmallFCLOpt(LearnedOptimizer):
             foreach = False  # the scalar-math path is per tensor by definition
 
         prepared = [self._features(p, g, decays) for p, g in zip(params, grads, strict=True)]
-        if foreach:  # (never for FSDP2 shards stepped rank-locally: the base asks for foreach=False)
+        if foreach:
             # One MLP over every element of every tensor: normalise per tensor, then one matmul chain.
-            rows = [
-                _with_time(second_moment_normalize(f), time_feat).reshape(-1, f.shape[-1] + 11)
-                for _, f in prepared
-            ]
+            rows = []
+            for p, (_, f) in zip(params, prepared, strict=True):
+                with _dist.on_tensor(p):
+                    f = second_moment_normalize(f)
+                rows.append(_with_time(f, time_feat).reshape(-1, f.shape[-1] + 11))
             out = mlp_matmul(torch.cat(rows, dim=0), weights, biases)
             outs = torch.split(out, [r.shape[0] for r in rows], dim=0)
             steps = [_step(o[:, 0], o[:, 1], exp_mult, step_mult) for o in outs]

@@ -190,8 +190,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     grads.append(g)
                     lrs.append(float(group["lr"]))
             if params:
-                if len(swapped) > len(gathered):  # rank-local shards: the reference torch path
-                    foreach = fused = False
                 self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
                 for p, full in gathered:
                     _dist.scatter_back(p, full)

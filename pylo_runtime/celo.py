@@ -238,7 +238,8 @@ class Celo(_CeloScheduler):
                 fac_gs.append(_accumulate(st, g, *decays))
         if foreach is None:
             foreach = True
-        fn = _multi_tensor_celo if foreach else _single_tensor_celo
+        # FSDP2 shards stepped rank-locally: single-tensor path (the batched one normalises flattened rows).
+        fn = _multi_tensor_celo if foreach and not _dist.any_shard() else _single_tensor_celo
         fn(params, grads, fac_gs, states, lrs, lr_mult, weights, self.config, self._ff_in, self._ff_layers)
         global_state["iteration"] = global_state["iteration"] + 1
 

@@ -216,6 +216,25 @@ def tensor_means(xs: list[torch.Tensor], dim: tuple[int, ...], keepdim: bool = F
     return out
 
 
+def column_sums(
+    partial: torch.Tensor, shape: tuple[int, ...], dropped: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Complete ``partial``, sums per column over the leading axes of an array of ``shape`` (leading axes:
+    the current tensor's, less ``dropped``; then a column axis): ``(sums, element count)`` over all shards."""
+    spec = _CURRENT[0]
+    axis = None if spec is None else _sharded_axis(spec, dropped)
+    if axis is None:
+        return partial, math.prod(shape[:-1])
+    torch.distributed.all_reduce(partial, op=torch.distributed.ReduceOp.SUM, group=spec.group)
+    count = math.prod(s for i, s in enumerate(shape[:-1]) if i != axis) * spec.shape[spec.dim]
+    return partial, count
+
+
+def any_shard() -> bool:
+    """Whether the step in progress steps FSDP2 shards rank-locally (fast paths that cannot, step aside)."""
+    return bool(_SHARDS)
+
+
 def tensor_sum(x: torch.Tensor) -> torch.Tensor:
     """``torch.sum(x)`` over every element of the current tensor (all shards); compare ``tensors_sum``."""
     spec = _CURRENT[0]

@@ -574,7 +574,8 @@ class VeLO(LearnedOptimizer):
         )
         grads = [torch.clamp(g, -GRAD_CLIP, GRAD_CLIP) for g in grads]
         states = [self.state[p] for p in params]
-        impl = _single_tensor_velo if foreach is False else _multi_tensor_velo
+        # FSDP2 shards stepped rank-locally: the single-tensor path (the batched one vmaps its reductions).
+        impl = _single_tensor_velo if foreach is False or _dist.any_shard() else _multi_tensor_velo
         impl = kernels.velo_impl(self, device, foreach=foreach, fused=fused) or impl  # Triton / fast CPU
         impl(params, grads, lrs, states, ctx)
         global_state["iteration"] = global_state["iteration"] + 1

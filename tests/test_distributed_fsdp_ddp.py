@@ -105,6 +105,11 @@ def _worker(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    from pylo_runtime.kernels import adafac_cpu
+
+    # small_fc_lopt / muLO take the CPU fast path here: with this threshold the (7, 5) weight and the kernel
+    # go through its factored branch, the others through its batched one (both reduce over the shards).
+    adafac_cpu.SMALL = 20
     mesh = init_device_mesh("cpu", (world,))
     hsdp = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
     torch.manual_seed(0)

@@ -6,6 +6,10 @@
 ``fused=None``  Triton on CUDA when triton is importable; on the CPU the vectorised CPU path; otherwise, or
                 for options a fast path does not cover, the reference path.
 
+FSDP2 shards stepped rank-locally (``distributed.any_shard()``): the CPU paths reduce their statistics over
+the shard group; the Triton kernels do not, so on CUDA such a step takes the reference path (``fused=True``
+included).
+
 small_fc_lopt / muLO call :func:`fast_step` first thing in ``_update`` (False: run the reference path);
 VeLO takes :func:`velo_impl`, a drop-in for its single-tensor implementation, after the LSTM inputs are ready.
 """
@@ -17,6 +21,8 @@ import os
 from typing import Any
 
 import torch
+
+from .. import distributed as _dist
 
 __all__ = [
     "fast_step",
@@ -71,6 +77,9 @@ def choose_impl(opt: Any, device: torch.device, fused: bool | None) -> str:
     family = _family(opt)
     if fused is False:
         return "reference"
+    if _dist.any_shard():  # FSDP2 shards stepped rank-locally: the CPU paths reduce over shards, Triton not
+        cpu = family is not None and device.type == "cpu" and _unsupported(opt, family) is None
+        return "cpu" if cpu else "reference"
     reason = None if family else f"{name} has no fused implementation"
     if reason is None:
         reason = _unsupported(opt, family)

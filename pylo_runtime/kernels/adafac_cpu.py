@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import adafac as ref
+from .. import distributed as _dist
 from ..base import write_param
 
 #: Elements per MLP chunk (activations of 2 x 32 floats each stay in a 1 MiB L2).
@@ -54,8 +55,8 @@ def _factored_update(st: dict, g: torch.Tensor, fac_d: torch.Tensor, fdims: tupl
     mix = 1.0 - d
     grad_sqr = g * g + 1e-30
     d1, d0 = fdims
-    st["v_row"] = d * st["v_row"] + mix * torch.mean(grad_sqr, dim=d0).unsqueeze(-1)
-    st["v_col"] = d * st["v_col"] + mix * torch.mean(grad_sqr, dim=d1).unsqueeze(-1)
+    st["v_row"] = d * st["v_row"] + mix * _dist.tensor_mean(grad_sqr, d0).unsqueeze(-1)
+    st["v_col"] = d * st["v_col"] + mix * _dist.tensor_mean(grad_sqr, d1).unsqueeze(-1)
     row_factor, col_factor = ref._row_col_factors(st["v_row"], st["v_col"], fdims)
     return row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
 
@@ -74,6 +75,12 @@ def _elem_features(pf, g, m, rms, fac, out: torch.Tensor) -> None:
 def _rms_scale(sumsq: torch.Tensor, n: int) -> torch.Tensor:
     """``rsqrt(1e-5 + mean(x**2))`` per feature from sums of squares over ``n`` elements."""
     return torch.rsqrt(1e-5 + sumsq / n)
+
+
+def _shard_rms_scale(x: torch.Tensor, shape: tuple[int, ...], dropped: int | None = None) -> torch.Tensor:
+    """``_rms_scale`` of ``x`` (``shape``: leading axes the tensor's, less ``dropped``), over all the shards
+    of an FSDP2 tensor stepped rank-locally (one all-reduce per call)."""
+    return _rms_scale(*_dist.column_sums(_sumsq(x), shape, dropped))
 
 
 def _sumsq(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -105,7 +112,7 @@ def _mlp_tail(h: torch.Tensor, h2: torch.Tensor, weights, biases, out: torch.Ten
 def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
     """One ``SmallFCLOpt`` step on the CPU: same state, same result as ``opt._update`` to float32 rounding."""
     device = params[0].device
-    grads = opt._prepare_grads(grads)
+    grads = opt._prepare_grads(grads, params)
     mom_d, rms_d, fac_d = opt._decays(device)
     weights, biases = opt._mlp(device)
     it = global_state["iteration"]
@@ -132,58 +139,58 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
         return b[: rows * cols].view(rows, cols)
 
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        st = opt.state[p]
-        shape = tuple(p.shape) or (1,)
-        pf = p.detach().to(torch.float32).reshape(shape)
-        pfs.append(pf)
-        g = g.reshape(shape)
-        n = pf.numel()
-        fdims = ref.factored_dims(shape)
-        st["m"] = ref.update_momentum(st["m"], g, mom_d)
-        st["rms"] = ref.update_rms(st["rms"], g, rms_d)
-        m, rms = st["m"], st["rms"]
-        if fdims is None or n < SMALL:
-            # Reference features, normalised, batched with the other small tensors.
-            empty = m.new_zeros(())
-            v_row, v_col, v_diag, fac_g = ref.update_factored(
-                st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
-            )
-            if fdims is None:
-                st["v_diag"] = v_diag
-            else:
-                st["v_row"], st["v_col"] = v_row, v_col
-            f = ref.adafac_features(pf, g, m, rms, fac_g, v_row, v_col, v_diag, fdims)
-            f = f.reshape(n, 28)
-            small_x.append(f * _rms_scale(_sumsq(f), n))
-            small_idx.append(i)
-            continue
+        with _dist.on_tensor(p):  # an FSDP2 shard: its statistics are all-reduced over the shard group
+            st = opt.state[p]
+            shape = tuple(p.shape) or (1,)
+            pf = p.detach().to(torch.float32).reshape(shape)
+            pfs.append(pf)
+            g = g.reshape(shape)
+            n = pf.numel()
+            fdims = ref.factored_dims(_dist.global_shape(shape))
+            st["m"] = ref.update_momentum(st["m"], g, mom_d)
+            st["rms"] = ref.update_rms(st["rms"], g, rms_d)
+            m, rms = st["m"], st["rms"]
+            if fdims is None or _dist.global_numel(pf) < SMALL:  # (a shard: every rank takes one branch)
+                # Reference features, normalised, batched with the other small tensors.
+                empty = m.new_zeros(())
+                v_row, v_col, v_diag, fac_g = ref.update_factored(
+                    st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
+                )
+                if fdims is None:
+                    st["v_diag"] = v_diag
+                else:
+                    st["v_row"], st["v_col"] = v_row, v_col
+                f = ref.adafac_features(pf, g, m, rms, fac_g, v_row, v_col, v_diag, fdims)
+                small_x.append(f.reshape(n, 28) * _shard_rms_scale(f, shape + (28,)))
+                small_idx.append(i)
+                continue
 
-        rf, cf = _factored_update(st, g, fac_d, fdims)
-        d1, d0 = fdims
-        e = buf("e", n, 16)
-        _elem_features(pf, g, m, rms, rf * cf, e)
-        w_e = _rms_scale(_sumsq(e), n).unsqueeze(1) * w_elem
-        # Row / column features: normalise over the tensor (each value repeats along one axis).
-        v_row, v_col = st["v_row"], st["v_col"]
-        rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
-        colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-        a_row = rowf @ (_rms_scale(_sumsq(rowf), rowf[..., 0].numel()).unsqueeze(1) * w_rowf) + b1
-        a_col = colf @ (_rms_scale(_sumsq(colf), colf[..., 0].numel()).unsqueeze(1) * w_colf)
-        a_row = a_row.unsqueeze(d0)  # shape with 1 at d0, + (hidden,)
-        a_col = a_col.unsqueeze(d1)
-        out = torch.empty(n, 2, dtype=torch.float32, device=device)
-        inner = n // shape[0]
-        rows_per = max(1, CHUNK // inner)
-        for r0 in range(0, shape[0], rows_per):
-            r1 = min(shape[0], r0 + rows_per)
-            c0, c1 = r0 * inner, r1 * inner
-            ar = a_row[r0:r1] if a_row.shape[0] != 1 else a_row
-            ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
-            h = buf("h", c1 - c0, hidden)
-            torch.add(ar, ac, out=h.view((r1 - r0,) + shape[1:] + (hidden,)))
-            h.addmm_(e[c0:c1], w_e)
-            _mlp_tail(h, buf("h2", c1 - c0, hidden), weights, biases, out[c0:c1])
-        outs[i] = out
+            rf, cf = _factored_update(st, g, fac_d, fdims)
+            d1, d0 = fdims
+            e = buf("e", n, 16)
+            _elem_features(pf, g, m, rms, rf * cf, e)
+            w_e = _shard_rms_scale(e, shape + (16,)).unsqueeze(1) * w_elem
+            # Row / column features: normalise over the tensor (each value repeats along one axis).
+            v_row, v_col = st["v_row"], st["v_col"]
+            rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+            colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+            a_row = rowf @ (_shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w_rowf) + b1
+            a_col = colf @ (_shard_rms_scale(colf, colf.shape, d1).unsqueeze(1) * w_colf)
+            a_row = a_row.unsqueeze(d0)  # shape with 1 at d0, + (hidden,)
+            a_col = a_col.unsqueeze(d1)
+            out = torch.empty(n, 2, dtype=torch.float32, device=device)
+            inner = n // shape[0] if shape[0] else 0  # an empty shard: no rows to run
+            rows_per = max(1, CHUNK // max(inner, 1))
+            for r0 in range(0, shape[0], rows_per):
+                r1 = min(shape[0], r0 + rows_per)
+                c0, c1 = r0 * inner, r1 * inner
+                ar = a_row[r0:r1] if a_row.shape[0] != 1 else a_row
+                ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
+                h = buf("h", c1 - c0, hidden)
+                torch.add(ar, ac, out=h.view((r1 - r0,) + shape[1:] + (hidden,)))
+                h.addmm_(e[c0:c1], w_e)
+                _mlp_tail(h, buf("h2", c1 - c0, hidden), weights, biases, out[c0:c1])
+            outs[i] = out
 
     if small_x:
         x = torch.cat(small_x) if len(small_x) > 1 else small_x[0]

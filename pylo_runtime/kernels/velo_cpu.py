@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from .. import accumulators as acc
+from .. import distributed as _dist
 from .. import features as feat
 from .. import velo as ref
-from .adafac_cpu import CHUNK, _rms_scale, _sumsq
+from .adafac_cpu import CHUNK, _shard_rms_scale
 
 #: Columns (of the 30 reference inputs) that vary per element in a factored tensor.
 _ELEM = list(range(15)) + [27, 28, 29]
@@ -107,14 +108,17 @@ def _mlp_chunks(e_of, w_e, bias_of, shape, weights, out) -> None:
 
 
 def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
-    """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1."""
+    """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1.
+
+    Inside ``distributed.on_tensor``, an FSDP2 shard's statistics are reduced over its shard group.
+    """
     mom_d, rms_d, fac_d = decays
     shape = tuple(pf.shape)
     n = pf.numel()
     m = acc.momentum_update(st["m"], g, mom_d)
     rms = acc.rms_update(st["rms"], g, rms_d)
     st["m"], st["rms"] = m, rms
-    fdims = feat.factored_dims(shape)
+    fdims = feat.factored_dims(_dist.global_shape(shape))
     out = torch.empty(n, 3, dtype=torch.float32, device=pf.device)
     layers = ((w1, b1), (w2, b2))
     if fdims is None:
@@ -125,29 +129,30 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
         x = torch.cat(
             [t.reshape(n, -1) for t in ref.ff_inputs(pf, g, m, rms, fac_g, v_row, v_col, v_full, cfg)], 1
         )
-        w = _rms_scale(_sumsq(x), n).unsqueeze(1) * w0
+        w = _shard_rms_scale(x, shape + (x.shape[1],)).unsqueeze(1) * w0
         bias = lambda r0, r1, c, h: b0.expand(c, h).clone()  # noqa: E731
         _mlp_chunks(lambda r0, r1, c0, c1: x[c0:c1], w, bias, (n,), layers, out)
         return out
     d = torch.clamp(fac_d, 0.0, 1.0)
     d1, d0 = fdims
     gsq = g * g + 1e-30
-    v_row = d * st["v_row"] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
-    v_col = d * st["v_col"] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
+    v_row = d * st["v_row"] + (1.0 - d) * _dist.tensor_mean(gsq, d0).unsqueeze(-1)
+    v_col = d * st["v_col"] + (1.0 - d) * _dist.tensor_mean(gsq, d1).unsqueeze(-1)
     st["v_row"], st["v_col"] = v_row, v_col
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_factor = feat.safe_rsqrt(v_row / (torch.mean(v_row, dim=reduced_d1, keepdim=True) + 1e-9))
+    row_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
+    row_factor = feat.safe_rsqrt(v_row / (row_mean + 1e-9))
     col_factor = feat.safe_rsqrt(v_col)
     rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
     # The 18 per-element features, written once by one concatenation (strided column writes cost more).
     e = _elem_chunk(
         pf, g, m, rms, rf_u, cf_u, 0, shape[0], torch.empty(n * 18, dtype=torch.float32, device=pf.device)
     )
-    w_e = _rms_scale(_sumsq(e), n).unsqueeze(1) * w0[_ELEM]
+    w_e = _shard_rms_scale(e, shape + (18,)).unsqueeze(1) * w0[_ELEM]
     rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
     colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-    a_row = rowf @ (_rms_scale(_sumsq(rowf), rowf[..., 0].numel()).unsqueeze(1) * w0[_ROW]) + b0
-    a_col = colf @ (_rms_scale(_sumsq(colf), colf[..., 0].numel()).unsqueeze(1) * w0[_COL])
+    a_row = rowf @ (_shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w0[_ROW]) + b0
+    a_col = colf @ (_shard_rms_scale(colf, colf.shape, d1).unsqueeze(1) * w0[_COL])
     a_row, a_col = a_row.unsqueeze(d0), a_col.unsqueeze(d1)
 
     def bias_of(r0: int, r1: int, c: int, hidden: int) -> torch.Tensor:
@@ -170,17 +175,18 @@ def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
     for p, s in zip(params, states, strict=True):
         pf = p.detach().to(torch.float32)
         pfs.append(pf)
-        rows.append(
-            ref.lstm_features_for_tensor(
-                pf,
-                s["mom"],
-                s["rms"],
-                ctx.fraction_left,
-                ctx.loss_features,
-                ref._rank_feature(p.shape, pf.device),
-                cfg,
+        with _dist.on_tensor(p):  # an FSDP2 shard: the means over it are all-reduced
+            rows.append(
+                ref.lstm_features_for_tensor(
+                    pf,
+                    s["mom"],
+                    s["rms"],
+                    ctx.fraction_left,
+                    ctx.loss_features,
+                    ref._rank_feature(_dist.global_shape(p.shape), pf.device),
+                    cfg,
+                )
             )
-        )
     controls, lr_mult = ref._run_lstm(rows, states, ctx)
     w_names, b_names = ref.ff_layer_names(cfg)
     n_first = len(w_names) - cfg.ff_hidden_layers
@@ -200,19 +206,23 @@ def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
         if pf.dim() == 0:  # the reference reshapes scalars to (1,): every feature normalised on its own
             st = {k: (v.unsqueeze(0) if k != "v_row" and k != "v_col" else v) for k, v in st.items()}
         x = pf.reshape(shape)
-        o = _tensor_mlp_out(
-            x,
-            g.reshape(shape),
-            st,
-            w0_all[i],
-            b0_all[i],
-            w1_all[i],
-            b1_all[i],
-            w2_all[i],
-            b2_all[i],
-            ctx.decays,
-            cfg,
-        )
+        with _dist.on_tensor(p):
+            o = _tensor_mlp_out(
+                x,
+                g.reshape(shape),
+                st,
+                w0_all[i],
+                b0_all[i],
+                w1_all[i],
+                b1_all[i],
+                w2_all[i],
+                b2_all[i],
+                ctx.decays,
+                cfg,
+            )
+            if cfg.param_scale_mult:
+                param_scale = torch.sqrt(_dist.tensor_mean(torch.square(x)) + 1e-9)
+            numel = _dist.global_numel(x)
         if pf.dim() == 0:
             st = {k: (v.squeeze(0) if k != "v_row" and k != "v_col" else v) for k, v in st.items()}
         s["mom"], s["rms"], s["fac_row"], s["fac_col"], s["fac_full"] = (
@@ -221,9 +231,8 @@ def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
         direction, magnitude = o[:, 0], o[:, 1]
         mag_param = torch.exp(magnitude * cfg.exp_mult)
         if cfg.param_scale_mult:
-            param_scale = torch.sqrt(torch.mean(torch.square(x)) + 1e-9)
             if cfg.clip_param_scale_amount is not None:
-                max_scale = cfg.clip_param_scale_amount * float(x.numel()) ** 0.5
+                max_scale = cfg.clip_param_scale_amount * float(numel) ** 0.5
                 param_scale = torch.clamp(
                     param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32))
                 )
