@@ -20,6 +20,12 @@ from tests.distributed_support import FAMILIES, Net, batches, make_optimizer, ma
 
 STEPS = 10
 ROWS = 8  # per rank
+#: Extra rank-local FSDP2 runs: (family, optimizer options).
+OTHER_PATHS = (
+    ("velo", {"weight_decay": 0.01, "foreach": False}),
+    ("mulo", {"weight_decay": 0.01, "foreach": False}),
+    ("small_fc_lopt", {"fused": False}),
+)
 
 
 def _train(model, opt, data, rank: int, world: int, distributed: bool, replicated=()) -> None:
@@ -75,7 +81,7 @@ def _state_shapes(model, opt) -> dict:
     return out
 
 
-def _fsdp_run(family, base, data, mesh, rank, world, want, allow_gather: bool) -> dict:
+def _fsdp_run(family, base, data, mesh, rank, world, want, allow_gather: bool, **options) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
@@ -88,7 +94,7 @@ def _fsdp_run(family, base, data, mesh, rank, world, want, allow_gather: bool) -
         ignored_params={model.scale},
         shard_placement_fn=lambda p: Shard(1) if p.dim() == 4 else Shard(0),
     )
-    opt = make_optimizer(family, model.parameters())
+    opt = make_optimizer(family, model.parameters(), **options)
     with _Gathers(allow_gather) as gathers:
         _train(model, opt, data, rank, world, True, replicated=[model.scale])
     got = {k: _full(v) for k, v in model.named_parameters()}
@@ -129,8 +135,18 @@ def _worker(rank: int, world: int) -> dict:
         got = {k.removeprefix("module."): v.detach() for k, v in ddp.named_parameters()}
         out[f"ddp/{family}"] = max_rel_diff(got, want)
 
+    # Other paths on shards: weight decay (its loss term is all-reduced) with the single-tensor paths, and
+    # small_fc_lopt's batched reference path (fused=False; the runs above take the CPU fast paths).
+    out["other_paths"] = []
+    for family, options in OTHER_PATHS:
+        ref = copy.deepcopy(base)
+        _train(ref, make_optimizer(family, ref.parameters(), **options), data, rank, world, False)
+        want = {k: v.detach() for k, v in ref.named_parameters()}
+        run = _fsdp_run(family, base, data, mesh, rank, world, want, allow_gather=False, **options)
+        out["other_paths"].append(run["diff"])
+
     # GradScaler over DTensor grads: an inf in ONE rank's shard must make EVERY rank skip the step (a rank
-    # stepping alone would wait forever in the all-gathers of the next step).
+    # stepping alone would wait forever in the all-reduces of its step).
     model = copy.deepcopy(base)
     fully_shard(model, mesh=mesh, ignored_params={model.scale})
     opt = make_optimizer("small_fc_lopt", [p for n, p in model.named_parameters() if n != "scale"])
@@ -215,6 +231,13 @@ def test_fsdp2_fallback_gather_equals_single_process(results, family):
         assert run["gathers"] == 4 * STEPS  # every DTensor param, every step
         assert run["shapes"]["lin.weight"]["state"][ELEMENT_STATE[family][0]][:-1] == [7, 5]
         assert run["diff"] <= 1e-5, (family, run["diff"])
+
+
+def test_fsdp2_rank_local_other_paths(results):
+    for r in results:
+        assert len(r["other_paths"]) == len(OTHER_PATHS)
+        for (family, options), diff in zip(OTHER_PATHS, r["other_paths"], strict=True):
+            assert diff <= 1e-5, (family, options, diff)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
