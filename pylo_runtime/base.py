@@ -41,7 +41,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     #: Whether the update reads the training loss (VeLO and Celo loss features); small_fc_lopt does not.
     uses_loss: ClassVar[bool] = False
     #: Whether FSDP2 shards may be stepped rank-locally: every reduction over a tensor's elements goes through
-    #: ``distributed.tensor_mean`` / ``tensor_sum`` inside ``distributed.on_tensor(p)``, and shapes through
+    #: ``distributed.tensor_mean`` & co. inside ``distributed.on_tensor(p)``, and shapes through
     #: ``distributed.global_shape``. False: DTensor params are all-gathered and stepped whole (the fallback).
     shard_local: ClassVar[bool] = False
 

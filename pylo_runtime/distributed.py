@@ -6,9 +6,11 @@ dims chosen from the full shape, the tensor's rank and size), so a shard alone d
 Rank-local path (a 1-D mesh and one ``Shard(d)`` placement, gradient alike, family with ``shard_local``):
 the family code runs on the local shard; ``LearnedOptimizer.step`` registers each shard here
 (``register_shard``) and the family enters ``on_tensor(p)`` around each tensor's work. Inside it,
-``tensor_mean`` / ``tensor_sum`` reduce over the elements of the WHOLE tensor (local sum, one
-``all_reduce(SUM)`` over the shard group, divided by the global count) and ``global_shape`` gives the
-unsharded shape. Outside a sharded step they are the plain torch ops: one process computes exactly as before.
+``tensor_mean`` / ``tensor_means`` / ``tensor_sum`` / ``column_sums`` reduce over the elements of the WHOLE
+tensor (local sum, one ``all_reduce(SUM)`` over the shard group, divided by the global count) and
+``global_shape`` / ``global_numel`` give the unsharded size. Outside a sharded step they are the plain torch
+ops: one process computes exactly as before. Paths that cannot reduce over shards (the Triton kernels, the
+vmapped / flattened batched paths) step aside while ``any_shard()``.
 
 Gather fallback (any other placement: Replicate/Partial, a mesh of more than one dim, a family without
 ``shard_local``): ``gather_param`` all-gathers the parameter and its gradient, the family runs on the full
