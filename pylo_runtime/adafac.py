@@ -173,6 +173,7 @@ class SmallFCLOpt(LearnedOptimizer):
 
     architecture: ClassVar[str] = "small_fc_lopt"
     shard_local: ClassVar[bool] = True
+    DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
 
     def __init__(
         self,
@@ -181,25 +182,11 @@ class SmallFCLOpt(LearnedOptimizer):
         config: Mapping[str, Any],
         *,
         num_steps: int,
-        lr: float = 1.0,
-        weight_decay: float = 0.0,
-        max_training_steps: int | None = None,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        **options: Any,
     ) -> None:
-        full = {**DEFAULTS, **dict(config)}
-        super().__init__(
-            params,
-            theta,
-            full,
-            num_steps=num_steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            max_training_steps=max_training_steps,
-            foreach=foreach,
-            fused=fused,
-        )
-        kernels.check_fused(self, self.param_groups[0]["params"][0].device, fused)
+        super().__init__(params, theta, config, num_steps=num_steps, **options)
+        full = self.config
+        kernels.check_fused(self, self.param_groups[0]["params"][0].device, options.get("fused"))
         n_mom = len(full["initial_momentum_decays"])
         for key, init in (
             ("momentum_decays", "initial_momentum_decays"),

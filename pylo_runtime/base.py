@@ -44,6 +44,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     #: ``distributed.tensor_mean`` & co. inside ``distributed.on_tensor(p)``, and shapes through
     #: ``distributed.global_shape``. False: DTensor params are all-gathered and stepped whole (the fallback).
     shard_local: ClassVar[bool] = False
+    #: The reference constructor's defaults: ``config`` (as the converter wrote it) is merged over them.
+    DEFAULTS: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(
         self,
@@ -67,7 +69,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
         self.theta = {k: v.detach().to(torch.float32) for k, v in theta.items()}
-        self.config = dict(config)
+        self.config = {**self.DEFAULTS, **dict(config)}
         self.num_accumulate = 1
         if max_training_steps is not None and num_steps > max_training_steps:
             self.num_accumulate = math.ceil(num_steps / max_training_steps)

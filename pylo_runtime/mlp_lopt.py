@@ -38,6 +38,7 @@ class MLPLOpt(LearnedOptimizer):
 
     architecture: ClassVar[str] = "mlp_lopt"
     shard_local: ClassVar[bool] = True
+    DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
 
     def __init__(
         self,
@@ -46,25 +47,11 @@ class MLPLOpt(LearnedOptimizer):
         config: Mapping[str, Any],
         *,
         num_steps: int,
-        lr: float = 1.0,
-        weight_decay: float = 0.0,
-        max_training_steps: int | None = None,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        **options: Any,
     ) -> None:
-        full = {**DEFAULTS, **dict(config)}
-        super().__init__(
-            params,
-            theta,
-            full,
-            num_steps=num_steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            max_training_steps=max_training_steps,
-            foreach=foreach,
-            fused=fused,
-        )
-        if fused:
+        super().__init__(params, theta, config, num_steps=num_steps, **options)
+        full = self.config
+        if options.get("fused"):
             raise RuntimeError(f"{type(self).__name__}: fused=True is not available (no fused kernel yet)")
         weights, _ = mlp_lopt_layers(self.theta, full)
         if weights[0].shape[0] != 2 + len(DECAYS) + 11:

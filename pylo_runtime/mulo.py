@@ -34,6 +34,7 @@ class MuLO(SmallFCLOpt):
     """
 
     architecture: ClassVar[str] = "mulo"
+    DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
 
     def __init__(
         self,
@@ -42,24 +43,9 @@ class MuLO(SmallFCLOpt):
         config: Mapping[str, Any],
         *,
         num_steps: int,
-        lr: float = 1.0,
-        weight_decay: float = 0.0,
-        max_training_steps: int | None = None,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        **options: Any,
     ) -> None:
-        full = {**DEFAULTS, **dict(config)}
-        super().__init__(
-            params,
-            theta,
-            full,
-            num_steps=num_steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            max_training_steps=max_training_steps,
-            foreach=foreach,
-            fused=fused,
-        )
+        super().__init__(params, theta, config, num_steps=num_steps, **options)
         self.defaults["mup_scale"] = 1.0
         for group in self.param_groups:
             group.setdefault("mup_scale", 1.0)

@@ -488,11 +488,7 @@ class VeLO(LearnedOptimizer):
         config: Mapping[str, Any],
         *,
         num_steps: int,
-        lr: float = 1.0,
-        weight_decay: float = 0.0,
-        max_training_steps: int | None = None,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        **options: Any,
     ) -> None:
         self.cfg = VeLOConfig.from_mapping(config)
         expected = expected_theta_shapes(self.cfg)
@@ -506,18 +502,8 @@ class VeLO(LearnedOptimizer):
                 raise ValueError(
                     f"VeLO: theta tensor {k} has shape {tuple(theta[k].shape)}, config expects {shape}"
                 )
-        super().__init__(
-            params,
-            {k: theta[k] for k in expected},
-            config,
-            num_steps=num_steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            max_training_steps=max_training_steps,
-            foreach=foreach,
-            fused=fused,
-        )
-        kernels.check_fused(self, self.param_groups[0]["params"][0].device, fused)
+        super().__init__(params, {k: theta[k] for k in expected}, config, num_steps=num_steps, **options)
+        kernels.check_fused(self, self.param_groups[0]["params"][0].device, options.get("fused"))
         if self.cfg.constant_loss:
             self.uses_loss = False  # the reference replaces the loss by 1.0
 
