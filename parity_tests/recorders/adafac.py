@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .perturb import perturb_theta
+
 LO_REPO = "google/learned_optimization"
 LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
 
@@ -41,22 +43,6 @@ CASES: dict[str, dict[str, Any]] = {
     # With a (512, 384) tensor where the factored moments dominate (record with --shapes large).
     "small_fc_lopt_large": {"form": "lo_params_gin", "config": {"hidden_size": 32, "step_mult": 0.01}},
 }
-
-
-def perturb_theta(theta: Any, seed: int) -> Any:
-    """``x * (1 + 0.3 z1) + 0.1 z2`` per leaf (numpy ``default_rng([seed, 1234])``), so zeros matter too."""
-    import jax
-    import jax.numpy as jnp
-
-    leaves, tree = jax.tree_util.tree_flatten(theta)
-    rng = np.random.default_rng([seed, 1234])
-    out = []
-    for leaf in leaves:
-        a = np.asarray(leaf, dtype=np.float32)
-        z1 = rng.standard_normal(a.shape).astype(np.float32)
-        z2 = rng.standard_normal(a.shape).astype(np.float32)
-        out.append(jnp.asarray(a * (1.0 + 0.3 * z1) + 0.1 * z2, dtype=jnp.float32))
-    return jax.tree_util.tree_unflatten(tree, out)
 
 
 def gin_value(v: Any) -> str:

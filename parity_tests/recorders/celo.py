@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .perturb import perturb_theta
+
 #: The reference commits this recorder was written against (recorded in every fixture's provenance).
 CELO_REPO = "amoudgl/celo"
 CELO_COMMIT = "66d976116f39da286951f0c5e0a18eee8d1fd66b"
@@ -69,22 +71,6 @@ def make_lopt(arch: str, overrides: dict[str, Any] | None = None) -> Any:
         lstm_hidden_size=64, initial_epsilon=1e-8, initial_momentum_decays=(0.9,), initial_rms_decays=(0.999,)
     )
     return celo_adam.Celo(**{**kwargs, **overrides})
-
-
-def perturb_theta(theta: Any, seed: int) -> Any:
-    """``x * (1 + 0.3 z1) + 0.1 z2`` for every leaf, so zero-initialised parts (biases, LSTM state) matter."""
-    import jax
-    import jax.numpy as jnp
-
-    leaves, tree = jax.tree_util.tree_flatten(theta)
-    rng = np.random.default_rng([seed, 1234])
-    out = []
-    for leaf in leaves:
-        a = np.asarray(leaf, dtype=np.float32)
-        z1 = rng.standard_normal(a.shape).astype(np.float32)
-        z2 = rng.standard_normal(a.shape).astype(np.float32)
-        out.append(jnp.asarray(a * (1.0 + 0.3 * z1) + 0.1 * z2, dtype=jnp.float32))
-    return jax.tree_util.tree_unflatten(tree, out)
 
 
 class CeloReference:

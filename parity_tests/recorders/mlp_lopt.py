@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .adafac import LO_COMMIT, LO_REPO, LOReference, perturb_theta, save_lo_checkpoint
+from .adafac import LO_COMMIT, LO_REPO, LOReference, save_lo_checkpoint
+from .perturb import perturb_theta
 
 #: case -> {"form": checkpoint format, "config": MLPLOpt constructor arguments}.
 CASES: dict[str, dict[str, Any]] = {

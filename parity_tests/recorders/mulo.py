@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .adafac import LO_COMMIT, LO_REPO, LOReference, perturb_theta
+from .adafac import LO_COMMIT, LO_REPO, LOReference
+from .perturb import perturb_theta
 
 MULO_REPO = "bentherien/mu_learned_optimization"
 MULO_COMMIT = "e160d5481c5445f30996f308009ab07ba3d339e7"

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .perturb import perturb_theta
+
 LO_REPO = "google/learned_optimization"
 LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
 
@@ -131,22 +133,6 @@ _UNRELATED = (
     "run_train.summary_every_n = 25",
     "run_train.stochastic_resample_frequency = 1000",
 )
-
-
-def perturb_theta(theta: Any, seed: int) -> Any:
-    """``x * (1 + 0.3 z1) + 0.1 z2`` for every leaf, so zero-initialised parts (biases, LSTM state) matter."""
-    import jax
-    import jax.numpy as jnp
-
-    leaves, tree = jax.tree_util.tree_flatten(theta)
-    rng = np.random.default_rng([seed, 1234])
-    out = []
-    for leaf in leaves:
-        a = np.asarray(leaf, dtype=np.float32)
-        z1 = rng.standard_normal(a.shape).astype(np.float32)
-        z2 = rng.standard_normal(a.shape).astype(np.float32)
-        out.append(jnp.asarray(a * (1.0 + 0.3 * z1) + 0.1 * z2, dtype=jnp.float32))
-    return jax.tree_util.tree_unflatten(tree, out)
 
 
 def scale_final_layer(theta: Any, n_hidden: int, scale: float) -> Any:
