@@ -15,6 +15,7 @@ import torch
 from . import distributed as _dist
 from .accumulators import momentum_update, rms_update
 from .celo import _apply, _CeloScheduler
+from .features import FEATURE_SWITCHES
 
 #: Constructor arguments of ``celo.optimizers.celo_adam.Celo`` as ``get_optimizer('celo_adam')`` sets them.
 CELO_ADAM_DEFAULTS: dict[str, Any] = {
@@ -31,21 +32,7 @@ CELO_ADAM_DEFAULTS: dict[str, Any] = {
     "validation_mode": False,
     "with_validation_feature_dim": False,
     "initial_epsilon": 1e-8,
-    "with_g": True,
-    "with_m": True,
-    "with_m_feat": True,
-    "with_rms": True,
-    "with_rms_feat": True,
-    "with_rms_norm_g": True,
-    "with_rsqrt_rms": True,
-    "with_p": True,
-    "with_fac_norm_g": True,
-    "with_fac_rms": True,
-    "with_fac_rsqrt": True,
-    "with_grad_clip_feat": True,
-    "with_fac_mom_mult": True,
-    "with_rms_only_norm_g": True,
-    "adafactor_accumulator": True,
+    **FEATURE_SWITCHES,
     "param_scale_mult": False,
     "precondition_output": False,
     "reparam_decay": 10.0,
