@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import architectures, flax_msgpack, gin_config, jax_pickle, sources, writer
-from .architectures.base import Architecture, ArchSpec, apply_transform
+from .architectures.base import Architecture, ArchSpec, apply_transform, lookup
 from .errors import ConversionError
 
 SOURCE_FORMATS = ("lo_params_gin", "lo_no_config", "theta_state", "pickle")
@@ -398,15 +398,6 @@ def convert_source(
 # ------------------------------------------------------------------------------------------------ verify
 
 
-def _lookup(tree: Any, keys: Sequence[str]) -> Any:
-    node = tree
-    for key in keys:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
@@ -441,7 +432,7 @@ def verify(
         if entry is None:
             differ.append(f"{name} (no recorded source path)")
             continue
-        leaf = _lookup(loaded.tree, entry.get("keys") or entry["path"].split("/"))
+        leaf = lookup(loaded.tree, tuple(entry.get("keys") or entry["path"].split("/")))
         if leaf is None:
             differ.append(f"{name} (source has no {entry['path']})")
             continue
