@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .perturb import perturb_theta
+from .perturb import perturb_theta, perturbation_note
 
 LO_REPO = "google/learned_optimization"
 LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
@@ -150,24 +150,33 @@ def save_lo_checkpoint(
     raise ValueError(f"unknown checkpoint form {form!r}")
 
 
-def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> LOReference:
-    """Perturbed ``AdafacMLPLOpt(**config)`` theta, written in the case's format and loaded back from it."""
+def lo_reference(
+    architecture: str, cls: Any, options: dict[str, Any], ckpt_dir: Path, seed: int
+) -> LOReference:
+    """Perturbed ``cls(**config)`` theta (a learned_optimization class), written in the case's format and
+    loaded back from it."""
     import jax
-    from learned_optimization.learned_optimizers import adafac_mlp_lopt
 
     config = dict(options["config"])
     form = options["form"]
-    lopt = adafac_mlp_lopt.AdafacMLPLOpt(**config)
+    lopt = cls(**config)
+    name = cls.__name__
     theta = perturb_theta(lopt.init(jax.random.PRNGKey(seed)), seed)
-    loaded, source, how = save_lo_checkpoint(lopt, theta, "AdafacMLPLOpt", config, form, Path(ckpt_dir))
+    loaded, source, how = save_lo_checkpoint(lopt, theta, name, config, form, Path(ckpt_dir))
     prov = {
         "repo": LO_REPO,
         "commit": LO_COMMIT,
-        "class": "learned_optimization.learned_optimizers.adafac_mlp_lopt.AdafacMLPLOpt",
+        "class": f"{cls.__module__}.{name}",
         "config": config,
-        "theta": f"AdafacMLPLOpt(**config).init(jax.random.PRNGKey({seed})), every leaf x -> "
-        f"x * (1 + 0.3 z1) + 0.1 z2 with z ~ N(0, 1) from numpy default_rng([{seed}, 1234])",
+        "theta": perturbation_note(f"{name}(**config).init(jax.random.PRNGKey({seed}))", seed),
         "checkpoint": how,
     }
     sets = dict(config) if form == "lo_no_config" else {}
-    return LOReference("small_fc_lopt", loaded, source, form, sets, prov)
+    return LOReference(architecture, loaded, source, form, sets, prov)
+
+
+def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> LOReference:
+    """Perturbed ``AdafacMLPLOpt(**config)`` theta, written in the case's format and loaded back from it."""
+    from learned_optimization.learned_optimizers import adafac_mlp_lopt
+
+    return lo_reference("small_fc_lopt", adafac_mlp_lopt.AdafacMLPLOpt, options, ckpt_dir, seed)

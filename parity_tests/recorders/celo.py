@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .perturb import perturb_theta
+from .perturb import perturb_theta, perturbation_note
 
 #: The reference commits this recorder was written against (recorded in every fixture's provenance).
 CELO_REPO = "amoudgl/celo"
@@ -139,8 +139,8 @@ def load_reference(arch: str, *, weights: str, seed: int = 0, overrides: dict[st
         theta = perturb_theta(template, seed)
         prov["theta"] = {
             "kind": "random",
-            "how": f"lopt.init(jax.random.PRNGKey({seed})), every leaf x -> x * (1 + 0.3 z1) + 0.1 z2 with "
-            f"z ~ N(0, 1) from numpy default_rng([{seed}, 1234]); written with flax.serialization.to_bytes",
+            "how": perturbation_note(f"lopt.init(jax.random.PRNGKey({seed}))", seed)
+            + "; written with flax.serialization.to_bytes",
         }
         return lopt, theta, serialization.to_bytes(theta), prov
     raise ValueError(f"weights must be 'real' or 'random', got {weights!r}")

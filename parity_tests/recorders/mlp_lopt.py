@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .adafac import LO_COMMIT, LO_REPO, LOReference, save_lo_checkpoint
-from .perturb import perturb_theta
+from .adafac import LOReference, lo_reference
 
 #: case -> {"form": checkpoint format, "config": MLPLOpt constructor arguments}.
 CASES: dict[str, dict[str, Any]] = {
@@ -19,22 +18,6 @@ CASES: dict[str, dict[str, Any]] = {
 
 def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> LOReference:
     """Perturbed ``MLPLOpt(**config)`` theta, written in the case's format and loaded back from it."""
-    import jax
     from learned_optimization.learned_optimizers import mlp_lopt
 
-    config = dict(options["config"])
-    form = options["form"]
-    lopt = mlp_lopt.MLPLOpt(**config)
-    theta = perturb_theta(lopt.init(jax.random.PRNGKey(seed)), seed)
-    loaded, source, how = save_lo_checkpoint(lopt, theta, "MLPLOpt", config, form, Path(ckpt_dir))
-    prov = {
-        "repo": LO_REPO,
-        "commit": LO_COMMIT,
-        "class": "learned_optimization.learned_optimizers.mlp_lopt.MLPLOpt",
-        "config": config,
-        "theta": f"MLPLOpt(**config).init(jax.random.PRNGKey({seed})), every leaf x -> "
-        f"x * (1 + 0.3 z1) + 0.1 z2 with z ~ N(0, 1) from numpy default_rng([{seed}, 1234])",
-        "checkpoint": how,
-    }
-    sets = dict(config) if form == "lo_no_config" else {}
-    return LOReference("mlp_lopt", loaded, source, form, sets, prov)
+    return lo_reference("mlp_lopt", mlp_lopt.MLPLOpt, options, ckpt_dir, seed)

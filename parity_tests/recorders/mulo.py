@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .adafac import LO_COMMIT, LO_REPO, LOReference
-from .perturb import perturb_theta
+from .perturb import perturb_theta, perturbation_note
 
 MULO_REPO = "bentherien/mu_learned_optimization"
 MULO_COMMIT = "e160d5481c5445f30996f308009ab07ba3d339e7"
@@ -67,8 +67,7 @@ def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> LORefe
         "learned_optimization": {"repo": LO_REPO, "commit": LO_COMMIT},
         "class": "mup_adafac_mlp_lopt.MuAdafacMLPLOpt",
         "config": config,
-        "theta": f"MuAdafacMLPLOpt(**config).init(jax.random.PRNGKey({seed})), every leaf x -> "
-        f"x * (1 + 0.3 z1) + 0.1 z2 with z ~ N(0, 1) from numpy default_rng([{seed}, 1234])",
+        "theta": perturbation_note(f"MuAdafacMLPLOpt(**config).init(jax.random.PRNGKey({seed}))", seed),
         "checkpoint": "pickle.dump(theta, open('global_step1.pickle', 'wb')) as helpers.save_checkpoint "
         "does; "
         "reference loaded with pickle.load as optimizers._default_lopt does",

@@ -22,3 +22,11 @@ def perturb_theta(theta: Any, seed: int) -> Any:
         z2 = rng.standard_normal(a.shape).astype(np.float32)
         out.append(jnp.asarray(a * (1.0 + 0.3 * z1) + 0.1 * z2, dtype=jnp.float32))
     return jax.tree_util.tree_unflatten(tree, out)
+
+
+def perturbation_note(init: str, seed: int) -> str:
+    """The provenance line for ``perturb_theta(<init>, seed)``, ``init`` saying where the theta came from."""
+    return (
+        f"{init}, every leaf x -> x * (1 + 0.3 z1) + 0.1 z2 with z ~ N(0, 1) from numpy "
+        f"default_rng([{seed}, 1234])"
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .perturb import perturb_theta
+from .perturb import perturb_theta, perturbation_note
 
 LO_REPO = "google/learned_optimization"
 LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
@@ -227,10 +227,7 @@ def make_reference(options: dict[str, Any], ckpt_dir: Path, seed: int) -> VeLORe
     ckpt_dir = Path(ckpt_dir)
     lopt = hyper_v2.HyperV2(**config)
     theta = perturb_theta(lopt.init(jax.random.PRNGKey(seed)), seed)
-    how_theta = (
-        f"HyperV2(**config).init(jax.random.PRNGKey({seed})), every leaf x -> x * (1 + 0.3 z1) + 0.1 z2 with "
-        f"z ~ N(0, 1) from numpy default_rng([{seed}, 1234])"
-    )
+    how_theta = perturbation_note(f"HyperV2(**config).init(jax.random.PRNGKey({seed}))", seed)
     scale = options.get("final_layer_scale")
     if scale is not None:
         theta = scale_final_layer(theta, lopt.ff_hidden_layers, scale)
