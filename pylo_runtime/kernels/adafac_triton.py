@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .. import adafac as ref
 from ..base import write_param
-from .triton_common import BLOCK, TL_DTYPES, factored_aux, load_state, pack_group
+from .triton_common import BLOCK, TL_DTYPES, block_of, factored_aux, load_state, pack_group
 
 N_FEAT = 28
 
@@ -75,11 +75,7 @@ def _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT: 
 def _adafac_pass_a(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, P_DT: tl.constexpr, FACT: tl.constexpr,
                    BLOCK: tl.constexpr):  # fmt: skip
     """Update the element-wise accumulators; add per-tensor feature sums of squares into STATS."""
-    b = tl.program_id(0)
-    t = tl.load(BLK_T + b)
-    offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
-    n = tl.load(INFO + t * 12)
-    mask = offs < n
+    t, offs, mask, n = block_of(BLK_T, BLK_S, INFO, BLOCK)
     _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, True
     )
@@ -95,11 +91,7 @@ def _adafac_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, W1, B1, WH, BH, W3
                    P_DT: tl.constexpr, FACT: tl.constexpr, H: tl.constexpr, N_MID: tl.constexpr,
                    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Features -> normalise -> MLP -> ``p - step`` for one block of one tensor."""
-    b = tl.program_id(0)
-    t = tl.load(BLK_T + b)
-    offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
-    n = tl.load(INFO + t * 12)
-    mask = offs < n
+    t, offs, mask, n = block_of(BLK_T, BLK_S, INFO, BLOCK)
     pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, False
     )

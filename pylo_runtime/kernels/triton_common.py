@@ -50,6 +50,15 @@ def _load_tensor_info(t, INFO):
 
 
 @triton.jit
+def block_of(BLK_T, BLK_S, INFO, BLOCK: tl.constexpr):
+    """(tensor index, element offsets, mask, element count) of this program's block of the pointer table."""
+    t = tl.load(BLK_T + tl.program_id(0))
+    offs = tl.load(BLK_S + tl.program_id(0)) + tl.arange(0, BLOCK)
+    n = tl.load(INFO + t * 12)
+    return t, offs, offs < n, n
+
+
+@triton.jit
 def load_state(t, offs, mask, PTRS, INFO, AUX, DEC, P_DT: tl.constexpr, FACT: tl.constexpr,
                 UPDATE: tl.constexpr):  # fmt: skip
     """Load (and in pass A update) one block's state; returns what the ``_features`` functions take."""

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import features as feat
 from .. import velo as ref
-from .triton_common import BLOCK, TL_DTYPES, factored_aux, load_state, pack_group
+from .triton_common import BLOCK, TL_DTYPES, block_of, factored_aux, load_state, pack_group
 from .velo_cpu import interpolate_all
 
 N_FEAT = 30
@@ -58,11 +58,7 @@ def _velo_features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, F
 def _velo_pass_a(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, P_DT: tl.constexpr, FACT: tl.constexpr,
                  BLOCK: tl.constexpr):  # fmt: skip
     """Update the element-wise accumulators; add per-tensor feature sums of squares into STATS."""
-    b = tl.program_id(0)
-    t = tl.load(BLK_T + b)
-    offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
-    n = tl.load(INFO + t * 12)
-    mask = offs < n
+    t, offs, mask, n = block_of(BLK_T, BLK_S, INFO, BLOCK)
     _, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, True
     )
@@ -78,11 +74,7 @@ def _velo_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, WT, SCAL,
                  P_DT: tl.constexpr, FACT: tl.constexpr, H: tl.constexpr, W_STRIDE: tl.constexpr,
                  PARAM_SCALE: tl.constexpr, PRECOND: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Features -> normalise -> this tensor's MLP -> ``p - step`` for one block of one tensor."""
-    b = tl.program_id(0)
-    t = tl.load(BLK_T + b)
-    offs = tl.load(BLK_S + b) + tl.arange(0, BLOCK)
-    n = tl.load(INFO + t * 12)
-    mask = offs < n
+    t, offs, mask, n = block_of(BLK_T, BLK_S, INFO, BLOCK)
     pp, p, g, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, _ = load_state(
         t, offs, mask, PTRS, INFO, AUX, DEC, P_DT, FACT, False
     )
