@@ -3,8 +3,10 @@
 ``fused=True``  Triton kernels: the element-wise part of a step for all tensors of a call in a few launches.
                 Needs triton and CUDA tensors, or ``TRITON_INTERPRET=1`` (how CI runs them on the CPU).
 ``fused=False`` the family's reference path (the specification).
-``fused=None``  Triton on CUDA when triton is importable; on the CPU the vectorised CPU path; otherwise, or
-                for options a fast path does not cover, the reference path.
+``fused=None``  Triton on CUDA when triton is importable; on the CPU the fast CPU path (2-D tensors through
+                the hand-fused C passes of ``native`` / ``lopt_cpu.c`` when a C compiler is there, the rest
+                through vectorised torch ops); otherwise, or for options a fast path does not cover, the
+                reference path.
 
 FSDP2 shards stepped rank-locally (``distributed.any_shard()``): the CPU paths reduce their statistics over
 the shard group; the Triton kernels do not, so on CUDA such a step takes the reference path (``fused=True``

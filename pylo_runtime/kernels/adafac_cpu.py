@@ -8,8 +8,11 @@ Same accumulators, features and MLP as ``pylo_runtime.adafac`` (the specificatio
 - the 12 Adafactor row/column features of a factored tensor are constant along one axis: their share of the
   first layer is computed once per row and once per column and broadcast, so per element the first layer
   reads 16 features, not 28;
-- the MLP runs over cache-sized chunks of elements (``addmm`` + in-place relu), so its activations never
-  leave the cache; small and non-factored tensors are batched into one product.
+- 2-D factored tensors run on the hand-fused C passes (``native``, ``lopt_cpu.c``): one pass updates the
+  accumulators and sums the features' squares, one recomputes the features and runs the MLP and the update
+  per tile of 48 elements, so nothing per element is written but the state and the parameter;
+- other factored tensors run the MLP over cache-sized chunks of elements (``addmm`` + in-place relu);
+  small and non-factored tensors are batched into one product.
 
 Float32 results differ from the reference only by summation order (about 1e-7 relative).
 """
@@ -23,6 +26,7 @@ import torch
 from .. import adafac as ref
 from .. import distributed as _dist
 from ..base import write_param
+from . import native
 
 #: Elements per MLP chunk (activations of 2 x 32 floats each stay in a 1 MiB L2).
 CHUNK = 8192
@@ -109,6 +113,30 @@ def _mlp_tail(h: torch.Tensor, h2: torch.Tensor, weights, biases, out: torch.Ten
     torch.addmm(biases[n - 1], h, weights[n - 1], out=out)
 
 
+def _native_factored(lib, opt, st, p, pf, g, fdims, decays, w1_parts, b1, weights, biases, scale, lr) -> None:
+    """The whole step of one 2-D factored tensor on the C passes: accumulators, features, MLP, update."""
+    mom_d, rms_d, fac_d = decays
+    w_elem, w_rowf, w_colf = w1_parts
+    shape = tuple(pf.shape)
+    d0 = fdims[1]
+    g = g.to(torch.float32).contiguous()
+    rf, cf = _factored_update(st, g, fac_d, fdims)
+    fa, fb = native.by_axis(rf, cf, d0, shape)
+    sumsq = native.accumulate(lib.sfc_pass1, 16, pf, g, st["m"], st["rms"], fa, fb, mom_d, rms_d)
+    w_e = _rms_scale(sumsq, pf.numel()).unsqueeze(1) * w_elem
+    v_row, v_col = st["v_row"], st["v_col"]
+    rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+    colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+    a_row = rowf @ (_shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w_rowf) + b1
+    a_col = colf @ (_shard_rms_scale(colf, colf.shape, fdims[0]).unsqueeze(1) * w_colf)
+    a0, a1 = native.by_axis(a_row, a_col, d0, shape)
+    exp_mult, step_mult = float(opt.config["exp_mult"]), float(opt.config["step_mult"])
+    layers = (weights[1], biases[1], weights[2], biases[2])
+    native.mlp_update(lib.sfc_pass2, pf, g, st["m"], st["rms"], fa, fb, w_e, a0, a1, layers,
+                      exp_mult, step_mult, scale, lr)  # fmt: skip
+    native.write_back(p, pf)
+
+
 def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
     """One ``SmallFCLOpt`` step on the CPU: same state, same result as ``opt._update`` to float32 rounding."""
     device = params[0].device
@@ -131,6 +159,7 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
     outs: list[torch.Tensor | None] = [None] * len(params)
     pfs: list[torch.Tensor] = []
     bufs: dict[str, torch.Tensor] = {}
+    lib = native.for_step()
 
     def buf(name: str, rows: int, cols: int) -> torch.Tensor:
         b = bufs.get(name)
@@ -147,10 +176,23 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
             g = g.reshape(shape)
             n = pf.numel()
             fdims = ref.factored_dims(_dist.global_shape(shape))
+            big = fdims is not None and _dist.global_numel(pf) >= SMALL  # (a shard: all ranks agree)
+            if (
+                big
+                and lib
+                and len(weights) == 3
+                and hidden <= native.MAXH
+                and native.usable(pf, [st["m"], st["rms"]])
+            ):
+                _native_factored(
+                    lib, opt, st, p, pf, g, fdims, (mom_d, rms_d, fac_d), (w_elem, w_rowf, w_colf), b1,
+                    weights, biases, 1.0 if scales is None else float(scales[i]), float(lrs[i]),
+                )  # fmt: skip
+                continue
             st["m"] = ref.update_momentum(st["m"], g, mom_d)
             st["rms"] = ref.update_rms(st["rms"], g, rms_d)
             m, rms = st["m"], st["rms"]
-            if fdims is None or _dist.global_numel(pf) < SMALL:  # (a shard: every rank takes one branch)
+            if not big:
                 # Reference features, normalised, batched with the other small tensors.
                 empty = m.new_zeros(())
                 v_row, v_col, v_diag, fac_g = ref.update_factored(
@@ -205,6 +247,8 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
             outs[i] = o
 
     for i, (p, pf, o, lr) in enumerate(zip(params, pfs, outs, lrs, strict=True)):
+        if o is None:  # stepped by the C passes
+            continue
         step = (o[:, 0] * torch.exp(o[:, 1] * exp_mult) * step_mult).reshape(pf.shape)
         if scales is not None:
             step = step * scales[i]

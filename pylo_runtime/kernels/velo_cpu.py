@@ -22,7 +22,11 @@ from .. import accumulators as acc
 from .. import distributed as _dist
 from .. import features as feat
 from .. import velo as ref
-from .adafac_cpu import CHUNK, _shard_rms_scale
+from . import native
+from .adafac_cpu import CHUNK, _rms_scale, _shard_rms_scale
+
+#: Smallest 2-D tensor the C passes take (below, the torch path's few ops cost less than a thread hand-off).
+NATIVE_MIN = 4096
 
 #: Columns (of the 30 reference inputs) that vary per element in a factored tensor.
 _ELEM = list(range(15)) + [27, 28, 29]
@@ -107,6 +111,33 @@ def _mlp_chunks(e_of, w_e, bias_of, shape, weights, out) -> None:
         torch.addmm(b2, h, w2, out=out[c0:c1])
 
 
+def _factors(st: dict, mean_d0: torch.Tensor, mean_d1: torch.Tensor, fac_d: torch.Tensor, fdims):
+    """Update the factored accumulators in ``st`` from this step's ``mean(g**2 + 1e-30)`` over axis d0 / d1;
+    return the (row, column) factors (common.factored_rolling + the ``fac_*`` features' rsqrt)."""
+    d = torch.clamp(fac_d, 0.0, 1.0)
+    d1, d0 = fdims
+    v_row = d * st["v_row"] + (1.0 - d) * mean_d0.unsqueeze(-1)
+    v_col = d * st["v_col"] + (1.0 - d) * mean_d1.unsqueeze(-1)
+    st["v_row"], st["v_col"] = v_row, v_col
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
+    return feat.safe_rsqrt(v_row / (row_mean + 1e-9)), feat.safe_rsqrt(v_col)
+
+
+def _first_layer_shares(
+    st: dict, w0: torch.Tensor, b0: torch.Tensor, fdims
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first layer's share of the 6 row and 6 column features (normalised over the tensor), bias in the
+    row share: ``(per row, per column)``, each (..., hidden)."""
+    d1, d0 = fdims
+    v_row, v_col = st["v_row"], st["v_col"]
+    rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+    colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+    a_row = rowf @ (_shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w0[_ROW]) + b0
+    a_col = colf @ (_shard_rms_scale(colf, colf.shape, d1).unsqueeze(1) * w0[_COL])
+    return a_row, a_col
+
+
 def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
     """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1.
 
@@ -133,26 +164,18 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
         bias = lambda r0, r1, c, h: b0.expand(c, h).clone()  # noqa: E731
         _mlp_chunks(lambda r0, r1, c0, c1: x[c0:c1], w, bias, (n,), layers, out)
         return out
-    d = torch.clamp(fac_d, 0.0, 1.0)
     d1, d0 = fdims
     gsq = g * g + 1e-30
-    v_row = d * st["v_row"] + (1.0 - d) * _dist.tensor_mean(gsq, d0).unsqueeze(-1)
-    v_col = d * st["v_col"] + (1.0 - d) * _dist.tensor_mean(gsq, d1).unsqueeze(-1)
-    st["v_row"], st["v_col"] = v_row, v_col
-    reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
-    row_factor = feat.safe_rsqrt(v_row / (row_mean + 1e-9))
-    col_factor = feat.safe_rsqrt(v_col)
+    row_factor, col_factor = _factors(
+        st, _dist.tensor_mean(gsq, d0), _dist.tensor_mean(gsq, d1), fac_d, fdims
+    )
     rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
     # The 18 per-element features, written once by one concatenation (strided column writes cost more).
     e = _elem_chunk(
         pf, g, m, rms, rf_u, cf_u, 0, shape[0], torch.empty(n * 18, dtype=torch.float32, device=pf.device)
     )
     w_e = _shard_rms_scale(e, shape + (18,)).unsqueeze(1) * w0[_ELEM]
-    rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
-    colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-    a_row = rowf @ (_shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w0[_ROW]) + b0
-    a_col = colf @ (_shard_rms_scale(colf, colf.shape, d1).unsqueeze(1) * w0[_COL])
+    a_row, a_col = _first_layer_shares(st, w0, b0, fdims)
     a_row, a_col = a_row.unsqueeze(d0), a_col.unsqueeze(d1)
 
     def bias_of(r0: int, r1: int, c: int, hidden: int) -> torch.Tensor:
@@ -167,26 +190,87 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
     return out
 
 
+def _native_pass1(lib: Any, pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) -> dict:
+    """A 2-D tensor's first C passes: this step's ``g**2`` row / column sums (factored accumulators updated
+    in ``s``), then the momentum / rms update with the features' sums of squares and the previous state's
+    LSTM statistics (``velo_gsq``, ``velo_pass1`` in lopt_cpu.c). Returns what the MLP pass needs."""
+    shape, k = tuple(pf.shape), native.slots()
+    rows = torch.zeros(k, shape[0], dtype=torch.float64)
+    cols = torch.zeros(k, shape[1], dtype=torch.float64)
+    lib.velo_gsq(pf.numel(), k, shape[1], native.ptr(g), native.ptr(rows), native.ptr(cols))
+    fdims = feat.factored_dims(shape)
+    st = {"v_row": s["fac_row"], "v_col": s["fac_col"]}
+    mean = {0: cols.sum(0) / shape[0], 1: rows.sum(0) / shape[1]}  # mean(g**2 + 1e-30) over an axis
+    row_factor, col_factor = _factors(st, mean[fdims[1]].float(), mean[fdims[0]].float(), fac_d, fdims)
+    s["fac_row"], s["fac_col"] = st["v_row"], st["v_col"]
+    fa, fb = native.by_axis(row_factor, col_factor, fdims[1], shape)
+    sumsq, stats = native.accumulate(
+        lib.velo_pass1, 18, pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d, stats=9
+    )
+    return {"fa": fa, "fb": fb, "sumsq": sumsq, "stats": stats, "fdims": fdims, "g": g}
+
+
+def _lstm_row_from_stats(sums: torch.Tensor, n: int, ctx: Any, rank: torch.Tensor) -> torch.Tensor:
+    """``velo.lstm_features_for_tensor`` from ``_native_pass1``'s state sums: means of ``m * norm_mult`` and
+    ``rms * norm_mult`` and their (sic) variances, as E[x**2] - E[x]**2 in float64."""
+    mean_p2 = (sums[0] / n).to(torch.float32)
+    nm = torch.rsqrt(torch.clamp(mean_p2, min=1e-9)).double()
+    mean_m = sums[1:4] / n * nm
+    var_m = sums[4:7] / n * nm**2 - mean_m**2
+    mean_rms = sums[7:8] / n * nm
+    var_rms = sums[8] / n * nm**2 - 2.0 * mean_m * mean_rms + mean_m**2  # centred on mean_m, as the reference
+    parts = [ctx.fraction_left, ctx.loss_features, feat.clip_log_abs(mean_rms.float(), scale=10.0), rank]
+    parts += [feat.clip_log_abs(var_m.float(), scale=10.0), feat.clip_log_abs(var_rms.float(), scale=10.0)]
+    if ctx.cfg.with_validation_feature_dim:
+        parts.append(torch.full((1,), float(ctx.cfg.validation_mode), dtype=torch.float32))
+    return torch.cat(parts)
+
+
+def _native_step(lib, p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
+    """The MLP pass and update of a 2-D tensor on the C passes, after ``_native_pass1``."""
+    cfg = ctx.cfg
+    w0, b0, w1, b1, w2, b2 = mlp
+    shape = tuple(pf.shape)
+    n = pf.numel()
+    w_e = _rms_scale(pre["sumsq"], n).unsqueeze(1) * w0[_ELEM]
+    st = {"v_row": s["fac_row"], "v_col": s["fac_col"]}
+    a0, a1 = native.by_axis(*_first_layer_shares(st, w0, b0, pre["fdims"]), pre["fdims"][1], shape)
+    pscale = -1.0
+    if cfg.param_scale_mult:
+        param_scale = torch.sqrt((pre["stats"][0] / n).to(torch.float32) + 1e-9)
+        if cfg.clip_param_scale_amount is not None:
+            max_scale = cfg.clip_param_scale_amount * float(n) ** 0.5
+            param_scale = torch.clamp(param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32)))
+        pscale = float(param_scale)
+    native.mlp_update(lib.velo_pass2, pf, pre["g"], s["mom"], s["rms"], pre["fa"], pre["fb"], w_e, a0, a1,
+                      (w1, b1, w2, b2), cfg.exp_mult, cfg.step_mult, pscale, lr_mult,
+                      int(cfg.precondition_output), lr)  # fmt: skip
+    native.write_back(p, pf)
+
+
 def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
     """Drop-in for ``velo._single_tensor_velo(params, grads, lrs, states, ctx)`` on the CPU; grads clipped."""
     cfg = ctx.cfg
+    lib = native.for_step()
     rows = []
-    pfs = []
-    for p, s in zip(params, states, strict=True):
+    pfs, stats = [], []
+    for p, g, s in zip(params, grads, states, strict=True):
         pf = p.detach().to(torch.float32)
-        pfs.append(pf)
         with _dist.on_tensor(p):  # an FSDP2 shard: the means over it are all-reduced
-            rows.append(
-                ref.lstm_features_for_tensor(
-                    pf,
-                    s["mom"],
-                    s["rms"],
-                    ctx.fraction_left,
-                    ctx.loss_features,
-                    ref._rank_feature(_dist.global_shape(p.shape), pf.device),
-                    cfg,
+            rank = ref._rank_feature(_dist.global_shape(p.shape), pf.device)
+            st = None
+            if lib and pf.numel() >= NATIVE_MIN and native.usable(pf, [s["mom"], s["rms"]]):
+                mom_d, rms_d, fac_d = ctx.decays
+                st = _native_pass1(lib, pf, g.to(torch.float32).contiguous(), s, fac_d, mom_d, rms_d)
+                rows.append(_lstm_row_from_stats(st["stats"], pf.numel(), ctx, rank))
+            else:
+                rows.append(
+                    ref.lstm_features_for_tensor(
+                        pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg
+                    )
                 )
-            )
+        pfs.append(pf)
+        stats.append(st)
     controls, lr_mult = ref._run_lstm(rows, states, ctx)
     w_names, b_names = ref.ff_layer_names(cfg)
     n_first = len(w_names) - cfg.ff_hidden_layers
@@ -195,6 +279,10 @@ def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
     w1_all, w2_all = mixed[n_first], mixed[n_first + 1]
     b0_all, b1_all, b2_all = mixed[len(w_names) :]
     for i, (p, pf, g, lr, s) in enumerate(zip(params, pfs, grads, lrs, states, strict=True)):
+        if stats[i] is not None:
+            mlp = (w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i])
+            _native_step(lib, p, pf, s, stats[i], mlp, float(lr_mult[i]), float(lr), ctx)
+            continue
         shape = tuple(pf.shape) or (1,)
         st = {
             "m": s["mom"],

@@ -1,0 +1,463 @@
+/* Hand-fused per-element passes of the CPU fast path (built and loaded by kernels/native.py).
+ *
+ * A pass walks a range of a 2-D tensor's elements in tiles of T elements: it computes the per-element
+ * features of a tile into a feature-major buffer (f[k * T + t]), then either sums their squares (the
+ * per-tensor normalisation) or runs the per-element MLP on them with register-blocked vector code and
+ * writes the parameter update. Row statistics (per axis-0 index) and column statistics (per axis-1 index)
+ * come in as small arrays computed by torch. Same math as the torch paths, in float32; only summation
+ * order and FMA contraction differ (sums of squares are accumulated in double).
+ *
+ * Each exported function takes a whole tensor (n elements) and splits it into at most nslots ranges run
+ * by OpenMP threads; built with -fopenmp against the libgomp torch loaded, they share torch's thread pool
+ * (Python threads would fight its spinning workers for the cores). Range j writes its partial sums into
+ * slot j of the caller's arrays.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define V 8                        /* float lanes of one vector (AVX2; narrower ISAs split it) */
+#define T 48                       /* elements per tile: 2 blocks of 3 vectors */
+#define MAXH 256                   /* widest hidden layer the kernels accept */
+
+/* The accumulators are rounded op for op as torch rounds them (no FMA contraction): they are state. */
+#if defined(__clang__)
+#define EXACT_FN
+#define EXACT_BODY _Pragma("clang fp contract(off)")
+#else
+#define EXACT_FN __attribute__((optimize("fp-contract=off")))
+#define EXACT_BODY
+#endif
+
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
+
+/* Pin a loaded vector in a register: without it GCC re-reads the input from memory in every FMA (memory
+ * operands), which makes the MLP's inner loop load-bound. */
+#if defined(__x86_64__) && defined(__AVX__)
+#define IN_REG(v) __asm__("" : "+x"(v))
+#else
+#define IN_REG(v) (void)0
+#endif
+
+static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stv(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf bc(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+static inline vf relu(vf a) { return (vf)((vi)a & (a > bc(0.0f))); }
+
+/* exp(x) of 8 floats (Cephes' expf: x = n ln2 + r, degree-6 polynomial in r, times 2^n), ~1 ulp; inputs
+ * are clamped to [-87.3, 88.7] (the learned optimizers' exp arguments are O(1e-2)); NaN stays NaN. */
+static inline vf vexp(vf x) {
+    const vi nan = x != x;
+    const vf x0 = x, hi = bc(88.7f), lo = bc(-87.3f);
+    x = (vf)(((vi)x & (x < hi)) | ((vi)hi & ~(x < hi)));
+    x = (vf)(((vi)x & (x > lo)) | ((vi)lo & ~(x > lo)));
+    const vf shifter = bc(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf n = (x * bc(1.44269504088896341f) + shifter) - shifter;
+    const vf r = (x - n * bc(0.693359375f)) - n * bc(-2.12194440e-4f);
+    vf y = bc(1.9875691500e-4f);
+    y = y * r + bc(1.3981999507e-3f);
+    y = y * r + bc(8.3334519073e-3f);
+    y = y * r + bc(4.1665795894e-2f);
+    y = y * r + bc(1.6666665459e-1f);
+    y = y * r + bc(5.0000001201e-1f);
+    y = y * (r * r) + r + bc(1.0f);
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)(((vi)(y * (vf)e) & ~nan) | ((vi)x0 & nan));
+}
+
+/* sqrt of 8 floats (a lane loop the compiler turns into one vector sqrt). */
+static inline vf vsqrt(vf x) {
+    float a[V];
+    stv(a, x);
+    for (int l = 0; l < V; l++) a[l] = sqrtf(a[l]);
+    return ld(a);
+}
+
+/* Store the first n of T results (a tile's valid elements). */
+static inline void store_tile(float *dst, const float *src, int n) {
+    memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+/* out (J x T) += w (K x J, row-major) contracted with x (K x T), then relu if asked; out holds the init.
+ * Blocks of 4 outputs x 3 vectors: 12 accumulators, 3 inputs and a broadcast weight in the 16 AVX
+ * registers; per k, 7 loads feed 12 FMAs (FMA-bound). */
+static void layer(int K, int J, const float *restrict w, const float *restrict x, float *restrict out,
+                  int do_relu) {
+    int j = 0;
+    for (; j + 4 <= J; j += 4) {
+        for (int t = 0; t < T; t += 3 * V) {
+            float *o0 = out + (j + 0) * T + t, *o1 = out + (j + 1) * T + t;
+            float *o2 = out + (j + 2) * T + t, *o3 = out + (j + 3) * T + t;
+            vf a00 = ld(o0), a01 = ld(o0 + V), a02 = ld(o0 + 2 * V);
+            vf a10 = ld(o1), a11 = ld(o1 + V), a12 = ld(o1 + 2 * V);
+            vf a20 = ld(o2), a21 = ld(o2 + V), a22 = ld(o2 + 2 * V);
+            vf a30 = ld(o3), a31 = ld(o3 + V), a32 = ld(o3 + 2 * V);
+            const float *xk = x + t, *wk = w + j;
+            for (int k = 0; k < K; k++, xk += T, wk += J) {
+                vf x0 = ld(xk), x1 = ld(xk + V), x2 = ld(xk + 2 * V);
+                IN_REG(x0);
+                IN_REG(x1);
+                IN_REG(x2);
+                vf wv = bc(wk[0]);
+                a00 += wv * x0; a01 += wv * x1; a02 += wv * x2;
+                wv = bc(wk[1]);
+                a10 += wv * x0; a11 += wv * x1; a12 += wv * x2;
+                wv = bc(wk[2]);
+                a20 += wv * x0; a21 += wv * x1; a22 += wv * x2;
+                wv = bc(wk[3]);
+                a30 += wv * x0; a31 += wv * x1; a32 += wv * x2;
+            }
+            if (do_relu) {
+                a00 = relu(a00); a01 = relu(a01); a02 = relu(a02);
+                a10 = relu(a10); a11 = relu(a11); a12 = relu(a12);
+                a20 = relu(a20); a21 = relu(a21); a22 = relu(a22);
+                a30 = relu(a30); a31 = relu(a31); a32 = relu(a32);
+            }
+            stv(o0, a00); stv(o0 + V, a01); stv(o0 + 2 * V, a02);
+            stv(o1, a10); stv(o1 + V, a11); stv(o1 + 2 * V, a12);
+            stv(o2, a20); stv(o2 + V, a21); stv(o2 + 2 * V, a22);
+            stv(o3, a30); stv(o3 + V, a31); stv(o3 + 2 * V, a32);
+        }
+    }
+    for (; j < J; j++) {
+        for (int t = 0; t < T; t += 2 * V) {
+            float *o = out + j * T + t;
+            vf a0 = ld(o), a1 = ld(o + V);
+            const float *xk = x + t;
+            for (int k = 0; k < K; k++, xk += T) {
+                const vf wv = bc(w[k * J + j]);
+                a0 += wv * ld(xk); a1 += wv * ld(xk + V);
+            }
+            if (do_relu) { a0 = relu(a0); a1 = relu(a1); }
+            stv(o, a0); stv(o + V, a1);
+        }
+    }
+}
+
+/* out[j * T + t] = bias[j] for every t (a layer's init). */
+static void fill_bias(int J, const float *bias, float *out) {
+    for (int j = 0; j < J; j++)
+        for (int t = 0; t < T; t++) out[j * T + t] = bias[j];
+}
+
+/* Zero columns [t0, T) of a K x T tile (the padding of a range's last tile). */
+static void zero_tail(int K, int t0, float *f) {
+    if (t0 < T)
+        for (int k = 0; k < K; k++) memset(f + k * T + t0, 0, (size_t)(T - t0) * sizeof(float));
+}
+
+/* Add sum_t f[k * T + t]^2 to sums[k] (double) for k < K; padding columns are zero. */
+static void add_sumsq(int K, const float *f, double *sums) {
+    for (int k = 0; k < K; k++) {
+        const float *x = f + k * T;
+        vf s = bc(0.0f);
+        for (int t = 0; t < T; t += V) { vf v = ld(x + t); s += v * v; }
+        double acc = 0.0;
+        for (int l = 0; l < V; l++) acc += (double)s[l];
+        sums[k] += acc;
+    }
+}
+
+/* Layer-1 init of a segment: h[j * T + t0 + t] = a0[j] + a1t[j * ncol + c + t] (a row's and the columns'
+ * shares of the first layer, feature scales folded in), t < len. */
+static void init_seg(int H, int t0, int len, int64_t c, int64_t ncol, const float *a0, const float *a1t,
+                     float *h) {
+    for (int j = 0; j < H; j++) {
+        const float a = a0[j], *src = a1t + j * ncol + c;
+        float *dst = h + j * T + t0;
+        for (int t = 0; t < len; t++) dst[t] = a + src[t];
+    }
+}
+
+/* Momentum (3 decays, interleaved) and rms (1 decay) updates of elements [e0, e0 + len):
+ * m = d * m + (1 - d) * g, v = d * v + (1 - d) * g^2 (the (1 - d) come in precomputed, as torch does). */
+EXACT_FN static void update_acc(int64_t e0, int len, const float *g, float *m, float *rms,
+                                const float *md, const float *mc, float rd, float rc) {
+    EXACT_BODY
+    for (int t = 0; t < len; t++) {
+        const int64_t e = e0 + t;
+        const float gi = g[e];
+        float *me = m + 3 * e;
+        me[0] = md[0] * me[0] + mc[0] * gi;
+        me[1] = md[1] * me[1] + mc[1] * gi;
+        me[2] = md[2] * me[2] + mc[2] * gi;
+        rms[e] = rd * rms[e] + rc * (gi * gi);
+    }
+}
+
+/* Per-element features of one segment (elements [e0, e0 + len) of row r, from column c) into columns
+ * [t0, t0 + len) of a feature-major tile f (K x T). fa: the row's factors (3), fb: the columns' (3 each). */
+typedef void (*feat_fn)(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
+                        const float *p, const float *g, const float *m, const float *rms, const float *fa,
+                        const float *fb);
+
+/* Run BODY on ranges [i0, i1) of [0, n), one per thread (at most nslots), j the range's slot. */
+#ifdef _OPENMP
+#define THREAD_ID(k, j) (k) = omp_get_num_threads(), (j) = omp_get_thread_num()
+#else
+#define THREAD_ID(k, j) (k) = 1, (j) = 0, (void)nslots
+#endif
+#define PARALLEL_RANGES(n, nslots, ...)                                                                 \
+    _Pragma("omp parallel num_threads(nslots)") {                                                       \
+        int k_, j;                                                                                      \
+        THREAD_ID(k_, j);                                                                               \
+        const int64_t i0 = (n) * j / k_, i1 = (n) * (j + 1) / k_;                                       \
+        __VA_ARGS__;                                                                                    \
+    }
+
+/* Walk elements [i, i + n) of a row-major tensor with ncol columns in row segments; the body sees the
+ * segment's first element e, its row r and column c, its length len and its tile column t0. */
+#define FOR_SEGMENTS(i, n, ncol, ...)                                                                   \
+    for (int t0 = 0; t0 < (n);) {                                                                       \
+        const int64_t e = (i) + t0, r = e / (ncol), c = e % (ncol);                                     \
+        const int len = (int)((ncol) - c < (n) - t0 ? (ncol) - c : (n) - t0);                           \
+        __VA_ARGS__;                                                                                    \
+        t0 += len;                                                                                      \
+    }
+
+typedef double vd __attribute__((vector_size(4 * sizeof(double))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+
+/* Add the tile [i, i + n)'s p, m (3), rms (the state before this step's update) and their squares to the
+ * double accumulators s1 / s2 (5 each), element by element in double. */
+static void state_stats_tile(int64_t i, int n, const float *p, const float *m, const float *rms, vd *s1,
+                             vd *s2) {
+    float f[5 * T];
+    for (int t = 0; t < n; t++) {
+        const int64_t e = i + t;
+        f[0 * T + t] = p[e];
+        f[1 * T + t] = m[3 * e]; f[2 * T + t] = m[3 * e + 1]; f[3 * T + t] = m[3 * e + 2];
+        f[4 * T + t] = rms[e];
+    }
+    zero_tail(5, n, f);
+    for (int k = 0; k < 5; k++) {
+        for (int t = 0; t < T; t += 4) {
+            vf4 x4;
+            memcpy(&x4, f + k * T + t, sizeof x4);
+            const vd x = __builtin_convertvector(x4, vd);
+            s1[k] += x;
+            s2[k] += x * x;
+        }
+    }
+}
+
+/* stats (9) += sum p^2, sum m (3), sum m^2 (3), sum rms, sum rms^2 from the accumulators s1 / s2. */
+static void state_stats_add(const vd *s1, const vd *s2, double *stats) {
+    double h1[5], h2[5];
+    for (int k = 0; k < 5; k++) {
+        h1[k] = (s1[k][0] + s1[k][1]) + (s1[k][2] + s1[k][3]);
+        h2[k] = (s2[k][0] + s2[k][1]) + (s2[k][2] + s2[k][3]);
+    }
+    stats[0] += h2[0];
+    for (int k = 0; k < 3; k++) { stats[1 + k] += h1[1 + k]; stats[4 + k] += h2[1 + k]; }
+    stats[7] += h1[4];
+    stats[8] += h2[4];
+}
+
+/* Pass 1 over elements [i0, i1): update m / rms in place, add the sums of squares of the K features to
+ * sums; with stats (VeLO's LSTM inputs), first add the previous state's statistics (state_stats_add). */
+static void pass1(feat_fn feat, int K, int64_t i0, int64_t i1, int64_t ncol, const float *p, const float *g,
+                  float *m, float *rms, const float *fa, const float *fb, const float *md, const float *mc,
+                  float rd, float rc, double *sums, double *stats) {
+    float f[32 * T];
+    vd s1[5] = {{0}}, s2[5] = {{0}};
+    for (int64_t i = i0; i < i1; i += T) {
+        const int n = (int)(i1 - i < T ? i1 - i : T);
+        if (stats) state_stats_tile(i, n, p, m, rms, s1, s2);
+        FOR_SEGMENTS(i, n, ncol, {
+            update_acc(e, len, g, m, rms, md, mc, rd, rc);
+            feat(f, t0, len, e, r, c, p, g, m, rms, fa + 3 * r, fb + 3 * c);
+        });
+        zero_tail(K, n, f);
+        add_sumsq(K, f, sums);
+    }
+    if (stats) state_stats_add(s1, s2, stats);
+}
+
+/* The MLP output o (J x T) of the tile of elements [i, i + n): features, relu(K -> H), relu(H -> H), H -> J;
+ * the first layer starts from a0[row] + a1t[:, col] (its bias and the row / column features' share). */
+static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, int64_t ncol, const float *p,
+                     const float *g, const float *m, const float *rms, const float *fa, const float *fb,
+                     const float *we, const float *a0, const float *a1t, const float *w2, const float *b2,
+                     const float *w3, const float *b3, float *f, float *h1, float *h2, float *o) {
+    FOR_SEGMENTS(i, n, ncol, {
+        feat(f, t0, len, e, r, c, p, g, m, rms, fa + 3 * r, fb + 3 * c);
+        init_seg(H, t0, len, c, ncol, a0 + r * H, a1t, h1);
+    });
+    zero_tail(K, n, f);
+    zero_tail(H, n, h1);
+    layer(K, H, we, f, h1, 1);
+    fill_bias(H, b2, h2);
+    layer(H, H, w2, h1, h2, 1);
+    fill_bias(J, b3, o);
+    layer(H, J, w3, h2, o, 0);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* small_fc_lopt (AdafacMLPLOpt): 16 per-element features, in adafac_cpu._elem_features' order:
+ * g, p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3), m * fac (3); rsqrt = 1 / sqrt(rms + 1e-6),
+ * fac = fa * fb (the Adafactor row and column factors, 3 decays). */
+static void sfc_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
+                         const float *p, const float *g, const float *m, const float *rms, const float *fa,
+                         const float *fb) {
+    (void)r; (void)c;
+    const float fr0 = fa[0], fr1 = fa[1], fr2 = fa[2];
+    for (int t = 0; t < len; t++) {
+        const int64_t e = e0 + t;
+        const float gi = g[e], m0 = m[3 * e], m1 = m[3 * e + 1], m2 = m[3 * e + 2], v = rms[e];
+        const float rs = 1.0f / sqrtf(v + 1e-6f);
+        const float q0 = fr0 * fb[3 * t], q1 = fr1 * fb[3 * t + 1], q2 = fr2 * fb[3 * t + 2];
+        float *o = f + t0 + t;
+        o[0 * T] = gi; o[1 * T] = p[e];
+        o[2 * T] = m0; o[3 * T] = m1; o[4 * T] = m2; o[5 * T] = v;
+        o[6 * T] = m0 * rs; o[7 * T] = m1 * rs; o[8 * T] = m2 * rs; o[9 * T] = rs;
+        o[10 * T] = gi * q0; o[11 * T] = gi * q1; o[12 * T] = gi * q2;
+        o[13 * T] = m0 * q0; o[14 * T] = m1 * q1; o[15 * T] = m2 * q2;
+    }
+}
+
+/* small_fc_lopt pass 1 over elements [i0, i1) of an (nrow, ncol) tensor (see pass1). */
+static void sfc_pass1_range(int64_t i0, int64_t i1, int64_t ncol, const float *p, const float *g, float *m, float *rms,
+               const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
+               double *sums) {
+    pass1(sfc_features, 16, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc, sums, NULL);
+}
+
+/* small_fc_lopt pass 2 over elements [i0, i1): MLP 16 -> H -> H -> 2, the step
+ * ((o0 * exp(o1 * exp_mult)) * step_mult) * scale (* lr), out = p - step (out may alias p). */
+static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g, const float *m,
+               const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
+               const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
+               float exp_mult, float step_mult, float scale, float lr, float *out) {
+    float f[16 * T], h1[MAXH * T], h2[MAXH * T], o[2 * T];
+    for (int64_t i = i0; i < i1; i += T) {
+        const int n = (int)(i1 - i < T ? i1 - i : T);
+        mlp_tile(sfc_features, 16, H, 2, i, n, ncol, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, f,
+                 h1, h2, o);
+        float res[T];
+        for (int t = 0; t < T; t += V) {
+            vf step = ld(o + t) * vexp(ld(o + T + t) * bc(exp_mult)) * bc(step_mult);
+            step = step * bc(scale);
+            if (lr != 1.0f) step = step * bc(lr);
+            stv(res + t, ld(f + 1 * T + t) - step); /* f[1]: p */
+        }
+        store_tile(out + i, res, n);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* VeLO (HyperV2): 18 per-element features, in velo_cpu._elem_chunk's order: g, clip(g, -0.1, 0.1), p,
+ * m (3), rms, m * rsqrt (3), rsqrt, g * fac (3), g * rsqrt, m * fac (3). */
+static void velo_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
+                          const float *p, const float *g, const float *m, const float *rms, const float *fa,
+                          const float *fb) {
+    (void)r; (void)c;
+    const float fr0 = fa[0], fr1 = fa[1], fr2 = fa[2];
+    for (int t = 0; t < len; t++) {
+        const int64_t e = e0 + t;
+        const float gi = g[e], m0 = m[3 * e], m1 = m[3 * e + 1], m2 = m[3 * e + 2], v = rms[e];
+        const float rs = 1.0f / sqrtf(v + 1e-6f);
+        const float q0 = fr0 * fb[3 * t], q1 = fr1 * fb[3 * t + 1], q2 = fr2 * fb[3 * t + 2];
+        float *o = f + t0 + t;
+        o[0 * T] = gi;
+        o[1 * T] = gi < -0.1f ? -0.1f : (gi > 0.1f ? 0.1f : gi); /* torch.clamp: NaN stays NaN */
+        o[2 * T] = p[e];
+        o[3 * T] = m0; o[4 * T] = m1; o[5 * T] = m2; o[6 * T] = v;
+        o[7 * T] = m0 * rs; o[8 * T] = m1 * rs; o[9 * T] = m2 * rs; o[10 * T] = rs;
+        o[11 * T] = gi * q0; o[12 * T] = gi * q1; o[13 * T] = gi * q2; o[14 * T] = gi * rs;
+        o[15 * T] = m0 * q0; o[16 * T] = m1 * q1; o[17 * T] = m2 * q2;
+    }
+}
+
+/* VeLO's row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this range's own
+ * rows[nrow] and cols[ncol] (double). */
+static void velo_gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, double *rows, double *cols) {
+    for (int64_t i = i0; i < i1; i += T) {
+        const int n = (int)(i1 - i < T ? i1 - i : T);
+        FOR_SEGMENTS(i, n, ncol, {
+            double acc = 0.0;
+            for (int t = 0; t < len; t++) {
+                const float gi = g[e + t], q = gi * gi + 1e-30f;
+                acc += (double)q;
+                cols[c + t] += (double)q;
+            }
+            rows[r] += acc;
+        });
+    }
+}
+
+/* VeLO pass 1 (see pass1). */
+static void velo_pass1_range(int64_t i0, int64_t i1, int64_t ncol, const float *p, const float *g,
+                             float *m, float *rms, const float *fa, const float *fb, const float *md,
+                             const float *mc, float rd, float rc, double *sums, double *stats) {
+    pass1(velo_features, 18, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc, sums, stats);
+}
+
+/* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the step of velo_cpu.velo_impl_cpu:
+ * step = dir * (pscale * exp(mag * exp_mult)) * step_mult (pscale < 0: dir * exp(..) * step_mult), then
+ * lr_mult * step, * 1 / sqrt(rms + 1e-6) if precond, out = p - step (lr == 1) or p - lr * step. */
+static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g, const float *m,
+                const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
+                const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
+                float exp_mult, float step_mult, float pscale, float lr_mult, int precond, float lr,
+                float *out) {
+    float f[18 * T], h1[MAXH * T], h2[MAXH * T], o[3 * T];
+    for (int64_t i = i0; i < i1; i += T) {
+        const int n = (int)(i1 - i < T ? i1 - i : T);
+        mlp_tile(velo_features, 18, H, 3, i, n, ncol, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, f,
+                 h1, h2, o);
+        float res[T];
+        for (int t = 0; t < T; t += V) {
+            const vf dir = ld(o + t), mag = vexp(ld(o + T + t) * bc(exp_mult));
+            vf step = pscale >= 0.0f ? dir * (bc(pscale) * mag) * bc(step_mult) : dir * mag * bc(step_mult);
+            step = bc(lr_mult) * step;
+            if (precond) step = step * (bc(1.0f) / vsqrt(ld(f + 6 * T + t) + bc(1e-6f)));
+            const vf pv = ld(f + 2 * T + t); /* f[2]: p, f[6]: rms */
+            stv(res + t, lr == 1.0f ? pv - step : pv - bc(lr) * step);
+        }
+        store_tile(out + i, res, n);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Exported: whole tensors, split over threads (see the top of the file). */
+void sfc_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,
+               const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
+               double *sums) {
+    PARALLEL_RANGES(n, nslots, sfc_pass1_range(i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
+                                               sums + 16 * j));
+}
+
+void sfc_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const float *g, const float *m,
+               const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
+               const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
+               float exp_mult, float step_mult, float scale, float lr, float *out) {
+    PARALLEL_RANGES(n, nslots, sfc_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
+                                               w3, b3, exp_mult, step_mult, scale, lr, out));
+}
+
+void velo_gsq(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, double *cols) {
+    const int64_t nrow = ncol ? n / ncol : 0;
+    PARALLEL_RANGES(n, nslots, velo_gsq_range(i0, i1, ncol, g, rows + nrow * j, cols + ncol * j));
+}
+
+void velo_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,
+                const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
+                double *sums, double *stats) {
+    PARALLEL_RANGES(n, nslots, velo_pass1_range(i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
+                                                sums + 18 * j, stats + 9 * j));
+}
+
+void velo_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const float *g, const float *m,
+                const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
+                const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
+                float exp_mult, float step_mult, float pscale, float lr_mult, int precond, float lr,
+                float *out) {
+    PARALLEL_RANGES(n, nslots, velo_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
+                                                w3, b3, exp_mult, step_mult, pscale, lr_mult, precond, lr,
+                                                out));
+}

@@ -1,0 +1,178 @@
+"""The hand-fused C passes of the CPU fast path (pylo_runtime.kernels.native, lopt_cpu.c).
+
+Same bar as tests/test_fused_cpu.py: float32, max relative update error vs the reference path <= 1e-5 per
+step (they differ in summation order, FMA contraction and a polynomial exp, ~1e-7), one ulp of ``p + u``
+forgiven. CI builds the library with the system compiler, so these tests run there (none skips on Linux).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fused_support import adafac_theta, grad_stream, run_pair, velo_theta
+
+from pylo_runtime.adafac import SmallFCLOpt
+from pylo_runtime.kernels import adafac_cpu, native, velo_cpu
+from pylo_runtime.mulo import MuLO
+from pylo_runtime.velo import VeLO
+
+TOL = 1e-5
+#: Tall, wide, fewer columns than a tile (48), an odd element count: every row / tile split the passes do.
+SHAPES = [(130, 600), (600, 130), (2003, 40), (7, 11)]
+
+
+@pytest.fixture
+def low_thresholds(monkeypatch):
+    """Send every 2-D tensor to the C passes (the size thresholds are about speed, not math)."""
+    monkeypatch.setattr(adafac_cpu, "SMALL", 1)
+    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the MLP passes run (so a test fails if the C path silently stepped aside)."""
+    seen = []
+    orig = native.mlp_update
+
+    def spy(fn, *a, **k):
+        seen.append(fn.__name__)
+        return orig(fn, *a, **k)
+
+    monkeypatch.setattr(native, "mlp_update", spy)
+    return seen
+
+
+def _adafac(cls=SmallFCLOpt, hidden=32):
+    theta, cfg = adafac_theta(hidden)
+    return lambda params, fused: cls(params, theta, cfg, num_steps=100, fused=fused)
+
+
+def _velo(**config):
+    theta, cfg = velo_theta(**config)
+    return lambda params, fused: VeLO(params, theta, cfg, num_steps=100, fused=fused)
+
+
+def test_library_builds_and_shares_torchs_openmp():
+    lib = native.library()
+    assert lib is not None, "CI has a C compiler: the native passes must build"
+    torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if torch_gomp.exists():  # Linux wheels: our parallel regions must run on torch's OpenMP runtime
+        ours = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+        theirs = ctypes.cast(ctypes.CDLL(str(torch_gomp)).GOMP_parallel, ctypes.c_void_p).value
+        assert ours == theirs, "the native library loaded its own libgomp, not torch's"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hidden", [32, 4])
+def test_small_fc_lopt_native_matches_reference(low_thresholds, calls, threads, hidden):
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        errs, oa, ob = run_pair(_adafac(hidden=hidden), SHAPES, grad_stream(SHAPES, 3))
+    finally:
+        torch.set_num_threads(n)
+    assert max(errs) <= TOL, errs
+    assert calls.count("sfc_pass2") == 3 * len(SHAPES)
+    for pa, pb in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"], strict=True):
+        for k, v in oa.state[pa].items():  # the accumulators are rounded op for op as the reference's
+            torch.testing.assert_close(ob.state[pb][k], v, rtol=1e-6, atol=0)
+
+
+def test_mulo_native_uses_scales_and_lr(low_thresholds, calls):
+    theta, cfg = adafac_theta(32)
+
+    def make(params, fused):
+        groups = [{"params": params[:2], "mup_scale": 0.25}, {"params": params[2:], "lr": 0.5}]
+        return MuLO(groups, theta, cfg, num_steps=100, fused=fused)
+
+    errs, _, _ = run_pair(make, SHAPES, grad_stream(SHAPES, 3))
+    assert max(errs) <= TOL, errs
+    assert calls.count("sfc_pass2") == 3 * len(SHAPES)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # the default HyperV2 options
+        {"param_scale_mult": False, "step_mult": 0.3},
+        {"precondition_output": True, "clip_param_scale_amount": 0.5},
+    ],
+)
+def test_velo_native_matches_reference(low_thresholds, calls, threads, config):
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    losses = [3.0 - 0.2 * t for t in range(3)]
+    try:
+        errs, oa, ob = run_pair(_velo(**config), SHAPES, grad_stream(SHAPES, 3), losses=losses)
+    finally:
+        torch.set_num_threads(n)
+    assert max(errs) <= TOL, errs
+    assert calls.count("velo_pass2") == 3 * len(SHAPES)
+    for pa, pb in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"], strict=True):
+        sa, sb = oa.state[pa], ob.state[pb]
+        for k in ("mom", "rms"):
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=0)
+        for k in ("fac_row", "fac_col", "lstm_hidden", "lstm_cell"):  # means / LSTM: summation order only
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["small_fc_lopt", "velo"])
+def test_bf16_params_round_once_native(low_thresholds, calls, family):
+    """bf16 params: float32 state and math, the result rounded once into the bf16 param."""
+    make = _adafac() if family == "small_fc_lopt" else _velo(param_scale_mult=False, step_mult=0.3)
+    shapes = [(40, 50)]
+    errs, oa, ob = run_pair(make, shapes, grad_stream(shapes, 2), dtype=torch.bfloat16, scale=1.0,
+                            losses=[2.0, 1.9])  # fmt: skip
+    assert calls, "the C passes did not run"
+    pa, pb = oa.param_groups[0]["params"][0], ob.param_groups[0]["params"][0]
+    assert pa.dtype == pb.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * pa.detach().float().abs()
+    assert bool(((pa.detach().float() - pb.detach().float()).abs() <= ulp).all())
+
+
+def test_disabled_by_environment_uses_torch_path(monkeypatch, low_thresholds, calls):
+    monkeypatch.setenv("LOPT_BRIDGE_NATIVE", "0")
+    native.reset()
+    try:
+        assert native.library() is None
+        errs, _, _ = run_pair(_adafac(), SHAPES[:1], grad_stream(SHAPES[:1], 2))
+    finally:
+        native.reset()
+    assert max(errs) <= TOL and not calls
+
+
+def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path, low_thresholds, calls):
+    monkeypatch.setenv("CC", "no-such-cc-lopt")
+    monkeypatch.setenv("LOPT_BRIDGE_CACHE", str(tmp_path))
+    native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-cc-lopt'"):
+            assert native.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not at every step
+            errs, _, _ = run_pair(_velo(), SHAPES[:1], grad_stream(SHAPES[:1], 2), losses=[2.0, 1.9])
+    finally:
+        native.reset()
+    assert max(errs) <= TOL and not calls
+
+
+def test_compile_error_names_the_source_and_leaves_no_file(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C;\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setenv("LOPT_BRIDGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="bad.c"):
+        native.build()
+    assert not list((tmp_path / "cache" / "native").iterdir())  # no half-written library
+
+
+def test_build_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOPT_BRIDGE_CACHE", str(tmp_path))
+    first = native.build()
+    mtime = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == mtime
