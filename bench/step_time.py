@@ -1,7 +1,7 @@
 """Median optimizer step time on a small CPU tree or a ViT-B/16-shaped tree, as ratios to torch AdamW.
 
 Times, in one run: torch AdamW (foreach; fused on CUDA), each of our optimizers on its reference path
-(``fused=False, foreach=False``) and its fast path (``fused=None``: Triton on CUDA, vectorised on CPU),
+(``fused=False, foreach=False``) and its fast path (``fused=None``: Triton on CUDA, C passes on CPU),
 the JAX reference (jitted, in a subprocess with ``--jax-python``) and PyLO's naive PyTorch optimizers
 (``--pylo-src``). Prints a table, writes ``bench/results/<host>-<date>.json``. A tool, not a test:
 

@@ -282,7 +282,7 @@ class SmallFCLOpt(LearnedOptimizer):
 
     def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
         if kernels.fast_step(self, params, grads, lrs, loss, global_state, foreach=foreach, fused=fused):
-            return  # Triton kernels (CUDA) or the vectorised CPU path: pylo_runtime/kernels
+            return  # Triton kernels (CUDA) or the fast CPU path: pylo_runtime/kernels
         device = params[0].device
         grads = self._prepare_grads(grads, params)
         decays = self._decays(device)

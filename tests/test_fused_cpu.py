@@ -13,6 +13,7 @@ from fused_support import SHAPES, adafac_theta, grad_stream, make_params, run_pa
 
 from pylo_runtime import kernels
 from pylo_runtime.adafac import SmallFCLOpt
+from pylo_runtime.kernels import adafac_cpu, velo_cpu
 from pylo_runtime.mulo import MuLO
 from pylo_runtime.velo import VeLO
 
@@ -124,11 +125,15 @@ def test_lr_multiplier_and_none_grads():
     assert len(ob.state[pb[0]]) == 0
 
 
+@pytest.mark.parametrize("native_passes", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("family", ["small_fc_lopt", "velo"])
-def test_open_loop_drift_2000_steps(family):
+def test_open_loop_drift_2000_steps(family, native_passes, monkeypatch):
     """2000 steps on the same gradient stream, no resets: max relative param difference <= 1e-4."""
     # The per-step cost is per tensor (CI time): small_fc_lopt one non-factored and one factored tensor,
     # VeLO (its reference step costs twice as much) one factored tensor; all ranks are checked per step above.
+    # "native": the 2-D tensor goes through the C passes (size thresholds lowered), else the torch CPU path.
+    monkeypatch.setattr(adafac_cpu, "SMALL", 1 if native_passes else 1 << 62)
+    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1 if native_passes else 1 << 62)
     shapes = [(4, 5)] if family == "velo" else [(), (4, 5)]
     steps = 2000
     grads = grad_stream(shapes, steps)

@@ -11,10 +11,15 @@ import ctypes
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fused_support import adafac_theta, grad_stream, run_pair, velo_theta
 
+from parity_tests.commands import DEFAULT_FIXTURES
+from parity_tests.compare import FLOAT32_TOLERANCE
+from parity_tests.fixture import discover, load_fixture, repo_root
+from parity_tests.replay import convert_fixture, replay
 from pylo_runtime.adafac import SmallFCLOpt
 from pylo_runtime.kernels import adafac_cpu, native, velo_cpu
 from pylo_runtime.mulo import MuLO
@@ -176,3 +181,34 @@ def test_build_is_cached(monkeypatch, tmp_path):
     first = native.build()
     mtime = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == mtime
+
+
+FIXTURES = [
+    p
+    for p in discover(repo_root() / DEFAULT_FIXTURES)
+    if load_fixture(p).meta["family"] in ("velo", "adafac", "mulo")
+]
+
+
+#: Fixtures whose options the fast paths do not cover (kernels.*_cpu.supported): concat_weights=False; VeLO
+#: with feature flags off and other decay counts.
+OUTSIDE_FAST_PATH = {"small_fc_lopt_separate", "velo_ablate"}
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.name for p in FIXTURES])
+def test_native_replays_jax_fixtures(path, low_thresholds, calls, tmp_path):
+    """Every committed VeLO / small_fc_lopt / muLO JAX recording, its 2-D tensors through the C passes:
+    the same bound as ``lopt-parity run`` (1e-5 per step and tensor, float32, one ulp forgiven)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a shared CI box
+    try:
+        fx = load_fixture(path)
+        errors, _ = replay(fx, convert_fixture(fx, tmp_path))
+    finally:
+        torch.set_num_threads(n)
+    if path.name in OUTSIDE_FAST_PATH:  # options the fast paths decline: the reference path runs instead
+        assert not calls
+    else:
+        assert calls, "no tensor went through the C passes"
+    worst = np.unravel_index(np.argmax(errors), errors.shape)
+    assert errors.max() <= FLOAT32_TOLERANCE, (float(errors.max()), int(worst[0]), fx.names[worst[1]])
