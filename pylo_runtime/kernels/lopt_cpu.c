@@ -298,13 +298,16 @@ static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* small_fc_lopt (AdafacMLPLOpt): 16 per-element features, in adafac_cpu._elem_features' order:
- * g, p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3), m * fac (3); rsqrt = 1 / sqrt(rms + 1e-6),
- * fac = fa * fb (the Adafactor row and column factors, 3 decays). */
-static void sfc_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
-                         const float *p, const float *g, const float *m, const float *rms, const float *fa,
-                         const float *fb) {
-    (void)r; (void)c;
+/* The per-element features of both families, in their torch paths' column order (velo: a constant, so
+ * each caller inlines its own loop):
+ * small_fc_lopt (adafac_cpu._elem_features, 16): g, p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
+ *                                                m * fac (3);
+ * VeLO (velo_cpu._elem_chunk, 18): g, clip(g, -0.1, 0.1), p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
+ *                                  g * rsqrt, m * fac (3);
+ * rsqrt = 1 / sqrt(rms + 1e-6), fac = fa * fb (the Adafactor row and column factors, 3 decays). */
+static inline void features(const int velo, float *restrict f, int t0, int len, int64_t e0, const float *p,
+                            const float *g, const float *m, const float *rms, const float *fa,
+                            const float *fb) {
     const float fr0 = fa[0], fr1 = fa[1], fr2 = fa[2];
     for (int t = 0; t < len; t++) {
         const int64_t e = e0 + t;
@@ -312,27 +315,39 @@ static void sfc_features(float *restrict f, int t0, int len, int64_t e0, int64_t
         const float rs = 1.0f / sqrtf(v + 1e-6f);
         const float q0 = fr0 * fb[3 * t], q1 = fr1 * fb[3 * t + 1], q2 = fr2 * fb[3 * t + 2];
         float *o = f + t0 + t;
-        o[0 * T] = gi; o[1 * T] = p[e];
-        o[2 * T] = m0; o[3 * T] = m1; o[4 * T] = m2; o[5 * T] = v;
-        o[6 * T] = m0 * rs; o[7 * T] = m1 * rs; o[8 * T] = m2 * rs; o[9 * T] = rs;
-        o[10 * T] = gi * q0; o[11 * T] = gi * q1; o[12 * T] = gi * q2;
-        o[13 * T] = m0 * q0; o[14 * T] = m1 * q1; o[15 * T] = m2 * q2;
+        int k = 0;
+        o[k++ * T] = gi;
+        if (velo) o[k++ * T] = gi < -0.1f ? -0.1f : (gi > 0.1f ? 0.1f : gi); /* torch.clamp: NaN stays */
+        o[k++ * T] = p[e];
+        o[k++ * T] = m0; o[k++ * T] = m1; o[k++ * T] = m2; o[k++ * T] = v;
+        o[k++ * T] = m0 * rs; o[k++ * T] = m1 * rs; o[k++ * T] = m2 * rs; o[k++ * T] = rs;
+        o[k++ * T] = gi * q0; o[k++ * T] = gi * q1; o[k++ * T] = gi * q2;
+        if (velo) o[k++ * T] = gi * rs;
+        o[k++ * T] = m0 * q0; o[k++ * T] = m1 * q1; o[k++ * T] = m2 * q2;
     }
 }
 
-/* small_fc_lopt pass 1 over elements [i0, i1) of an (nrow, ncol) tensor (see pass1). */
-static void sfc_pass1_range(int64_t i0, int64_t i1, int64_t ncol, const float *p, const float *g, float *m, float *rms,
-               const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
-               double *sums) {
-    pass1(sfc_features, 16, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc, sums, NULL);
+static void sfc_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
+                         const float *p, const float *g, const float *m, const float *rms, const float *fa,
+                         const float *fb) {
+    (void)r; (void)c;
+    features(0, f, t0, len, e0, p, g, m, rms, fa, fb);
+}
+
+static void velo_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
+                          const float *p, const float *g, const float *m, const float *rms, const float *fa,
+                          const float *fb) {
+    (void)r; (void)c;
+    features(1, f, t0, len, e0, p, g, m, rms, fa, fb);
 }
 
 /* small_fc_lopt pass 2 over elements [i0, i1): MLP 16 -> H -> H -> 2, the step
  * ((o0 * exp(o1 * exp_mult)) * step_mult) * scale (* lr), out = p - step (out may alias p). */
-static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g, const float *m,
-               const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
-               const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
-               float exp_mult, float step_mult, float scale, float lr, float *out) {
+static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,
+                            const float *m, const float *rms, const float *fa, const float *fb,
+                            const float *we, const float *a0, const float *a1t, const float *w2,
+                            const float *b2, const float *w3, const float *b3, float exp_mult,
+                            float step_mult, float scale, float lr, float *out) {
     float f[16 * T], h1[MAXH * T], h2[MAXH * T], o[2 * T];
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
@@ -350,31 +365,8 @@ static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const f
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* VeLO (HyperV2): 18 per-element features, in velo_cpu._elem_chunk's order: g, clip(g, -0.1, 0.1), p,
- * m (3), rms, m * rsqrt (3), rsqrt, g * fac (3), g * rsqrt, m * fac (3). */
-static void velo_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
-                          const float *p, const float *g, const float *m, const float *rms, const float *fa,
-                          const float *fb) {
-    (void)r; (void)c;
-    const float fr0 = fa[0], fr1 = fa[1], fr2 = fa[2];
-    for (int t = 0; t < len; t++) {
-        const int64_t e = e0 + t;
-        const float gi = g[e], m0 = m[3 * e], m1 = m[3 * e + 1], m2 = m[3 * e + 2], v = rms[e];
-        const float rs = 1.0f / sqrtf(v + 1e-6f);
-        const float q0 = fr0 * fb[3 * t], q1 = fr1 * fb[3 * t + 1], q2 = fr2 * fb[3 * t + 2];
-        float *o = f + t0 + t;
-        o[0 * T] = gi;
-        o[1 * T] = gi < -0.1f ? -0.1f : (gi > 0.1f ? 0.1f : gi); /* torch.clamp: NaN stays NaN */
-        o[2 * T] = p[e];
-        o[3 * T] = m0; o[4 * T] = m1; o[5 * T] = m2; o[6 * T] = v;
-        o[7 * T] = m0 * rs; o[8 * T] = m1 * rs; o[9 * T] = m2 * rs; o[10 * T] = rs;
-        o[11 * T] = gi * q0; o[12 * T] = gi * q1; o[13 * T] = gi * q2; o[14 * T] = gi * rs;
-        o[15 * T] = m0 * q0; o[16 * T] = m1 * q1; o[17 * T] = m2 * q2;
-    }
-}
-
-/* VeLO's row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this range's own
- * rows[nrow] and cols[ncol] (double). */
+/* VeLO (HyperV2): the row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this
+ * range's own rows[nrow] and cols[ncol] (double). */
 static void velo_gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, double *rows, double *cols) {
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
@@ -390,21 +382,15 @@ static void velo_gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g,
     }
 }
 
-/* VeLO pass 1 (see pass1). */
-static void velo_pass1_range(int64_t i0, int64_t i1, int64_t ncol, const float *p, const float *g,
-                             float *m, float *rms, const float *fa, const float *fb, const float *md,
-                             const float *mc, float rd, float rc, double *sums, double *stats) {
-    pass1(velo_features, 18, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc, sums, stats);
-}
-
 /* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the step of velo_cpu.velo_impl_cpu:
  * step = dir * (pscale * exp(mag * exp_mult)) * step_mult (pscale < 0: dir * exp(..) * step_mult), then
  * lr_mult * step, * 1 / sqrt(rms + 1e-6) if precond, out = p - step (lr == 1) or p - lr * step. */
-static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g, const float *m,
-                const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
-                const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
-                float exp_mult, float step_mult, float pscale, float lr_mult, int precond, float lr,
-                float *out) {
+static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,
+                             const float *m, const float *rms, const float *fa, const float *fb,
+                             const float *we, const float *a0, const float *a1t, const float *w2,
+                             const float *b2, const float *w3, const float *b3, float exp_mult,
+                             float step_mult, float pscale, float lr_mult, int precond, float lr,
+                             float *out) {
     float f[18 * T], h1[MAXH * T], h2[MAXH * T], o[3 * T];
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
@@ -428,8 +414,8 @@ static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const 
 void sfc_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,
                const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
                double *sums) {
-    PARALLEL_RANGES(n, nslots, sfc_pass1_range(i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
-                                               sums + 16 * j));
+    PARALLEL_RANGES(n, nslots, pass1(sfc_features, 16, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
+                                     sums + 16 * j, NULL));
 }
 
 void sfc_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const float *g, const float *m,
@@ -448,8 +434,8 @@ void velo_gsq(int64_t n, int nslots, int64_t ncol, const float *g, double *rows,
 void velo_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,
                 const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
                 double *sums, double *stats) {
-    PARALLEL_RANGES(n, nslots, velo_pass1_range(i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
-                                                sums + 18 * j, stats + 9 * j));
+    PARALLEL_RANGES(n, nslots, pass1(velo_features, 18, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
+                                     sums + 18 * j, stats + 9 * j));
 }
 
 void velo_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const float *g, const float *m,

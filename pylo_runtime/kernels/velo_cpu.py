@@ -7,9 +7,13 @@ per-element MLP as the reference path; what changes is how the per-element part 
 - the per-tensor feature normalisation ``x * rsqrt(1e-5 + mean(x**2))`` is folded into the first-layer
   weights, and the 12 Adafactor row/column features of a factored tensor, constant along one axis, enter
   the first layer once per row and once per column (broadcast), so per element it reads 18 features, not 30;
-- the 30 -> 4 -> 4 -> 3 MLP runs over cache-sized chunks of elements.
+- the 30 -> 4 -> 4 -> 3 MLP runs over cache-sized chunks of elements;
+- 2-D tensors (from NATIVE_MIN elements) run on the hand-fused C passes (``native``, ``lopt_cpu.c``): one
+  pass for this step's g**2 row / column sums, one that updates the accumulators and sums the features'
+  squares and the previous state's LSTM statistics (float64), one for the features, MLP and update.
 
-Float32 results differ from the reference only by summation order (about 1e-7 relative).
+Float32 results differ from the reference by summation order (torch ops, about 1e-7 relative), and in the
+C passes also by FMA contraction and a polynomial exp (at most 2e-6 relative per update in the tests).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .. import distributed as _dist
 from .. import features as feat
 from .. import velo as ref
 from . import native
-from .adafac_cpu import CHUNK, _rms_scale, _shard_rms_scale
+from .adafac_cpu import CHUNK, _rms_scale, _shard_rms_scale, first_layer_shares
 
 #: Smallest 2-D tensor the C passes take (below, the torch path's few ops cost less than a thread hand-off).
 NATIVE_MIN = 4096
@@ -124,20 +128,6 @@ def _factors(st: dict, mean_d0: torch.Tensor, mean_d1: torch.Tensor, fac_d: torc
     return feat.safe_rsqrt(v_row / (row_mean + 1e-9)), feat.safe_rsqrt(v_col)
 
 
-def _first_layer_shares(
-    st: dict, w0: torch.Tensor, b0: torch.Tensor, fdims
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first layer's share of the 6 row and 6 column features (normalised over the tensor), bias in the
-    row share: ``(per row, per column)``, each (..., hidden)."""
-    d1, d0 = fdims
-    v_row, v_col = st["v_row"], st["v_col"]
-    rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
-    colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-    a_row = rowf @ (_shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w0[_ROW]) + b0
-    a_col = colf @ (_shard_rms_scale(colf, colf.shape, d1).unsqueeze(1) * w0[_COL])
-    return a_row, a_col
-
-
 def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
     """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1.
 
@@ -175,7 +165,7 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
         pf, g, m, rms, rf_u, cf_u, 0, shape[0], torch.empty(n * 18, dtype=torch.float32, device=pf.device)
     )
     w_e = _shard_rms_scale(e, shape + (18,)).unsqueeze(1) * w0[_ELEM]
-    a_row, a_col = _first_layer_shares(st, w0, b0, fdims)
+    a_row, a_col = first_layer_shares(st["v_row"], st["v_col"], w0[_ROW], w0[_COL], b0, fdims)
     a_row, a_col = a_row.unsqueeze(d0), a_col.unsqueeze(d1)
 
     def bias_of(r0: int, r1: int, c: int, hidden: int) -> torch.Tensor:
@@ -233,8 +223,8 @@ def _native_step(lib, p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) 
     shape = tuple(pf.shape)
     n = pf.numel()
     w_e = _rms_scale(pre["sumsq"], n).unsqueeze(1) * w0[_ELEM]
-    st = {"v_row": s["fac_row"], "v_col": s["fac_col"]}
-    a0, a1 = native.by_axis(*_first_layer_shares(st, w0, b0, pre["fdims"]), pre["fdims"][1], shape)
+    shares = first_layer_shares(s["fac_row"], s["fac_col"], w0[_ROW], w0[_COL], b0, pre["fdims"])
+    a0, a1 = native.by_axis(*shares, pre["fdims"][1], shape)
     pscale = -1.0
     if cfg.param_scale_mult:
         param_scale = torch.sqrt((pre["stats"][0] / n).to(torch.float32) + 1e-9)
