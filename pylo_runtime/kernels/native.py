@@ -153,7 +153,8 @@ def reset() -> None:
 
 def ptr(t: torch.Tensor) -> Any:
     """A float* (float32) or double* (float64) to a contiguous tensor's data."""
-    assert t.is_contiguous(), "native passes need contiguous tensors"
+    if not t.is_contiguous():
+        raise ValueError("the native passes take contiguous tensors")
     if t.dtype == torch.float32:
         return ctypes.cast(t.data_ptr(), _f32p)
     if t.dtype == torch.float64:
