@@ -54,15 +54,23 @@ def supported(opt: Any) -> str | None:
     return None
 
 
-def _factored_update(st: dict, g: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int]):
-    """``adafac.update_factored`` for a factored tensor, returning the row/col factors instead of fac_g."""
+def factored_update(st: dict, mean_d0: torch.Tensor, mean_d1: torch.Tensor, fac_d: torch.Tensor, fdims):
+    """Update ``st``'s factored accumulators from this step's ``mean(g**2 + 1e-30)`` over axis d0 / d1
+    (common.factored_rolling); return the (row, column) factors (``adafac._row_col_factors``)."""
     d = torch.clamp(fac_d, 0.0, 1.0)
     mix = 1.0 - d
+    st["v_row"] = d * st["v_row"] + mix * mean_d0.unsqueeze(-1)
+    st["v_col"] = d * st["v_col"] + mix * mean_d1.unsqueeze(-1)
+    return ref._row_col_factors(st["v_row"], st["v_col"], fdims)
+
+
+def _factored_update(st: dict, g: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int]):
+    """``adafac.update_factored`` for a factored tensor, returning the row/col factors (each with its
+    reduced axis kept) instead of fac_g."""
     grad_sqr = g * g + 1e-30
     d1, d0 = fdims
-    st["v_row"] = d * st["v_row"] + mix * _dist.tensor_mean(grad_sqr, d0).unsqueeze(-1)
-    st["v_col"] = d * st["v_col"] + mix * _dist.tensor_mean(grad_sqr, d1).unsqueeze(-1)
-    row_factor, col_factor = ref._row_col_factors(st["v_row"], st["v_col"], fdims)
+    mean_d0, mean_d1 = _dist.tensor_mean(grad_sqr, d0), _dist.tensor_mean(grad_sqr, d1)
+    row_factor, col_factor = factored_update(st, mean_d0, mean_d1, fac_d, fdims)
     return row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
 
 
@@ -132,7 +140,8 @@ def _native_factored(lib, opt, st, p, pf, g, fdims, decays, w1_parts, b1, weight
     shape = tuple(pf.shape)
     d0 = fdims[1]
     g = g.to(torch.float32).contiguous()
-    rf, cf = _factored_update(st, g, fac_d, fdims)
+    mean = native.gsq_means(lib, g)
+    rf, cf = factored_update(st, mean[d0], mean[fdims[0]], fac_d, fdims)
     fa, fb = native.by_axis(rf, cf, d0, shape)
     sumsq = native.accumulate(lib.sfc_pass1, 16, pf, g, st["m"], st["rms"], fa, fb, mom_d, rms_d)
     w_e = _rms_scale(sumsq, pf.numel()).unsqueeze(1) * w_elem

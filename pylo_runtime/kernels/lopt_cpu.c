@@ -367,7 +367,7 @@ static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const f
 /* ---------------------------------------------------------------------------------------------------- */
 /* VeLO (HyperV2): the row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this
  * range's own rows[nrow] and cols[ncol] (double). */
-static void velo_gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, double *rows, double *cols) {
+static void gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, double *rows, double *cols) {
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
         FOR_SEGMENTS(i, n, ncol, {
@@ -426,9 +426,9 @@ void sfc_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const
                                                w3, b3, exp_mult, step_mult, scale, lr, out));
 }
 
-void velo_gsq(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, double *cols) {
+void gsq_sums(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, double *cols) {
     const int64_t nrow = ncol ? n / ncol : 0;
-    PARALLEL_RANGES(n, nslots, velo_gsq_range(i0, i1, ncol, g, rows + nrow * j, cols + ncol * j));
+    PARALLEL_RANGES(n, nslots, gsq_range(i0, i1, ncol, g, rows + nrow * j, cols + ncol * j));
 }
 
 void velo_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,

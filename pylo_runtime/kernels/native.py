@@ -41,7 +41,7 @@ _i64, _int, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "sfc_pass1": "ini" + "p" * 8 + "ffd",
     "sfc_pass2": "inin" + "p" * 13 + "ffff" + "p",
-    "velo_gsq": "ini" + "p" + "dd",
+    "gsq_sums": "ini" + "p" + "dd",
     "velo_pass1": "ini" + "p" * 8 + "ffdd",
     "velo_pass2": "inin" + "p" * 13 + "ffff" + "n" + "f" + "p",
 }
@@ -176,6 +176,16 @@ def by_axis(
     (``x_row`` is reduced over d0, the largest axis, so it runs along the other one)."""
     a, b = (x_row, x_col) if d0 == 1 else (x_col, x_row)
     return a.reshape(shape[0], -1).contiguous(), b.reshape(shape[1], -1).contiguous()
+
+
+def gsq_means(lib: Any, g: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``mean(g**2 + 1e-30)`` of a 2-D gradient over axis 0 (per column) and axis 1 (per row), summed in
+    float64 by one pass (``gsq_sums``); keyed by the reduced axis, float32."""
+    (nrow, ncol), k = g.shape, slots()
+    rows = torch.zeros(k, nrow, dtype=torch.float64)
+    cols = torch.zeros(k, ncol, dtype=torch.float64)
+    lib.gsq_sums(g.numel(), k, ncol, ptr(g), ptr(rows), ptr(cols))
+    return {0: (cols.sum(0) / nrow).float(), 1: (rows.sum(0) / ncol).float()}
 
 
 def accumulate(fn: Any, nfeat: int, pf, g, m, rms, fa, fb, mom_d, rms_d, stats: int = 0):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..features import safe_rsqrt
+from .adafac_cpu import factored_update
 
 BLOCK = 256
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -174,13 +174,9 @@ def factored_aux(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Update ``state[row]`` / ``state[col]`` (torch reductions over the whole tensor, before pass A) and
     return the ``AUX`` rows: (row values | row factors, col values | col factors), flattened."""
-    d = torch.clamp(fac_d, 0.0, 1.0)
     gsq = gc * gc + 1e-30
     d1, d0 = fdims
-    state[row] = d * state[row] + (1.0 - d) * torch.mean(gsq, dim=d0).unsqueeze(-1)
-    state[col] = d * state[col] + (1.0 - d) * torch.mean(gsq, dim=d1).unsqueeze(-1)
-    reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_col_mean = torch.mean(state[row], dim=reduced_d1, keepdim=True)
-    rf = safe_rsqrt(state[row] / (row_col_mean + 1e-9))
-    cf = safe_rsqrt(state[col])
+    st = {"v_row": state[row], "v_col": state[col]}
+    rf, cf = factored_update(st, torch.mean(gsq, dim=d0), torch.mean(gsq, dim=d1), fac_d, fdims)
+    state[row], state[col] = st["v_row"], st["v_col"]
     return torch.cat([state[row], rf], -1).reshape(-1), torch.cat([state[col], cf], -1).reshape(-1)

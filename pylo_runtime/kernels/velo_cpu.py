@@ -27,7 +27,7 @@ from .. import distributed as _dist
 from .. import features as feat
 from .. import velo as ref
 from . import native
-from .adafac_cpu import CHUNK, _rms_scale, _shard_rms_scale, first_layer_shares
+from .adafac_cpu import CHUNK, _rms_scale, _shard_rms_scale, factored_update, first_layer_shares
 
 #: Smallest 2-D tensor the C passes take (below, the torch path's few ops cost less than a thread hand-off).
 NATIVE_MIN = 4096
@@ -115,19 +115,6 @@ def _mlp_chunks(e_of, w_e, bias_of, shape, weights, out) -> None:
         torch.addmm(b2, h, w2, out=out[c0:c1])
 
 
-def _factors(st: dict, mean_d0: torch.Tensor, mean_d1: torch.Tensor, fac_d: torch.Tensor, fdims):
-    """Update the factored accumulators in ``st`` from this step's ``mean(g**2 + 1e-30)`` over axis d0 / d1;
-    return the (row, column) factors (common.factored_rolling + the ``fac_*`` features' rsqrt)."""
-    d = torch.clamp(fac_d, 0.0, 1.0)
-    d1, d0 = fdims
-    v_row = d * st["v_row"] + (1.0 - d) * mean_d0.unsqueeze(-1)
-    v_col = d * st["v_col"] + (1.0 - d) * mean_d1.unsqueeze(-1)
-    st["v_row"], st["v_col"] = v_row, v_col
-    reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
-    return feat.safe_rsqrt(v_row / (row_mean + 1e-9)), feat.safe_rsqrt(v_col)
-
-
 def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
     """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1.
 
@@ -156,7 +143,7 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
         return out
     d1, d0 = fdims
     gsq = g * g + 1e-30
-    row_factor, col_factor = _factors(
+    row_factor, col_factor = factored_update(
         st, _dist.tensor_mean(gsq, d0), _dist.tensor_mean(gsq, d1), fac_d, fdims
     )
     rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
@@ -183,15 +170,12 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
 def _native_pass1(lib: Any, pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) -> dict:
     """A 2-D tensor's first C passes: this step's ``g**2`` row / column sums (factored accumulators updated
     in ``s``), then the momentum / rms update with the features' sums of squares and the previous state's
-    LSTM statistics (``velo_gsq``, ``velo_pass1`` in lopt_cpu.c). Returns what the MLP pass needs."""
-    shape, k = tuple(pf.shape), native.slots()
-    rows = torch.zeros(k, shape[0], dtype=torch.float64)
-    cols = torch.zeros(k, shape[1], dtype=torch.float64)
-    lib.velo_gsq(pf.numel(), k, shape[1], native.ptr(g), native.ptr(rows), native.ptr(cols))
+    LSTM statistics (``gsq_sums``, ``velo_pass1`` in lopt_cpu.c). Returns what the MLP pass needs."""
+    shape = tuple(pf.shape)
     fdims = feat.factored_dims(shape)
     st = {"v_row": s["fac_row"], "v_col": s["fac_col"]}
-    mean = {0: cols.sum(0) / shape[0], 1: rows.sum(0) / shape[1]}  # mean(g**2 + 1e-30) over an axis
-    row_factor, col_factor = _factors(st, mean[fdims[1]].float(), mean[fdims[0]].float(), fac_d, fdims)
+    mean = native.gsq_means(lib, g)
+    row_factor, col_factor = factored_update(st, mean[fdims[1]], mean[fdims[0]], fac_d, fdims)
     s["fac_row"], s["fac_col"] = st["v_row"], st["v_col"]
     fa, fb = native.by_axis(row_factor, col_factor, fdims[1], shape)
     sumsq, stats = native.accumulate(
