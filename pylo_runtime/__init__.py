@@ -1,28 +1,43 @@
-"""PyTorch optimizers that reproduce learned optimizers meta-trained in JAX, loaded from converted files."""
+"""PyTorch optimizers that reproduce learned optimizers meta-trained in JAX, loaded from converted files.
+
+Importing the package is torch-free (the converter imports ``pylo_runtime.specs``); the optimizer classes
+and loaders below import torch on first use.
+"""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from .base import LearnedOptimizer
-from .checkpoint import Checkpoint, read_checkpoint
-from .loading import ARCHITECTURES, load_optimizer, optimizer_class
+from .specs import FAMILIES
 
-_CLASSES = {target.split(":")[1]: target.split(":")[0] for target in ARCHITECTURES.values()}
+#: Public name -> the submodule that defines it (imported on first use).
+_LAZY: dict[str, str] = {
+    "LearnedOptimizer": "base",
+    "Checkpoint": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "ARCHITECTURES": "loading",
+    "load_optimizer": "loading",
+    "optimizer_class": "loading",
+    **{
+        m.RUNTIME_CLASS.split(":")[1]: m.RUNTIME_CLASS.split(":")[0].rsplit(".", 1)[1]
+        for m in FAMILIES.values()
+    },
+}
 
-__all__ = [
-    "LearnedOptimizer",
-    "Checkpoint",
-    "read_checkpoint",
-    "load_optimizer",
-    "optimizer_class",
-    *_CLASSES,
+__all__ = ["LearnedOptimizer", "Checkpoint", "read_checkpoint", "load_optimizer", "optimizer_class"] + [
+    m.RUNTIME_CLASS.split(":")[1] for m in FAMILIES.values()
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """Import optimizer classes (VeLO, Celo, ...) on first use."""
-    if name in _CLASSES:
-        return getattr(importlib.import_module(_CLASSES[name]), name)
+    """Import optimizer classes (VeLO, Celo, ...), loaders and submodules on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'pylo_runtime' has no attribute {name!r}")
