@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import distributed as _dist
-from . import kernels
+from . import kernels, specs
 from .accumulators import factored_update, momentum_update, rms_update
 from .base import LearnedOptimizer, ParamsT, write_param
 from .features import (
@@ -24,19 +24,8 @@ from .features import (
     step_tanh_embedding,
 )
 
-#: Every constructor argument of ``AdafacMLPLOpt`` with its default (learned_optimization @32186aa4).
-DEFAULTS: dict[str, Any] = {
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "hidden_size": 4,
-    "hidden_layers": 2,
-    "initial_momentum_decays": [0.9, 0.99, 0.999],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "concat_weights": True,
-    "make_separate_weights": False,
-    "split_weights": False,
-}
+#: Every constructor argument of ``AdafacMLPLOpt`` with its default: the family spec's.
+DEFAULTS = specs.adafac.DEFAULTS
 
 #: Time scales of the tanh step embedding (``tanh_embedding``).
 TIMESCALES = STEP_TIMESCALES
@@ -152,15 +141,8 @@ def mlp_layers(theta: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> 
     return weights, biases
 
 
-def n_inputs(config: Mapping[str, Any]) -> int:
-    """Width of the MLP input: per-element features (broadcast as the reference does) + 11 time features."""
-    n_mom = len(config["initial_momentum_decays"])
-    n_rms = len(config["initial_rms_decays"])
-    n_fac = len(config["initial_adafactor_decays"])
-    bc = lambda a, b: max(a, b) if min(a, b) == 1 or a == b else -1  # noqa: E731
-    return (
-        2 + n_mom + n_rms + bc(n_mom, n_rms) + n_rms + n_fac + 4 * n_fac + bc(n_mom, n_fac) + len(TIMESCALES)
-    )
+#: Width of the MLP input for a config: per-element features (broadcast as the reference does) + 11 time.
+n_inputs = specs.adafac.n_inputs
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,6 +156,7 @@ class SmallFCLOpt(LearnedOptimizer):
     architecture: ClassVar[str] = "small_fc_lopt"
     shard_local: ClassVar[bool] = True
     DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
+    SPEC = specs.adafac
 
     def __init__(
         self,
@@ -184,31 +167,12 @@ class SmallFCLOpt(LearnedOptimizer):
         num_steps: int,
         **options: Any,
     ) -> None:
+        # Config and theta names / shapes / dtypes (decay offsets, MLP layers) are validated through SPEC
+        # before anything is built.
         super().__init__(params, theta, config, num_steps=num_steps, **options)
         full = self.config
         kernels.check_fused(self, self.param_groups[0]["params"][0].device, options.get("fused"))
-        n_mom = len(full["initial_momentum_decays"])
-        for key, init in (
-            ("momentum_decays", "initial_momentum_decays"),
-            ("rms_decays", "initial_rms_decays"),
-            ("adafactor_decays", "initial_adafactor_decays"),
-        ):
-            if key not in self.theta:
-                raise ValueError(
-                    f"{type(self).__name__}: theta has no '{key}' (the meta-learned decay offsets)"
-                )
-            if tuple(self.theta[key].shape) != (len(full[init]),):
-                raise ValueError(
-                    f"{type(self).__name__}: theta '{key}' has shape {tuple(self.theta[key].shape)}, "
-                    f"config '{init}' has {len(full[init])} decays"
-                )
-        self._n_decays = (n_mom, len(full["initial_rms_decays"]), len(full["initial_adafactor_decays"]))
-        weights, biases = mlp_layers(self.theta, full)
-        if weights[0].shape[0] != n_inputs(full):
-            raise ValueError(
-                f"{type(self).__name__}: the first MLP layer takes {weights[0].shape[0]} inputs, "
-                f"the config gives {n_inputs(full)} features"
-            )
+        self._n_decays = tuple(len(full[k]) for k in specs.common.DECAY_KEYS)
 
     # ----------------------------------------------------------------------------------------------------
     def _decays(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

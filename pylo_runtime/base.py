@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
 
 from . import distributed as _dist
 from .checkpoint import read_checkpoint
+from .specs import Config, SpecError
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -46,6 +48,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     shard_local: ClassVar[bool] = False
     #: The reference constructor's defaults: ``config`` (as the converter wrote it) is merged over them.
     DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+    #: The family's torch-free spec (``pylo_runtime.specs.<family>``): config and theta are validated through
+    #: it before anything is built. None (subclasses outside this package): config merged over DEFAULTS.
+    SPEC: ClassVar[ModuleType | None] = None
 
     def __init__(
         self,
@@ -66,15 +71,38 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        #: The validated config (``specs.Config``), None without a SPEC.
+        self.spec_config: Config | None = self._validate_inputs(theta, config)
         defaults = dict(lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
         self.theta = {k: v.detach().to(torch.float32) for k, v in theta.items()}
-        self.config = {**self.DEFAULTS, **dict(config)}
+        if self.spec_config is not None:
+            self.config = self.spec_config.to_dict()
+        else:
+            self.config = {**self.DEFAULTS, **dict(config)}
         self.num_accumulate = 1
         if max_training_steps is not None and num_steps > max_training_steps:
             self.num_accumulate = math.ceil(num_steps / max_training_steps)
         self.num_steps = num_steps
         self.inner_num_steps = num_steps // self.num_accumulate
+
+    def _validate_inputs(self, theta: Any, config: Any) -> Config | None:
+        """Config and theta names / shapes / dtypes through the family spec; ValueError naming the key."""
+        if self.SPEC is None:
+            return None
+        who = type(self).__name__
+        if not isinstance(theta, Mapping):
+            raise ValueError(
+                f"{who}: theta must be a mapping of tensor names to tensors, got {type(theta).__name__}"
+            )
+        for k, v in theta.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{who}: theta entry {k!r} is a {type(v).__name__}, not a torch.Tensor")
+        cfg = self.SPEC.validate(config, who)
+        shapes = {k: tuple(v.shape) for k, v in theta.items()}
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in theta.items()}
+        self.SPEC.check_theta(cfg, shapes, dtypes, who)
+        return cfg
 
     # ----------------------------------------------------------------------------------------------------
     # Construction from a converted file.
@@ -82,14 +110,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def from_checkpoint(
         cls, path: str, params: ParamsT, *, num_steps: int, **options: Any
     ) -> LearnedOptimizer:
-        """Build the optimizer from a ``.safetensors`` file written by ``lopt-convert``."""
+        """Build the optimizer from a ``.safetensors`` file written by ``lopt-convert``.
+
+        Config and theta are validated (``read_checkpoint``) before the tensors are loaded.
+        """
         ckpt = read_checkpoint(path)
         if cls.architecture and ckpt.architecture != cls.architecture:
             raise ValueError(
                 f"{path}: holds a '{ckpt.architecture}' optimizer, not '{cls.architecture}'; "
                 "use pylo_runtime.load_optimizer to pick the class from the file"
             )
-        return cls(params, ckpt.tensors, ckpt.config, num_steps=num_steps, **options)
+        try:
+            return cls(params, ckpt.tensors, ckpt.config, num_steps=num_steps, **options)
+        except SpecError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     # ----------------------------------------------------------------------------------------------------
     # Hooks for subclasses.

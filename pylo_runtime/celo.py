@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import distributed as _dist
+from . import specs
 from .accumulators import (
     factored_state_shapes,
     factored_update,
@@ -30,7 +31,6 @@ from .accumulators import (
 )
 from .base import LearnedOptimizer, ParamsT
 from .features import (
-    FEATURE_SWITCHES,
     factored_dims,
     fractional_tanh_embed,
     safe_rsqrt,
@@ -39,44 +39,11 @@ from .features import (
 )
 
 #: Constructor arguments of ``celo.optimizers.celo.Celo`` as ``get_optimizer('celo')`` sets them (phase 2,
-#: the published meta-test configuration); the rest are the class defaults.
-CELO_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 64,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": [0.9, 0.99, 0.999],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "param_inits": 1,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "validation_mode": False,
-    "with_validation_feature_dim": False,
-    "train_phase": 2,
-    **FEATURE_SWITCHES,
-    "param_scale_mult": True,
-    "precondition_output": False,
-    "reparam_decay": 10.0,
-    "rnn_state_decay": 0.0,
-    "summarize_each_layer": False,
-    "summarize_all_control": False,
-    "constant_loss": False,
-    "clip_param_scale_amount": None,
-}
+#: the published meta-test configuration): the family spec's.
+CELO_DEFAULTS = specs.celo.DEFAULTS
 
 #: Options whose value only changes the reference's logging.
 _LOGGING_ONLY = ("summarize_each_layer", "summarize_all_control")
-
-
-def _check_celo_config(config: Mapping[str, Any], known: tuple[str, ...], cls: str) -> None:
-    """Refuse configs this runtime does not reproduce, naming the option."""
-    missing = [k for k in known if k not in config]
-    if missing:
-        raise ValueError(f"{cls}: config lacks {', '.join(missing)} (not written by lopt-convert?)")
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ValueError(f"{cls}: unsupported option(s) {', '.join(unknown)}")
 
 
 class _CeloScheduler(LearnedOptimizer):
@@ -84,7 +51,6 @@ class _CeloScheduler(LearnedOptimizer):
 
     uses_loss = True
     shard_local = True  # FSDP2 shards are stepped rank-locally (distributed.py)
-    _CONFIG_KEYS: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -95,7 +61,7 @@ class _CeloScheduler(LearnedOptimizer):
         num_steps: int,
         **options: Any,
     ) -> None:
-        _check_celo_config(config, self._CONFIG_KEYS, type(self).__name__)
+        # Config and theta names / shapes / dtypes are validated through SPEC before anything is built.
         super().__init__(params, theta, config, num_steps=num_steps, **options)
         cfg = self.config
         f32 = torch.float32
@@ -162,19 +128,13 @@ class Celo(_CeloScheduler):
     """
 
     architecture = "celo"
-    _CONFIG_KEYS = tuple(CELO_DEFAULTS)
+    SPEC = specs.celo
 
     def __init__(
         self, params: ParamsT, theta: Mapping[str, torch.Tensor], config: Mapping[str, Any], **kw: Any
     ):
-        super().__init__(params, theta, config, **kw)
+        super().__init__(params, theta, config, **kw)  # refuses the configs the reference cannot run
         cfg = self.config
-        has_rsqrt = cfg["with_rms_norm_g"] or (cfg["with_rsqrt_rms"] and cfg["with_rms_only_norm_g"])
-        if not has_rsqrt and (cfg["with_rsqrt_rms"] or cfg["with_rms_only_norm_g"]):
-            raise ValueError(
-                "Celo: with_rms_norm_g=False with exactly one of with_rsqrt_rms / with_rms_only_norm_g "
-                "crashes in the reference (UnboundLocalError); refusing this config"
-            )
         n_inputs = sum(1 for k in self.theta if k.startswith("ff.w0."))
         self._ff_in = [f"ff.w0.{i}" for i in range(n_inputs)]
         self._ff_layers = cfg["ff_hidden_layers"]

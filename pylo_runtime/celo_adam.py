@@ -13,43 +13,20 @@ from typing import Any
 import torch
 
 from . import distributed as _dist
+from . import specs
 from .accumulators import momentum_update, rms_update
 from .celo import _apply, _CeloScheduler
-from .features import FEATURE_SWITCHES
 
-#: Constructor arguments of ``celo.optimizers.celo_adam.Celo`` as ``get_optimizer('celo_adam')`` sets them.
-CELO_ADAM_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 64,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": [0.9],
-    "initial_rms_decays": [0.999],
-    "initial_adafactor_decays": [0.9, 0.99, 0.999],
-    "param_inits": 64,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "validation_mode": False,
-    "with_validation_feature_dim": False,
-    "initial_epsilon": 1e-8,
-    **FEATURE_SWITCHES,
-    "param_scale_mult": False,
-    "precondition_output": False,
-    "reparam_decay": 10.0,
-    "rnn_state_decay": 0.0,
-    "mom_decay": True,
-    "summarize_each_layer": False,
-    "summarize_all_control": False,
-    "constant_loss": False,
-    "clip_param_scale_amount": None,
-}
+#: Constructor arguments of ``celo.optimizers.celo_adam.Celo`` as ``get_optimizer('celo_adam')`` sets them:
+#: the family spec's.
+CELO_ADAM_DEFAULTS = specs.celo_adam.DEFAULTS
 
 
 class CeloAdam(_CeloScheduler):
     """Celo-Adam: ``CeloAdam.from_checkpoint(path, params, num_steps=N)``; ``step`` needs the loss."""
 
     architecture = "celo_adam"
-    _CONFIG_KEYS = tuple(CELO_ADAM_DEFAULTS)
+    SPEC = specs.celo_adam
 
     def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         self._init_moments(p, state)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from . import specs
+
 #: Value of the ``format`` metadata key in every file lopt-convert writes.
 FORMAT_NAME = "lopt-bridge"
 #: Version of the metadata layout; bump on incompatible change.
@@ -39,8 +41,25 @@ class Checkpoint:
     metadata: dict[str, str]
 
 
+#: safetensors dtype codes -> the names the specs use (``torch.float32`` -> ``float32``).
+_DTYPE_NAMES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "BOOL": "bool",
+    **{f"I{b}": f"int{b}" for b in (8, 16, 32, 64)},
+    **{f"U{b}": f"uint{b}" for b in (8, 16, 32, 64)},
+}
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a file written by lopt-convert; raise ValueError naming the file if it is not one."""
+    """Load a file written by lopt-convert; raise ValueError naming the file if it is not one.
+
+    The config and the tensor names, shapes and dtypes (read from the header) are checked against the
+    architecture's spec before any tensor is loaded: a config that does not fit its theta, or a tiny file
+    whose config claims ``ff_hidden_layers: 1e9``, is one ValueError naming the file, the key and the bound.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = str(path)
@@ -49,9 +68,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
+            config = _checked_header(path, metadata, f)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    return Checkpoint(path, metadata.get("architecture", ""), config, tensors, metadata)
+
+
+def _checked_header(path: str, metadata: dict[str, str], f: Any) -> dict[str, Any]:
+    """The file's config, after checking format, config and theta shapes/dtypes against the spec."""
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{path}: not written by lopt-convert (metadata 'format' is {metadata.get('format')!r})"
@@ -63,6 +88,21 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         )
     try:
         config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: metadata 'config' missing or not JSON ({e})") from None
-    return Checkpoint(path, metadata.get("architecture", ""), config, tensors, metadata)
+    except (KeyError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: metadata 'config' missing or not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        what = "null" if config is None else f"a JSON {type(config).__name__}"
+        raise ValueError(f"{path}: metadata 'config' must be a JSON object of option names, got {what}")
+    arch = metadata.get("architecture", "")
+    spec = specs.family(arch)
+    if spec is not None:  # an unknown architecture is refused by load_optimizer, naming the known ones
+        shapes, dtypes = {}, {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            shapes[k] = tuple(sl.get_shape())
+            dtypes[k] = _DTYPE_NAMES.get(sl.get_dtype(), sl.get_dtype().lower())
+        try:
+            spec.check_theta(spec.validate(config, arch), shapes, dtypes, arch)
+        except specs.SpecError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return config

@@ -87,23 +87,3 @@ def step_tanh_embedding(iteration: torch.Tensor) -> torch.Tensor:
     """``tanh(t / timescale - 1)`` for the 11 step time scales; ``iteration`` is an integer 0-d tensor."""
     ts = torch.tensor(STEP_TIMESCALES, dtype=torch.float32, device=iteration.device)
     return torch.tanh(iteration.to(torch.float32) / ts - 1.0)
-
-
-#: HyperV2's per-element feature switches and their defaults, which Celo and Celo-Adam inherit unchanged.
-FEATURE_SWITCHES: dict[str, bool] = {
-    "with_g": True,
-    "with_m": True,
-    "with_m_feat": True,
-    "with_rms": True,
-    "with_rms_feat": True,
-    "with_rms_norm_g": True,
-    "with_rsqrt_rms": True,
-    "with_p": True,
-    "with_fac_norm_g": True,
-    "with_fac_rms": True,
-    "with_fac_rsqrt": True,
-    "with_grad_clip_feat": True,
-    "with_fac_mom_mult": True,
-    "with_rms_only_norm_g": True,
-    "adafactor_accumulator": True,
-}

@@ -7,16 +7,11 @@ from typing import Any
 
 from .base import LearnedOptimizer, ParamsT
 from .checkpoint import read_checkpoint
+from .specs import FAMILIES, SpecError
 
-#: architecture id -> "module:Class" (imported lazily so one family's import cost is not everyone's).
-ARCHITECTURES: dict[str, str] = {
-    "velo": "pylo_runtime.velo:VeLO",
-    "celo": "pylo_runtime.celo:Celo",
-    "celo_adam": "pylo_runtime.celo_adam:CeloAdam",
-    "small_fc_lopt": "pylo_runtime.adafac:SmallFCLOpt",
-    "mlp_lopt": "pylo_runtime.mlp_lopt:MLPLOpt",
-    "mulo": "pylo_runtime.mulo:MuLO",
-}
+#: architecture id -> "module:Class" (from the family specs; imported lazily so one family's import cost
+#: is not everyone's).
+ARCHITECTURES: dict[str, str] = {arch: spec.RUNTIME_CLASS for arch, spec in FAMILIES.items()}
 
 
 def optimizer_class(architecture: str) -> type[LearnedOptimizer]:
@@ -32,7 +27,17 @@ def optimizer_class(architecture: str) -> type[LearnedOptimizer]:
 
 
 def load_optimizer(path: str, params: ParamsT, *, num_steps: int, **options: Any) -> LearnedOptimizer:
-    """Read ``path`` (a lopt-convert ``.safetensors``) and build its optimizer over ``params``."""
+    """Read ``path`` (a lopt-convert ``.safetensors``) and build its optimizer over ``params``.
+
+    The config and theta are validated against the architecture's spec before the tensors are loaded; every
+    refusal is a ValueError naming the file.
+    """
     ckpt = read_checkpoint(path)
-    cls = optimizer_class(ckpt.architecture)
-    return cls(params, ckpt.tensors, ckpt.config, num_steps=num_steps, **options)
+    try:
+        cls = optimizer_class(ckpt.architecture)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    try:
+        return cls(params, ckpt.tensors, ckpt.config, num_steps=num_steps, **options)
+    except SpecError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -12,19 +12,14 @@ from typing import Any, ClassVar
 import torch
 
 from . import distributed as _dist
+from . import specs
 from .adafac import mlp_matmul, second_moment_normalize, tanh_embedding, update_momentum
 from .base import LearnedOptimizer, ParamsT, write_param
 
-#: Every constructor argument of ``MLPLOpt`` with its default (learned_optimization @32186aa4).
-DEFAULTS: dict[str, Any] = {
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "hidden_size": 32,
-    "hidden_layers": 2,
-    "compute_summary": True,
-}
+#: Every constructor argument of ``MLPLOpt`` with its default: the family spec's.
+DEFAULTS = specs.mlp_lopt.DEFAULTS
 #: The momentum decays are fixed in the reference, not meta-learned.
-DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+DECAYS = specs.mlp_lopt.DECAYS
 
 
 def mlp_lopt_layers(theta: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[list, list]:
@@ -39,6 +34,7 @@ class MLPLOpt(LearnedOptimizer):
     architecture: ClassVar[str] = "mlp_lopt"
     shard_local: ClassVar[bool] = True
     DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
+    SPEC = specs.mlp_lopt
 
     def __init__(
         self,
@@ -49,13 +45,11 @@ class MLPLOpt(LearnedOptimizer):
         num_steps: int,
         **options: Any,
     ) -> None:
+        # Config and theta names / shapes / dtypes (19 inputs to the first layer) are validated through SPEC
+        # before anything is built.
         super().__init__(params, theta, config, num_steps=num_steps, **options)
-        full = self.config
         if options.get("fused"):
             raise RuntimeError(f"{type(self).__name__}: fused=True is not available (no fused kernel yet)")
-        weights, _ = mlp_lopt_layers(self.theta, full)
-        if weights[0].shape[0] != 2 + len(DECAYS) + 11:
-            raise ValueError(f"{type(self).__name__}: first layer takes {weights[0].shape[0]} inputs, not 19")
 
     def _init_global(self, device: torch.device) -> dict[str, Any]:
         return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}

@@ -14,13 +14,13 @@ from typing import Any, ClassVar
 import torch
 
 from . import distributed as _dist
-from .adafac import DEFAULTS as ADAFAC_DEFAULTS
+from . import specs
 from .adafac import SmallFCLOpt
 from .base import ParamsT
 
-#: Every constructor argument of ``MuAdafacMLPLOpt`` with its default (mu_learned_optimization @e160d548).
-#: ``mup_lrs`` is stored by the reference but unused: the scales come from the model's state at each step.
-DEFAULTS: dict[str, Any] = {**ADAFAC_DEFAULTS, "clip_grad": False, "mup_lrs": None}
+#: Every constructor argument of ``MuAdafacMLPLOpt`` with its default: the family spec's. ``mup_lrs`` is
+#: stored by the reference but unused: the scales come from the model's state at each step.
+DEFAULTS = specs.mulo.DEFAULTS
 
 
 class MuLO(SmallFCLOpt):
@@ -35,6 +35,7 @@ class MuLO(SmallFCLOpt):
 
     architecture: ClassVar[str] = "mulo"
     DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
+    SPEC = specs.mulo
 
     def __init__(
         self,

@@ -23,221 +23,19 @@ import torch
 from . import accumulators as acc
 from . import distributed as _dist
 from . import features as feat
-from . import kernels
+from . import kernels, specs
 from .base import LearnedOptimizer, ParamsT, write_param
 
-#: Every HyperV2 constructor argument with its default (hyper_v2.HyperV2.__init__).
-HYPERV2_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 128,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": (0.9, 0.99, 0.999),
-    "initial_rms_decays": (0.999,),
-    "initial_adafactor_decays": (0.9, 0.99, 0.999),
-    "param_inits": 64,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "validation_mode": False,
-    "with_validation_feature_dim": False,
-    **feat.FEATURE_SWITCHES,
-    "param_scale_mult": True,
-    "use_bugged_next_lstm_state": False,
-    "use_bugged_loss_features": True,
-    "precondition_output": False,
-    "reparam_decay": 10.0,
-    "rnn_state_decay": 0.0,
-    "summarize_each_layer": False,
-    "summarize_all_control": False,
-    "constant_loss": False,
-    "clip_param_scale_amount": None,
-}
+# The family spec (torch-free, shared with the converter): options, config validation and theta names.
+from .specs.velo import DEFAULTS as HYPERV2_DEFAULTS  # noqa: F401  (every HyperV2 argument + default)
+from .specs.velo import VeLOConfig as VeLOConfig
+from .specs.velo import expected_theta_shapes as expected_theta_shapes
+from .specs.velo import ff_layer_names as ff_layer_names
 
 #: Gradients are clipped to this magnitude before anything else (hyper_v2 update).
 GRAD_CLIP = 1000.0
 #: Loss-buffer horizon used when ``use_bugged_loss_features`` (hyper_v2 ``buffer_loss_fns.init(10)``).
 BUGGED_LOSS_HORIZON = 10
-
-
-@dataclass(frozen=True)
-class VeLOConfig:
-    """The HyperV2 options the update reads, validated."""
-
-    lstm_hidden_size: int
-    ff_hidden_size: int
-    ff_hidden_layers: int
-    mom_decays: tuple[float, ...]
-    rms_decays: tuple[float, ...]
-    fac_decays: tuple[float, ...]
-    param_inits: int
-    mix_layers: bool
-    exp_mult: float
-    step_mult: float
-    validation_mode: bool
-    with_validation_feature_dim: bool
-    with_g: bool
-    with_m: bool
-    with_m_feat: bool
-    with_rms: bool
-    with_rms_feat: bool
-    with_rms_norm_g: bool
-    with_rsqrt_rms: bool
-    with_p: bool
-    with_fac_norm_g: bool
-    with_fac_rms: bool
-    with_fac_rsqrt: bool
-    with_grad_clip_feat: bool
-    with_fac_mom_mult: bool
-    with_rms_only_norm_g: bool
-    adafactor_accumulator: bool
-    param_scale_mult: bool
-    use_bugged_next_lstm_state: bool
-    use_bugged_loss_features: bool
-    precondition_output: bool
-    rnn_state_decay: float
-    constant_loss: bool
-    clip_param_scale_amount: float | None
-
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> VeLOConfig:
-        """Fill defaults; check names, types and combinations the reference cannot run (errors name it)."""
-        unknown = sorted(set(config) - set(HYPERV2_DEFAULTS))
-        if unknown:
-            raise ValueError(f"VeLO: unknown HyperV2 option(s) {', '.join(unknown)}")
-        c = {**HYPERV2_DEFAULTS, **config}
-        out: dict[str, Any] = {}
-        for k in ("lstm_hidden_size", "ff_hidden_size", "ff_hidden_layers", "param_inits"):
-            v = c[k]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"VeLO: option {k} must be a positive int, got {v!r}")
-            out[k] = v
-        for k, name in (
-            ("initial_momentum_decays", "mom_decays"),
-            ("initial_rms_decays", "rms_decays"),
-            ("initial_adafactor_decays", "fac_decays"),
-        ):
-            v = c[k]
-            if isinstance(v, int | float):
-                v = (v,)
-            try:
-                v = tuple(float(x) for x in v)
-            except TypeError:
-                raise ValueError(f"VeLO: option {k} must be a sequence of floats, got {v!r}") from None
-            if not v:
-                raise ValueError(f"VeLO: option {k} must not be empty")
-            out[name] = v
-        for k in ("exp_mult", "step_mult", "rnn_state_decay"):
-            v = c[k]
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ValueError(f"VeLO: option {k} must be a finite number, got {v!r}")
-            out[k] = float(v)
-        v = c["clip_param_scale_amount"]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise ValueError(f"VeLO: option clip_param_scale_amount must be a number or None, got {v!r}")
-        out["clip_param_scale_amount"] = None if v is None else float(v)
-        for f in cls.__dataclass_fields__:
-            if f not in out:
-                v = c[f]
-                if not isinstance(v, bool):
-                    raise ValueError(f"VeLO: option {f} must be a bool, got {v!r}")
-                out[f] = v
-        cfg = cls(**out)
-        cfg._check_combinations()
-        return cfg
-
-    def _check_combinations(self) -> None:
-        # The reference binds `rsqrt` only if with_rms_norm_g or (with_rsqrt_rms and with_rms_only_norm_g);
-        # using it otherwise raises UnboundLocalError there, so there is nothing to reproduce.
-        has_rsqrt = self.with_rms_norm_g or (self.with_rsqrt_rms and self.with_rms_only_norm_g)
-        if not has_rsqrt and (self.with_rsqrt_rms or self.with_rms_only_norm_g):
-            bad = "with_rsqrt_rms" if self.with_rsqrt_rms else "with_rms_only_norm_g"
-            raise ValueError(
-                f"VeLO: option with_rms_norm_g=False with {bad}=True and the other of with_rsqrt_rms / "
-                "with_rms_only_norm_g False crashes in the reference (UnboundLocalError): refused"
-            )
-        n_m, n_r, n_f = len(self.mom_decays), len(self.rms_decays), len(self.fac_decays)
-
-        def _bcast(a: int, b: int, what: str, opt: str) -> None:
-            if a != b and a != 1 and b != 1:
-                raise ValueError(
-                    f"VeLO: option {opt}: {what} ({a} vs {b} decays) do not broadcast; the reference fails"
-                )
-
-        _bcast(n_r, n_m, "var_rms feature (rms - mean of momentum)", "initial_rms_decays")
-        if self.with_rms_norm_g:
-            _bcast(n_m, n_r, "momentum * rsqrt(rms)", "initial_rms_decays")
-        if self.adafactor_accumulator and self.with_fac_mom_mult:
-            _bcast(n_m, n_f, "momentum * adafactor factors", "initial_adafactor_decays")
-
-    # ----------------------------------------------------------------------------------------------------
-    @property
-    def lstm_input_size(self) -> int:
-        """9 time + 9 loss features, mean_rms, rank one-hot (5), var_m, var_rms (+ validation dim)."""
-        n_m, n_r = len(self.mom_decays), len(self.rms_decays)
-        return 9 + 9 + n_r + 5 + n_m + max(n_m, n_r) + int(self.with_validation_feature_dim)
-
-    def ff_input_widths(self) -> list[int]:
-        """Width of each per-element MLP input, in the order of ``w0__0, w0__1, ...``."""
-        n_m, n_r, n_f = len(self.mom_decays), len(self.rms_decays), len(self.fac_decays)
-        w: list[int] = []
-        if self.with_g:
-            w.append(1)
-        if self.with_grad_clip_feat:
-            w.append(1)
-        if self.with_p:
-            w.append(1)
-        if self.with_m and self.with_m_feat:
-            w.append(n_m)
-        if self.with_rms and self.with_rms_feat:
-            w.append(n_r)
-        if self.with_rms_norm_g:
-            w.append(max(n_m, n_r))
-        if self.with_rsqrt_rms:
-            w.append(n_r)
-        if self.with_fac_norm_g:
-            w.append(n_f)
-        if self.with_rms_only_norm_g:
-            w.append(n_r)
-        if self.adafactor_accumulator:
-            if self.with_fac_rms:
-                w += [n_f, n_f]
-            if self.with_fac_rsqrt:
-                w += [n_f, n_f]
-            if self.with_fac_mom_mult:
-                w.append(max(n_m, n_f))
-        return w
-
-
-# ----------------------------------------------------------------------------------------------------
-# Theta: runtime tensor names (the converter writes these; converter/architectures/velo.py has the table).
-def ff_layer_names(cfg: VeLOConfig) -> tuple[list[str], list[str]]:
-    """Names of the per-element MLP weights ``[ff.w0.0, ..., ff.w1, ...]`` and biases ``[ff.b0, ...]``."""
-    n_in = len(cfg.ff_input_widths())
-    weights = [f"ff.w0.{i}" for i in range(n_in)] + [f"ff.w{i}" for i in range(1, cfg.ff_hidden_layers + 1)]
-    biases = [f"ff.b{i}" for i in range(cfg.ff_hidden_layers + 1)]
-    return weights, biases
-
-
-def expected_theta_shapes(cfg: VeLOConfig) -> dict[str, tuple[int, ...]]:
-    """Every theta tensor the runtime reads, with its shape (haiku layout: Linear ``w`` is ``(in, out)``)."""
-    h, p, f = cfg.lstm_hidden_size, cfg.param_inits, cfg.lstm_input_size
-    s: dict[str, tuple[int, ...]] = {"lstm_init.hidden": (1, h), "lstm_init.cell": (1, h)}
-    if cfg.mix_layers:
-        for name in ("rnn.mix_unused", "rnn.mix", "rnn.in"):
-            s[f"{name}.w"], s[f"{name}.b"] = (f, h), (h,)
-    lstm_in = h if cfg.mix_layers else f
-    s["rnn.lstm.w"], s["rnn.lstm.b"] = (lstm_in + h, 4 * h), (4 * h,)
-    s["rnn.to_controls.w"], s["rnn.to_controls.b"] = (h, p), (p,)
-    s["rnn.step_size.w"], s["rnn.step_size.b"] = (h, 1), (1,)
-    hid = cfg.ff_hidden_size
-    for i, width in enumerate(cfg.ff_input_widths()):
-        s[f"ff.w0.{i}"] = (p, width, hid)
-    for i in range(1, cfg.ff_hidden_layers + 1):
-        out = 3 if i == cfg.ff_hidden_layers else hid
-        s[f"ff.w{i}"] = (p, hid, out)
-    for i in range(cfg.ff_hidden_layers + 1):
-        s[f"ff.b{i}"] = (p, 3 if i == cfg.ff_hidden_layers else hid)
-    return s
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,6 +264,7 @@ class VeLO(LearnedOptimizer):
     architecture = "velo"
     uses_loss = True
     shard_local = True
+    SPEC = specs.velo
 
     def __init__(
         self,
@@ -476,19 +275,9 @@ class VeLO(LearnedOptimizer):
         num_steps: int,
         **options: Any,
     ) -> None:
-        self.cfg = VeLOConfig.from_mapping(config)
-        expected = expected_theta_shapes(self.cfg)
-        missing = [k for k in expected if k not in theta]
-        if missing:
-            raise ValueError(
-                f"VeLO: theta lacks {', '.join(missing)} (config expects {len(expected)} tensors)"
-            )
-        for k, shape in expected.items():
-            if tuple(theta[k].shape) != shape:
-                raise ValueError(
-                    f"VeLO: theta tensor {k} has shape {tuple(theta[k].shape)}, config expects {shape}"
-                )
-        super().__init__(params, {k: theta[k] for k in expected}, config, num_steps=num_steps, **options)
+        # Config and theta names / shapes / dtypes are validated through SPEC before anything is built.
+        super().__init__(params, theta, config, num_steps=num_steps, **options)
+        self.cfg = VeLOConfig.from_config(self.spec_config)
         kernels.check_fused(self, self.param_groups[0]["params"][0].device, options.get("fused"))
         if self.cfg.constant_loss:
             self.uses_loss = False  # the reference replaces the loss by 1.0

@@ -24,7 +24,8 @@ DATA = Path(__file__).parent / "data" / "lo"
 def _spec(**tensors) -> ArchSpec:
     tensors = tensors or {"a.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     paths = {k: {"path": f"x/{k}", "keys": ["x", k], "transform": None} for k in tensors}
-    return ArchSpec("celo", {"lstm_hidden_size": 4, "decays": (0.9, 0.99)}, tensors, paths)
+    # Not a real family: read_checkpoint validates the config of a known architecture against its spec.
+    return ArchSpec("test_arch", {"lstm_hidden_size": 4, "decays": (0.9, 0.99)}, tensors, paths)
 
 
 PROV = writer.Provenance("hf://o/r/theta.state", "ab" * 32, "theta_state")
@@ -39,7 +40,7 @@ def test_metadata_matches_the_runtime_contract(tmp_path):
     out = writer.write(_spec(), tmp_path / "o.safetensors", PROV)
     ckpt = checkpoint.read_checkpoint(out)  # the runtime's own reader accepts the file
     assert set(ckpt.metadata) == set(checkpoint.META_KEYS)
-    assert ckpt.architecture == "celo" and ckpt.config == {"lstm_hidden_size": 4, "decays": [0.9, 0.99]}
+    assert ckpt.architecture == "test_arch" and ckpt.config == {"lstm_hidden_size": 4, "decays": [0.9, 0.99]}
     assert torch.equal(ckpt.tensors["a.w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert json.loads(ckpt.metadata["source_paths"])["a.w"]["keys"] == ["x", "a.w"]
     assert ckpt.metadata["source_uri"] == PROV.source_uri and ckpt.metadata["source_format"] == "theta_state"

@@ -69,5 +69,5 @@ def test_lr_grad_none_and_state():
 def test_wrong_first_layer_is_refused():
     theta = make_theta()
     theta["linear_0.w"] = theta["linear_0.w"][:18]
-    with pytest.raises(ValueError, match="not 19"):
+    with pytest.raises(ValueError, match=r"linear_0.w has shape \(18, 16\), config expects \(19, 16\)"):
         MLPLOpt(make_params(shapes=SMALL), theta, CONFIG, num_steps=10)
