@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from converter import architectures
-from converter.architectures.celo import CELO, CELO_ADAM, CELO_ADAM_DEFAULTS, CELO_DEFAULTS, ff_input_widths
+from converter.architectures.celo import CELO, CELO_ADAM
 from converter.convert import convert_source
 from converter.errors import ConversionError
 from converter.flax_msgpack import flatten_tree, load
@@ -14,6 +14,9 @@ from parity_tests.fixture import repo_root
 from pylo_runtime import load_optimizer, read_checkpoint
 from pylo_runtime.celo import Celo
 from pylo_runtime.celo_adam import CeloAdam
+from pylo_runtime.specs.celo import DEFAULTS as CELO_DEFAULTS
+from pylo_runtime.specs.celo import ff_input_widths
+from pylo_runtime.specs.celo_adam import DEFAULTS as CELO_ADAM_DEFAULTS
 
 SHARED = repo_root().parent / "shared" / "checkpoints"
 FIXTURES = repo_root() / "parity_tests" / "fixtures"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter.architectures.velo import VELO, expected_shapes, ff_input_widths, tensor_table
+from converter.architectures.velo import VELO, expected_shapes
 from converter.errors import ConversionError
+from pylo_runtime.specs.velo import ff_input_widths, tensor_table
 from pylo_runtime.velo import VeLOConfig, expected_theta_shapes
 
 SMALL = {"lstm_hidden_size": 16, "param_inits": 4}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from pylo_runtime.specs import Config, SpecError, TensorSpec
+from pylo_runtime.specs.common import few as few  # re-exported: one-line lists in error messages
 
 from ..errors import ConversionError
 
@@ -112,12 +115,6 @@ def tree_path(keys: Keys) -> str:
     return "/".join(keys)
 
 
-def few(items: list[str], limit: int = 6) -> str:
-    """Join at most ``limit`` items, so an error stays one readable line."""
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 def shape_problems(
     expected: Mapping[Keys, tuple[int, ...]], found: Mapping[Keys, tuple[int, ...]]
 ) -> dict[str, str]:
@@ -152,16 +149,29 @@ def check_shapes(
         raise ConversionError(source, f"not a {label} theta for this config: " + "; ".join(parts))
 
 
+def validated(validate: Callable[[Any], Config], bindings: Mapping[str, Any], source: str) -> Config:
+    """``validate(bindings)`` of a family spec (``pylo_runtime.specs``), its SpecError as ConversionError."""
+    try:
+        return validate(bindings)
+    except SpecError as e:
+        raise ConversionError(source, str(e)) from None
+
+
+def table_shapes(table: Mapping[str, TensorSpec]) -> dict[Keys, tuple[int, ...]]:
+    """Source tree path -> shape, for ``check_shapes``."""
+    return {ts.keys: ts.shape for ts in table.values()}
+
+
 def float32_tensors(
-    tree: Mapping[str, Any], table: Mapping[str, Keys], source: str
+    tree: Mapping[str, Any], table: Mapping[str, TensorSpec], source: str
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """``ArchSpec`` tensors and source_paths for ``table`` (name -> path); every leaf must be float32."""
+    """``ArchSpec`` tensors and source_paths for a spec's ``table``; every leaf must be float32."""
     tensors: dict[str, np.ndarray] = {}
     source_paths: dict[str, dict[str, Any]] = {}
-    for out_name, keys in table.items():
-        arr = np.asarray(lookup(tree, keys))
+    for out_name, ts in table.items():
+        arr = np.asarray(lookup(tree, ts.keys))
         if arr.dtype != np.float32:
-            raise ConversionError(source, f"{tree_path(keys)}: dtype {arr.dtype}, expected float32")
+            raise ConversionError(source, f"{ts.path}: dtype {arr.dtype}, expected float32")
         tensors[out_name] = arr
-        source_paths[out_name] = {"path": tree_path(keys), "keys": list(keys), "transform": None}
+        source_paths[out_name] = {"path": ts.path, "keys": list(ts.keys), "transform": None}
     return tensors, source_paths

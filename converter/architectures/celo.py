@@ -13,20 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from pylo_runtime.celo import CELO_DEFAULTS
-from pylo_runtime.celo_adam import CELO_ADAM_DEFAULTS
+from pylo_runtime.specs import celo as celo_spec
+from pylo_runtime.specs import celo_adam as celo_adam_spec
+from pylo_runtime.specs.celo import LSTM_BASE_INPUTS
+from pylo_runtime.specs.velo import FF
 
 from ..errors import ConversionError
-from .base import ArchSpec, Keys, check_shapes, few, float32_tensors, lookup
-from .velo import FF, ff_shapes, ff_table, lstm_shapes, rnn_table
-from .velo import ff_input_widths as ff_input_widths  # re-exported: Celo's MLP inputs are HyperV2's
-
-#: Number of LSTM inputs: 9 tanh embeddings of the fraction trained + 9 loss features (+1 validation flag).
-LSTM_BASE_INPUTS = 18
+from .base import ArchSpec, Keys, check_shapes, float32_tensors, lookup, table_shapes, validated
 
 
 def _shape(tree: Mapping[str, Any], keys: Keys) -> tuple[int, ...] | None:
@@ -42,12 +40,12 @@ class _Celo:
 
     name: str
     gin_names: tuple[str, ...]
-    base_defaults: Mapping[str, Any]
+    spec: ModuleType  # the family spec (pylo_runtime.specs.celo / celo_adam)
     has_ff: bool
 
     def defaults(self) -> dict[str, Any]:
-        """Every constructor argument with the value ``factory.get_optimizer`` gives it."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.base_defaults.items()}
+        """Every constructor argument with the value ``factory.get_optimizer`` gives it (the spec's)."""
+        return self.spec.validate({}).to_dict()
 
     # ----------------------------------------------------------------------------------------------------
     def matches(self, tree: dict[str, Any]) -> bool:
@@ -69,60 +67,44 @@ class _Celo:
 
     # ----------------------------------------------------------------------------------------------------
     def build(self, tree: dict[str, Any], bindings: dict[str, Any], *, source: str) -> ArchSpec:
-        """Validate theta against the config, infer unbound sizes from shapes, name tensors by the table."""
-        unknown = sorted(set(bindings) - set(self.base_defaults))
-        if unknown:
-            raise ConversionError(source, f"{self.name}: unknown constructor argument(s) {few(unknown)}")
+        """Validate the bindings, infer unbound sizes from shapes, check theta, name tensors by the table."""
+        config = validated(self.spec.validate, bindings, source)  # unknown keys, types, bounds: first
         if not isinstance(tree, Mapping):
             raise ConversionError(source, f"{self.name}: theta is a {type(tree).__name__}, not a tree")
-        config = self.defaults()
-        config.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in bindings.items()})
-        self._infer_sizes(tree, bindings, config, source)
-
-        check_shapes(tree, self._expected_shapes(config), source, self.name)
-        tensors, source_paths = float32_tensors(tree, self._table(config), source)
-        return ArchSpec(self.name, config, tensors, source_paths)
+        inferred = self._infer_sizes(tree, bindings)
+        if inferred:
+            config = validated(self.spec.validate, {**bindings, **inferred}, source)
+        table = self.spec.tensor_table(config)
+        check_shapes(tree, table_shapes(table), source, self.name)
+        tensors, source_paths = float32_tensors(tree, table, source)
+        return ArchSpec(self.name, config.to_dict(), tensors, source_paths)
 
     # ----------------------------------------------------------------------------------------------------
-    def _infer_sizes(
-        self, tree: Mapping[str, Any], bindings: Mapping[str, Any], config: dict[str, Any], source: str
-    ) -> None:
-        """Fill sizes not given in ``bindings`` from the shapes (theta.state carries no config)."""
+    def _infer_sizes(self, tree: Mapping[str, Any], bindings: Mapping[str, Any]) -> dict[str, Any]:
+        """Sizes not given in ``bindings``, from the shapes (theta.state carries no config)."""
+        out: dict[str, Any] = {}
         hidden = _shape(tree, ("lstm_init_state", "hidden"))
         if "lstm_hidden_size" not in bindings and hidden is not None and len(hidden) == 2:
-            config["lstm_hidden_size"] = hidden[1]
+            out["lstm_hidden_size"] = hidden[1]
         rows = _shape(tree, ("rnn_params", "linear_2", "w"))
         if "with_validation_feature_dim" not in bindings and rows is not None and len(rows) == 2:
-            config["with_validation_feature_dim"] = rows[0] == LSTM_BASE_INPUTS + 1
+            out["with_validation_feature_dim"] = rows[0] == LSTM_BASE_INPUTS + 1
         if self.has_ff:
             b0 = _shape(tree, (*FF, "b0"))
             if b0 is not None and len(b0) == 2:
                 if "param_inits" not in bindings:
-                    config["param_inits"] = b0[0]
+                    out["param_inits"] = b0[0]
                 if "ff_hidden_size" not in bindings:
-                    config["ff_hidden_size"] = b0[1]
+                    out["ff_hidden_size"] = b0[1]
             ff = lookup(tree, FF)
             if "ff_hidden_layers" not in bindings and isinstance(ff, Mapping):
                 layers = [k for k in ff if k.startswith("w") and k[1:].isdigit()]
                 if layers:
-                    config["ff_hidden_layers"] = len(layers)
-        for key in ("lstm_hidden_size", "param_inits", "ff_hidden_size", "ff_hidden_layers"):
-            value = config[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConversionError(source, f"{self.name}: {key} must be a positive int, got {value!r}")
-
-    def _expected_shapes(self, config: Mapping[str, Any]) -> dict[Keys, tuple[int, ...]]:
-        """theta path -> shape the reference's ``init`` would give for ``config`` (HyperV2's layout)."""
-        n_in = LSTM_BASE_INPUTS + (1 if config["with_validation_feature_dim"] else 0)
-        shapes = lstm_shapes(config["lstm_hidden_size"], n_in, config["mix_layers"])
-        return {**shapes, **ff_shapes(config)} if self.has_ff else shapes
-
-    def _table(self, config: Mapping[str, Any]) -> dict[str, Keys]:
-        """runtime tensor name -> theta path for ``config`` (HyperV2's names, velo.py)."""
-        return {**rnn_table(config), **ff_table(config)} if self.has_ff else rnn_table(config)
+                    out["ff_hidden_layers"] = len(layers)
+        return out
 
 
-CELO = _Celo("celo", ("celo.optimizers.celo.Celo",), CELO_DEFAULTS, has_ff=True)
-CELO_ADAM = _Celo("celo_adam", ("celo.optimizers.celo_adam.Celo",), CELO_ADAM_DEFAULTS, has_ff=False)
+CELO = _Celo("celo", ("celo.optimizers.celo.Celo",), celo_spec, has_ff=True)
+CELO_ADAM = _Celo("celo_adam", ("celo.optimizers.celo_adam.Celo",), celo_adam_spec, has_ff=False)
 
 ARCHITECTURES = [CELO, CELO_ADAM]

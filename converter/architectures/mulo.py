@@ -11,14 +11,14 @@ never picks muLO: choose it with the ``mulo`` subcommand or ``--set architecture
 
 from __future__ import annotations
 
-from pylo_runtime.mulo import DEFAULTS as MULO_DEFAULTS  # one source of truth: the runtime's
+from pylo_runtime.specs import mulo as mulo_spec
 
 from .adafac import AdafacFamily
 
 MULO = AdafacFamily(
     "mulo",
     ("MuAdafacMLPLOpt",),
-    MULO_DEFAULTS,
+    mulo_spec,
     detectable=False,
     expects="the small_fc_lopt tree; never auto-detected: choose it with --set architecture=mulo",
 )
