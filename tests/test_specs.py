@@ -6,7 +6,9 @@ Every family refuses the same hostile or broken configs and thetas, at construct
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import subprocess
 import sys
 import time
@@ -107,6 +109,12 @@ def test_config_is_read_only_and_hashable():
     d = cfg.to_dict()
     d["initial_rms_decays"].append(0.5)
     assert cfg["initial_rms_decays"] == [0.999]
+    for copied in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg)), copy.copy(cfg)):
+        assert copied == cfg and copied.arch == "velo" and copied.lstm_hidden_size == 8
+    velo_cfg = specs.velo.VeLOConfig.from_config(cfg)
+    assert copy.deepcopy(velo_cfg) == velo_cfg and velo_cfg.mom_decays == (0.9, 0.99, 0.999)
+    with pytest.raises(AttributeError, match="velo config has no option 'nope'"):
+        cfg.nope  # noqa: B018
 
 
 def test_check_theta_message_names_found_and_expected():

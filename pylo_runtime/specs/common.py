@@ -82,6 +82,8 @@ class Config(Mapping[str, Any]):
         return len(self._values)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # dunder lookups (copy, pickle) and a half-built instance's own slots
+            raise AttributeError(name)
         try:
             return self._values[name]
         except KeyError:
@@ -89,6 +91,9 @@ class Config(Mapping[str, Any]):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("a validated Config is read-only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Config, (self.arch, self._values))
 
     def __hash__(self) -> int:
         return hash((self.arch, tuple((k, _frozen(v)) for k, v in self._values.items())))
