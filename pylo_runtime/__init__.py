@@ -8,6 +8,7 @@ from typing import Any
 from .base import LearnedOptimizer
 from .checkpoint import Checkpoint, read_checkpoint
 from .loading import ARCHITECTURES, load_optimizer, optimizer_class
+from .step_inputs import NonFiniteError, set_loss
 
 _CLASSES = {target.split(":")[1]: target.split(":")[0] for target in ARCHITECTURES.values()}
 
@@ -17,6 +18,8 @@ __all__ = [
     "read_checkpoint",
     "load_optimizer",
     "optimizer_class",
+    "set_loss",
+    "NonFiniteError",
     *_CLASSES,
 ]
 

@@ -163,14 +163,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         world = _inputs.loss_world_size()
         reduce = uses_loss and self.loss_reduction == "mean" and world > 1 and not inputs.checked_outside
         bad = _inputs.count_nonfinite_tensors(grads, device) if check else None
-        if reduce or (check and world > 1 and _dist.any_shard()):  # shards' gradients differ per rank
-            zero = torch.zeros((), dtype=torch.float32, device=device)
-            vec = torch.stack([loss_t if reduce else zero, zero if bad is None else bad])
+        share_bad = check and world > 1 and _dist.any_shard()  # FSDP2 shards: each rank sees its own grads
+        if reduce or share_bad:  # one all-reduce: the loss, the count of bad tensors, or both in one tensor
+            parts = ([loss_t] if reduce else []) + ([bad] if share_bad else [])
+            vec = parts[0].clone() if len(parts) == 1 else torch.stack(parts)
             torch.distributed.all_reduce(vec, op=torch.distributed.ReduceOp.SUM)
             if reduce:
-                loss_t = vec[0] / world
-            if bad is not None:
-                bad = vec[1]
+                loss_t = vec.reshape(-1)[0] / world if share_bad else vec / world
+            if share_bad:
+                bad = vec.reshape(-1)[-1]
         if not check:
             return (loss_t if uses_loss else loss), False
         if loss_t is not None:
