@@ -153,7 +153,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """The loss every rank uses (all-reduced mean) and whether ``nonfinite=`` skips this step.
 
         At most one all-reduce (the loss and, for rank-local FSDP2 shards, the count of non-finite gradients,
-        in one tensor) and one host sync per step; a skipped step changes nothing but ``skipped_steps``.
+        in one tensor) and one host sync per step with finite input; a skipped step changes nothing but
+        ``skipped_steps``.
         """
         inputs = self._inputs
         device = params[0].device
@@ -174,9 +175,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 bad = vec.reshape(-1)[-1]
         if not check:
             return (loss_t if uses_loss else loss), False
-        if loss_t is not None:
-            bad = bad + torch.logical_not(torch.isfinite(loss_t)).to(torch.float32)
-        if not bool(bad > 0):  # the one host sync
+        loss_bad = None if loss_t is None else torch.logical_not(torch.isfinite(loss_t)).to(torch.float32)
+        if not bool(bad > 0 if loss_bad is None else bad + loss_bad > 0):  # the one host sync
+            return (loss_t if uses_loss else loss), False
+        # Rare path: confirm tensor by tensor (a 2-norm overflows for finite gradients above ~1e19).
+        bad = _inputs.count_nonfinite_tensors(grads, device, exact=True)
+        if share_bad:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.SUM)
+        if not bool(bad > 0 if loss_bad is None else bad + loss_bad > 0):
             return (loss_t if uses_loss else loss), False
         names = [self._param_name(p) for p in params]
         detail = _inputs.describe_nonfinite(names, grads, loss_t)

@@ -268,3 +268,17 @@ def test_a_nan_parameter_with_weight_decay_is_reported_as_its_gradient():
         model.row[0, 3] = float("nan")
     with pytest.raises(NonFiniteError, match=r"params'\]\[1\] \(shape \(1, 7\)\) has 1 NaN"):
         opt.step()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_huge_finite_gradient_is_not_skipped(family):
+    # The guard's fast 2-norm overflows to inf here; the exact per-tensor confirmation lets the step run,
+    # exactly as nonfinite="propagate" (no check at all) does.
+    # (small_fc_lopt, which does not clip, then writes inf/NaN into that tensor, as the reference does.)
+    huge = _poison_grad("lin.weight", 3e38, at=1)
+    got, opt, iters = _run(family, 2, poison=huge)
+    want, _, _ = _run(family, 2, poison=huge, nonfinite="propagate")
+    assert opt.skipped_steps == 0 and iters == [1, 2]
+    for k in want:
+        same_nan = torch.equal(got[k].isnan(), want[k].isnan())
+        assert same_nan and torch.equal(got[k].nan_to_num(), want[k].nan_to_num()), k
