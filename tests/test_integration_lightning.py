@@ -24,7 +24,7 @@ from tests.integration_support import (
 )
 
 #: Lightning's own deprecation notice (its pytree helper), not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
 BATCHES = classification_batches(6, 8)
 DATASET = torch.utils.data.TensorDataset(*(torch.cat(part) for part in zip(*BATCHES, strict=True)))
 
