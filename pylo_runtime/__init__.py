@@ -19,15 +19,23 @@ _LAZY: dict[str, str] = {
     "ARCHITECTURES": "loading",
     "load_optimizer": "loading",
     "optimizer_class": "loading",
+    "set_loss": "step_inputs",
+    "NonFiniteError": "step_inputs",
     **{
         m.RUNTIME_CLASS.split(":")[1]: m.RUNTIME_CLASS.split(":")[0].rsplit(".", 1)[1]
         for m in FAMILIES.values()
     },
 }
 
-__all__ = ["LearnedOptimizer", "Checkpoint", "read_checkpoint", "load_optimizer", "optimizer_class"] + [
-    m.RUNTIME_CLASS.split(":")[1] for m in FAMILIES.values()
-]
+__all__ = [
+    "LearnedOptimizer",
+    "Checkpoint",
+    "read_checkpoint",
+    "load_optimizer",
+    "optimizer_class",
+    "set_loss",
+    "NonFiniteError",
+] + [m.RUNTIME_CLASS.split(":")[1] for m in FAMILIES.values()]
 
 
 def __getattr__(name: str) -> Any:

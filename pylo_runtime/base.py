@@ -8,6 +8,7 @@ and the loss plumbing, so that each family module only implements the learned up
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import distributed as _dist
+from . import step_inputs as _inputs
 from .checkpoint import read_checkpoint
 from .specs import Config, SpecError
 
@@ -37,6 +39,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         max_training_steps: if ``num_steps`` exceeds it, accumulate ``ceil(num_steps / max)`` gradients per
             update and tell the optimizer ``num_steps // accumulate`` steps (``prefab.LearnedOptimizer``).
         foreach / fused: like torch.optim.Adam; ``None`` picks the fastest implementation for the device.
+        nonfinite: a step whose loss or any gradient is NaN/Inf: ``"skip"`` it (no parameter or state changes,
+            counted in ``skipped_steps``, warned about once), ``"raise"`` :class:`NonFiniteError`, or
+            ``"propagate"`` the numbers as the reference does (no check). Empty tensors are always skipped.
+        loss_reduction: ``"mean"`` averages the loss over torch.distributed's default group inside ``step``
+            (one scalar all-reduce, families that read the loss only); ``"none"``: the loss is used as given.
     """
 
     architecture: ClassVar[str] = ""
@@ -64,9 +71,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         max_training_steps: int | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        nonfinite: str = "skip",
+        loss_reduction: str = "mean",
     ) -> None:
         if not isinstance(num_steps, int) or num_steps <= 0:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if nonfinite not in _inputs.NONFINITE_MODES:
+            modes = ", ".join(_inputs.NONFINITE_MODES)
+            raise ValueError(f"nonfinite must be one of {modes}, got {nonfinite!r}")
+        if loss_reduction not in _inputs.LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {', '.join(_inputs.LOSS_REDUCTIONS)}, got {loss_reduction!r}"
+            )
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0.0:
@@ -80,9 +96,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.config = self.spec_config.to_dict()
         else:
             self.config = {**self.DEFAULTS, **dict(config)}
+        self.nonfinite = nonfinite
+        self.loss_reduction = loss_reduction
+        self._inputs = _inputs.StepInputs()
+        self.max_training_steps = max_training_steps
+        self._set_num_steps(num_steps)
+
+    def _set_num_steps(self, num_steps: int) -> None:
         self.num_accumulate = 1
-        if max_training_steps is not None and num_steps > max_training_steps:
-            self.num_accumulate = math.ceil(num_steps / max_training_steps)
+        if self.max_training_steps is not None and num_steps > self.max_training_steps:
+            self.num_accumulate = math.ceil(num_steps / self.max_training_steps)
         self.num_steps = num_steps
         self.inner_num_steps = num_steps // self.num_accumulate
 
@@ -103,6 +126,120 @@ class LearnedOptimizer(torch.optim.Optimizer):
         dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in theta.items()}
         self.SPEC.check_theta(cfg, shapes, dtypes, who)
         return cfg
+
+    def set_num_steps(self, num_steps: int) -> None:
+        """Change the training length before the first step (an integration reads it from a Trainer)."""
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps <= 0:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if GLOBAL in self.state:
+            raise RuntimeError(
+                f"{type(self).__name__}.set_num_steps: the optimizer has already stepped with num_steps="
+                f"{self.num_steps}; its state depends on it, so it can only be set before the first step"
+            )
+        self._set_num_steps(num_steps)
+
+    # ----------------------------------------------------------------------------------------------------
+    # The loss and the non-finite guard (pylo_runtime/step_inputs.py, docs/integrations.md).
+    def set_loss(self, loss: Any) -> None:
+        """Record one training loss for the next ``step()``, which uses the mean of those recorded since the
+        last step. ``pylo_runtime.set_loss(opt, loss)`` does the same through wrappers (Accelerate, ...)."""
+        self._inputs.record(loss)
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``nonfinite="skip"`` has skipped (kept in the state, so state_dict carries it)."""
+        return int(self.state[GLOBAL].get("skipped_steps", 0)) if GLOBAL in self.state else 0
+
+    def _take_loss(self, loss: Any, closure: Any, closure_loss: Any) -> Any:
+        """The step's loss: ``loss=``, else the mean of the ``set_loss`` records, else the closure's value."""
+        recorded = self._inputs.take()
+        if loss is not None:
+            if recorded is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.step got loss= and also losses recorded with set_loss since the "
+                    "last step: give the loss one way"
+                )
+            return loss
+        if recorded is not None:
+            return recorded
+        if closure_loss is not None:
+            if self.uses_loss:
+                problem = _inputs.closure_loss_problem(closure)
+                if problem:
+                    raise ValueError(f"{type(self).__name__}.step: {problem}")
+            return closure_loss
+        if self.uses_loss:
+            raise ValueError(
+                f"{type(self).__name__}.step needs the training loss: call pylo_runtime.set_loss(optimizer, "
+                "loss) before step(), or step(loss=loss), or step(closure) (see docs/integrations.md)"
+            )
+        return None
+
+    def _loss_and_guard(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], loss: Any
+    ) -> tuple[Any, bool]:
+        """The loss every rank uses (all-reduced mean) and whether ``nonfinite=`` skips this step.
+
+        At most one all-reduce (the loss and, for rank-local FSDP2 shards, the count of non-finite gradients,
+        in one tensor) and one host sync per step with finite input; a skipped step changes nothing but
+        ``skipped_steps``.
+        """
+        inputs = self._inputs
+        device = params[0].device
+        uses_loss = self.uses_loss and loss is not None
+        loss_t = _inputs.as_loss_tensor(loss, device) if uses_loss else None
+        check = self.nonfinite != "propagate" and not inputs.checked_outside and not _inputs.is_compiling()
+        world = _inputs.loss_world_size()
+        reduce = uses_loss and self.loss_reduction == "mean" and world > 1 and not inputs.checked_outside
+        bad = _inputs.count_nonfinite_tensors(grads, device) if check else None
+        share_bad = check and world > 1 and _dist.any_shard()  # FSDP2 shards: each rank sees its own grads
+        if reduce or share_bad:  # one all-reduce: the loss, the count of bad tensors, or both in one tensor
+            parts = ([loss_t] if reduce else []) + ([bad] if share_bad else [])
+            vec = parts[0].clone() if len(parts) == 1 else torch.stack(parts)
+            torch.distributed.all_reduce(vec, op=torch.distributed.ReduceOp.SUM)
+            if reduce:
+                loss_t = vec.reshape(-1)[0] / world if share_bad else vec / world
+            if share_bad:
+                bad = vec.reshape(-1)[-1]
+        if not check:
+            return (loss_t if uses_loss else loss), False
+        loss_bad = None if loss_t is None else torch.logical_not(torch.isfinite(loss_t)).to(torch.float32)
+        if not bool(bad > 0 if loss_bad is None else bad + loss_bad > 0):  # the one host sync
+            return (loss_t if uses_loss else loss), False
+        # Rare path: confirm tensor by tensor (a 2-norm overflows for finite gradients above ~1e19).
+        bad = _inputs.count_nonfinite_tensors(grads, device, exact=True)
+        if share_bad:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.SUM)
+        if not bool(bad > 0 if loss_bad is None else bad + loss_bad > 0):
+            return (loss_t if uses_loss else loss), False
+        names = [self._param_name(p) for p in params]
+        detail = _inputs.describe_nonfinite(names, grads, loss_t)
+        name = type(self).__name__
+        if self.nonfinite == "raise":
+            raise _inputs.NonFiniteError(f"{name}: non-finite step input: {detail}; nothing was changed")
+        if GLOBAL not in self.state:
+            self.state[GLOBAL] = self._init_global(device)
+        global_state = self.state[GLOBAL]
+        global_state["skipped_steps"] = int(global_state.get("skipped_steps", 0)) + 1
+        if not inputs.warned_nonfinite:
+            inputs.warned_nonfinite = True
+            warnings.warn(
+                f"{name}: skipped a step ({detail}); parameters and optimizer state are unchanged. "
+                f"{global_state['skipped_steps']} step(s) skipped so far; later skips are only counted in "
+                "optimizer.skipped_steps (nonfinite='raise' makes them errors)",
+                RuntimeWarning,
+                stacklevel=5,  # _loss_and_guard, step, torch.no_grad, torch's step hook wrapper, the caller
+            )
+        return loss_t, True
+
+    def _param_name(self, p: torch.Tensor) -> str:
+        """``p``'s name from its group's ``param_names`` (named params), else its place in param_groups."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return repr(names[pi]) if names else f"param_groups[{gi}]['params'][{pi}]"
+        return "a parameter"
 
     # ----------------------------------------------------------------------------------------------------
     # Construction from a converted file.
@@ -172,17 +309,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
-        """One optimizer step. The loss is taken from ``loss=`` or from ``closure()``; VeLO needs one."""
+        """One optimizer step. The loss: ``loss=``, else the losses given to ``set_loss`` since the last step,
+        else ``closure()``'s value; VeLO and Celo need one (docs/integrations.md)."""
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-            if loss is None:
-                loss = closure_loss
-        if self.uses_loss and loss is None:
-            raise ValueError(
-                f"{type(self).__name__}.step needs the training loss: call step(loss=loss) or step(closure)"
-            )
+        loss = self._take_loss(loss, closure, closure_loss)
 
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
@@ -198,7 +331,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 foreach, fused = group["foreach"], group["fused"]
                 wd = group["weight_decay"]
                 for i, p in enumerate(group["params"]):
-                    if p.grad is None:  # like torch optimizers: no gradient, no update, no state change
+                    # Like torch optimizers: no gradient, no update, no state change. An empty tensor likewise
+                    # (its mean is NaN, which VeLO's mix layer would spread to every tensor).
+                    if p.grad is None or p.numel() == 0:
                         continue
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -226,6 +361,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     grads.append(g)
                     lrs.append(float(group["lr"]))
             if params:
+                loss, skip = self._loss_and_guard(params, grads, loss)
+                if skip:
+                    return closure_loss
                 self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
                 for p, full in gathered:
                     _dist.scatter_back(p, full)

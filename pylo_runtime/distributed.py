@@ -69,8 +69,9 @@ def global_mean(loss: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Mean of ``loss`` over the ranks of ``group`` (default: all): the loss to give ``step`` under DDP/FSDP.
 
     VeLO and Celo read the training loss; with data parallelism each rank sees its own batch, so every rank
-    must pass the same global loss or the replicas' updates differ. One scalar all-reduce; identity when
-    torch.distributed is not initialised.
+    must use the same global loss or the replicas' updates differ. ``LearnedOptimizer.step`` now does this
+    itself (``loss_reduction="mean"``, the default); this is for loops that pass ``loss_reduction="none"``.
+    One scalar all-reduce; identity when torch.distributed is not initialised.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):

@@ -38,10 +38,12 @@ class ShardedOptimizer:
 
         model = DistributedDataParallel(model)
         opt = ShardedOptimizer(VeLO.from_checkpoint(path, model.parameters(), num_steps=N))
-        loss.backward(); opt.step(loss=pylo_runtime.distributed.global_mean(loss))
+        loss.backward(); pylo_runtime.set_loss(opt, loss); opt.step()
 
-    Every rank must call ``step`` with the same gradients (DDP does that) and the same loss. Optimizer state
-    lives on the owning rank only: ``state_dict()`` is this rank's part.
+    Every rank must call ``step`` with the same gradients (DDP does that); the loss is averaged over the ranks
+    here (``loss_reduction`` of the wrapped optimizer), and ``nonfinite=`` is decided here over every tensor's
+    gradient, so all ranks skip or step together. Optimizer state lives on the owning rank only:
+    ``state_dict()`` is this rank's part.
     """
 
     def __init__(self, optimizer: LearnedOptimizer, process_group: Any = None) -> None:
@@ -83,10 +85,9 @@ class ShardedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-            if loss is None:
-                loss = closure_loss
         opt = self.optimizer
-        live = [(p, g) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        loss = opt._take_loss(loss, closure, closure_loss)
+        live = [(p, g) for g in opt.param_groups for p in g["params"] if p.grad is not None and p.numel() > 0]
         if len(live) < self.world:  # too few tensors to give every rank one: step all of them everywhere
             opt.step(loss=loss)
             return closure_loss
@@ -94,10 +95,11 @@ class ShardedOptimizer:
         hidden: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its grad) hidden from the base
         swapped: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]] = []  # as in the base
         targets: list[torch.Tensor] = []  # what each owner broadcasts: the param, or a DTensor's full copy
+        all_grads: list[torch.Tensor] = []  # every tensor's whole gradient (the same on every rank)
         wd_loss = None
         try:
             for (p, group), owner in zip(live, owners, strict=True):
-                value = p
+                value, g = p, p.grad
                 if _dist.is_dtensor(p):  # FSDP2: every rank joins the all-gather, the owner steps the copy
                     value, g = _dist.gather_param(p, p.grad.detach())
                     if owner == self.rank:
@@ -107,6 +109,7 @@ class ShardedOptimizer:
                         opt.state[value] = opt.state[p]
                         group["params"][i] = value
                 targets.append(value)
+                all_grads.append(g)
                 if owner == self.rank:
                     continue
                 # The base adds wd * |p|^2 of the params it steps to the loss; add the others' here.
@@ -116,12 +119,18 @@ class ShardedOptimizer:
                     wd_loss = term if wd_loss is None else wd_loss + term
                 hidden.append((p, p.grad))
                 p.grad = None
+            # The global loss and the nonfinite= decision over every tensor (the base sees only this rank's).
+            loss, skip = opt._loss_and_guard(targets, all_grads, loss)
+            if skip:
+                return closure_loss
             if wd_loss is not None:
                 loss = LearnedOptimizer._as_loss(loss, wd_loss.device) + wd_loss
             _dist._TENSOR_GROUP.append(self.group)
+            opt._inputs.checked_outside = True
             try:
                 opt.step(loss=loss)
             finally:
+                opt._inputs.checked_outside = False
                 _dist._TENSOR_GROUP.pop()
         finally:
             for p, g in hidden:

@@ -66,10 +66,10 @@ def test_mulo_cpu_uses_scales_and_grad_hooks():
 
     def make(params, fused):
         groups = [{"params": params[:3], "mup_scale": 0.25}, {"params": params[3:], "lr": 0.5}]
-        return MuLO(groups, theta, cfg, num_steps=100, fused=fused)
+        return MuLO(groups, theta, cfg, num_steps=100, fused=fused, nonfinite="propagate")
 
     grads = grad_stream(SHAPES, 3)
-    grads[1][2][0, 0] = float("nan")  # nan_to_num hook
+    grads[1][2][0, 0] = float("nan")  # nan_to_num hook (reached with nonfinite="propagate"; "skip" skips)
     errs, _, _ = run_pair(make, SHAPES, grads)
     assert max(errs) <= TOL, errs
 

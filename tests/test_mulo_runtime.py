@@ -78,10 +78,10 @@ def _grads(scale: float = 0.1):
 CONFIG = {"hidden_size": 32, "step_mult": 0.01}
 
 
-def _step(groups_fn, config=CONFIG, grads=None):
+def _step(groups_fn, config=CONFIG, grads=None, **options):
     theta = make_theta(config)
     params = _zero_params()
-    opt = MuLO(groups_fn(params), theta, config, num_steps=100)
+    opt = MuLO(groups_fn(params), theta, config, num_steps=100, **options)
     for p, g in zip(params, grads or _grads(), strict=True):
         p.grad = g.clone()
     opt.step()
@@ -114,15 +114,17 @@ def test_nan_and_inf_gradients_are_replaced_like_jnp_nan_to_num():
     grads = _grads()
     bad = [g.clone() for g in grads]
     bad[2][0, 0], bad[2][1, 1], bad[3].view(-1)[5] = math.nan, math.inf, -math.inf
-    got = _step(lambda ps: ps, CONFIG, bad)
-    want = _step(lambda ps: ps, CONFIG, [torch.nan_to_num(g) for g in bad])
+    # The reference's behaviour is nonfinite="propagate" (the default "skip" leaves such a step out:
+    # tests/test_nonfinite.py).
+    got = _step(lambda ps: ps, CONFIG, bad, nonfinite="propagate")
+    want = _step(lambda ps: ps, CONFIG, [torch.nan_to_num(g) for g in bad], nonfinite="propagate")
     # Same as nan_to_num first, bit for bit. NaN -> 0 keeps the step finite; +-inf -> +-float32 max
     # overflows g**2, so those tensors' steps are NaN (as the reference's float32 math gives).
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
         assert bool(torch.isfinite(a).all()) == (i not in (2, 3))
     only_nan = [torch.where(torch.isinf(g), 0.0, g) for g in bad]
-    got = _step(lambda ps: ps, CONFIG, only_nan)
+    got = _step(lambda ps: ps, CONFIG, only_nan, nonfinite="propagate")
     assert all(torch.isfinite(a).all() for a in got)
 
 
