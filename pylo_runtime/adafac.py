@@ -7,13 +7,15 @@ decays read from theta, 28 per-element features normalised per tensor, 11 tanh t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from . import distributed as _dist
-from . import kernels, specs
+from . import specs
 from .accumulators import factored_update, momentum_update, rms_update
 from .base import LearnedOptimizer, ParamsT, write_param
 from .features import (
@@ -171,7 +173,6 @@ class SmallFCLOpt(LearnedOptimizer):
         # before anything is built.
         super().__init__(params, theta, config, num_steps=num_steps, **options)
         full = self.config
-        kernels.check_fused(self, self.param_groups[0]["params"][0].device, options.get("fused"))
         self._n_decays = tuple(len(full[k]) for k in specs.common.DECAY_KEYS)
 
     # ----------------------------------------------------------------------------------------------------
@@ -220,78 +221,119 @@ class SmallFCLOpt(LearnedOptimizer):
         """Hook for muLO's gradient clipping and nan_to_num; identity for AdafacMLPLOpt."""
         return grads
 
-    def _features(
-        self, p: torch.Tensor, g: torch.Tensor, decays: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update ``p``'s accumulators; return (float32 param in the reference's shape, its features)."""
-        st = self.state[p]
-        shape = tuple(p.shape) or (1,)
-        pf = p.detach().to(torch.float32).reshape(shape)
-        g = g.reshape(shape)
-        mom_d, rms_d, fac_d = decays
-        with _dist.on_tensor(p):  # an FSDP2 shard: row/column means over the sharded dim are all-reduced
-            fdims = factored_dims(_dist.global_shape(shape))
-            st["m"] = update_momentum(st["m"], g, mom_d)
-            st["rms"] = update_rms(st["rms"], g, rms_d)
-            empty = st["m"].new_zeros(())
-            v_row, v_col, v_diag, fac_g = update_factored(
-                st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
-            )
-            if fdims is None:
-                st["v_diag"] = v_diag
-            else:
-                st["v_row"], st["v_col"] = v_row, v_col
-            feats = adafac_features(pf, g, st["m"], st["rms"], fac_g, v_row, v_col, v_diag, fdims)
-        return pf, feats
-
-    def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
-        if kernels.fast_step(self, params, grads, lrs, loss, global_state, foreach=foreach, fused=fused):
-            return  # Triton kernels (CUDA) or the fast CPU path: pylo_runtime/kernels
+    def _update(self, params, grads, lrs, loss, global_state, *, path) -> None:
         device = params[0].device
-        grads = self._prepare_grads(grads, params)
-        decays = self._decays(device)
         weights, biases = self._mlp(device)
         it = global_state["iteration"]
-        time_feat = tanh_embedding(it)
-        scales = self._scales(params)
-        exp_mult, step_mult = float(self.config["exp_mult"]), float(self.config["step_mult"])
-        concat = bool(self.config["concat_weights"])
-        if foreach is None:
-            foreach = concat and len(params) > 1
-        if foreach and not concat:
-            foreach = False  # the scalar-math path is per tensor by definition
+        step = AdafacStep(
+            decays=self._decays(device),
+            weights=weights,
+            biases=biases,
+            time_feat=tanh_embedding(it),
+            exp_mult=float(self.config["exp_mult"]),
+            step_mult=float(self.config["step_mult"]),
+            concat=bool(self.config["concat_weights"]),
+        )
+        grads = self._prepare_grads(grads, params)
+        scales = self._scales(params) or [1.0] * len(params)
+        states = [self.state[p] for p in params]
 
-        prepared = [self._features(p, g, decays) for p, g in zip(params, grads, strict=True)]
-        if foreach:
-            # One MLP over every element of every tensor: normalise per tensor, then one matmul chain.
-            rows = []
-            for p, (_, f) in zip(params, prepared, strict=True):
-                with _dist.on_tensor(p):
-                    f = second_moment_normalize(f)
-                rows.append(_with_time(f, time_feat).reshape(-1, f.shape[-1] + 11))
-            out = mlp_matmul(torch.cat(rows, dim=0), weights, biases)
-            outs = torch.split(out, [r.shape[0] for r in rows], dim=0)
-            steps = [_step(o[:, 0], o[:, 1], exp_mult, step_mult) for o in outs]
-        else:
-            steps = []
-            for p, (_, f) in zip(params, prepared, strict=True):
-                with _dist.on_tensor(p):
-                    f = second_moment_normalize(f)
-                if concat:
-                    o = mlp_matmul(_with_time(f, time_feat), weights, biases)
-                    steps.append(_step(o[..., 0], o[..., 1], exp_mult, step_mult))
-                else:
-                    feats = [x.squeeze(-1) for x in torch.split(f, 1, dim=-1)]
-                    d, mag = mlp_scalar(feats, time_feat, weights, biases)
-                    steps.append(_step(d, mag, exp_mult, step_mult))
-        for i, (p, (pf, _), step, lr) in enumerate(zip(params, prepared, steps, lrs, strict=True)):
-            step = step.reshape(pf.shape)
-            if scales is not None:
-                step = step * scales[i]
-            if lr != 1.0:
-                step = step * lr
-            write_param(p, (pf - step).reshape(p.shape))
+        def impl(name: str) -> Any:
+            return functools.partial(_implementation(name), step=step)
+
+        impl(path)(params, grads, lrs, scales, states)
         global_state["iteration"] = it + 1
+
+
+@dataclass(frozen=True)
+class AdafacStep:
+    """What every tensor's update reads at one step: decays, MLP, time features, output multipliers."""
+
+    decays: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    time_feat: torch.Tensor
+    exp_mult: float
+    step_mult: float
+    concat: bool  # the matrix MLP (concat_weights=True) or the reference's scalar math
+
+
+def _implementation(path: str) -> Any:
+    """The function that runs ``path`` (``dispatch`` chose it); all take
+    ``(params, grads, lrs, scales, states, step=AdafacStep)``, grads already prepared (muLO's clip)."""
+    if path == "reference":
+        return functools.partial(_adafac_reference, batched=False)
+    if path == "foreach-batched":
+        return functools.partial(_adafac_reference, batched=True)
+    if path in ("foreach", "fused-cpu"):  # torch ops (any device); with the C passes on the CPU
+        from .kernels import native
+        from .kernels.adafac_cpu import adafac_step_cpu
+
+        return functools.partial(adafac_step_cpu, lib=native.library() if path == "fused-cpu" else None)
+    if path == "fused-triton":
+        from .kernels.adafac_triton import adafac_step_triton
+
+        return adafac_step_triton
+    raise ValueError(f"small_fc_lopt has no implementation {path!r}")
+
+
+def _tensor_features(
+    p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], decays: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update ``p``'s accumulators in ``st``; return (float32 param in the reference's shape, features)."""
+    shape = tuple(p.shape) or (1,)
+    pf = p.detach().to(torch.float32).reshape(shape)
+    g = g.reshape(shape)
+    mom_d, rms_d, fac_d = decays
+    with _dist.on_tensor(p):  # an FSDP2 shard: row/column means over the sharded dim are all-reduced
+        fdims = factored_dims(_dist.global_shape(shape))
+        st["m"] = update_momentum(st["m"], g, mom_d)
+        st["rms"] = update_rms(st["rms"], g, rms_d)
+        empty = st["m"].new_zeros(())
+        v_row, v_col, v_diag, fac_g = update_factored(
+            st.get("v_row", empty), st.get("v_col", empty), st.get("v_diag", empty), g, fac_d, fdims
+        )
+        if fdims is None:
+            st["v_diag"] = v_diag
+        else:
+            st["v_row"], st["v_col"] = v_row, v_col
+        feats = adafac_features(pf, g, st["m"], st["rms"], fac_g, v_row, v_col, v_diag, fdims)
+    return pf, feats
+
+
+def _adafac_reference(params, grads, lrs, scales, states, *, step: AdafacStep, batched: bool) -> None:
+    """The reference path: features per tensor, then the MLP per tensor, or (``batched``, the foreach-batched
+    path) once over the rows of all tensors; ``concat_weights=False`` is the scalar-math MLP, per tensor."""
+    prepared = [
+        _tensor_features(p, g, st, step.decays) for p, g, st in zip(params, grads, states, strict=True)
+    ]
+    normed = []
+    for p, (_, f) in zip(params, prepared, strict=True):
+        with _dist.on_tensor(p):
+            normed.append(second_moment_normalize(f))
+    if batched:
+        # One MLP over every element of every tensor: normalise per tensor, then one matmul chain.
+        rows = [_with_time(f, step.time_feat).reshape(-1, f.shape[-1] + 11) for f in normed]
+        out = mlp_matmul(torch.cat(rows, dim=0), step.weights, step.biases)
+        outs = torch.split(out, [r.shape[0] for r in rows], dim=0)
+        steps = [_step(o[:, 0], o[:, 1], step.exp_mult, step.step_mult) for o in outs]
+    else:
+        steps = []
+        for f in normed:
+            if step.concat:
+                o = mlp_matmul(_with_time(f, step.time_feat), step.weights, step.biases)
+                steps.append(_step(o[..., 0], o[..., 1], step.exp_mult, step.step_mult))
+            else:
+                feats = [x.squeeze(-1) for x in torch.split(f, 1, dim=-1)]
+                d, mag = mlp_scalar(feats, step.time_feat, step.weights, step.biases)
+                steps.append(_step(d, mag, step.exp_mult, step.step_mult))
+    for p, (pf, _), u, lr, scale in zip(params, prepared, steps, lrs, scales, strict=True):
+        u = u.reshape(pf.shape)
+        if scale != 1.0:
+            u = u * scale
+        if lr != 1.0:
+            u = u * lr
+        write_param(p, (pf - u).reshape(p.shape))
 
 
 def _with_time(x: torch.Tensor, time_feat: torch.Tensor) -> torch.Tensor:

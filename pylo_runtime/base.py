@@ -38,7 +38,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weight_decay: ``WeightDecayWrapper`` semantics: ``g += wd * p`` and ``loss += wd * sum(p**2)``.
         max_training_steps: if ``num_steps`` exceeds it, accumulate ``ceil(num_steps / max)`` gradients per
             update and tell the optimizer ``num_steps // accumulate`` steps (``prefab.LearnedOptimizer``).
-        foreach / fused: like torch.optim.Adam; ``None`` picks the fastest implementation for the device.
+        foreach / fused: like torch.optim.Adam, for every family (``pylo_runtime.dispatch`` decides and has
+            the coverage table); ``None`` picks the fastest correct implementation for the device.
         nonfinite: a step whose loss or any gradient is NaN/Inf: ``"skip"`` it (no parameter or state changes,
             counted in ``skipped_steps``, warned about once), ``"raise"`` :class:`NonFiniteError`, or
             ``"propagate"`` the numbers as the reference does (no check). Empty tensors are always skipped.
@@ -101,6 +102,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._inputs = _inputs.StepInputs()
         self.max_training_steps = max_training_steps
         self._set_num_steps(num_steps)
+        from . import dispatch
+
+        dispatch.check_construction(self)  # fused=True that cannot run: refused now, not at the first step
 
     def _set_num_steps(self, num_steps: int) -> None:
         self.num_accumulate = 1
@@ -280,10 +284,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         loss: torch.Tensor | None,
         global_state: dict[str, Any],
         *,
-        foreach: bool | None,
-        fused: bool | None,
+        path: str,
     ) -> None:
-        """Apply one learned step in place.
+        """Apply one learned step in place, on the implementation ``path`` (``dispatch.choose``'s name).
 
         ``grads`` are float32 (weight decay and accumulation already applied); ``lrs[i]`` multiplies the step
         of ``params[i]``; ``loss`` is a float32 0-d tensor (or None when ``uses_loss`` is False).
@@ -325,10 +328,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # group's params list, index in it); ``gathered``: the (param, full copy) pairs to scatter back.
         swapped: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], int]] = []
         gathered: list[tuple[torch.Tensor, torch.Tensor]] = []
-        foreach = fused = None
         try:
             for group in self.param_groups:
-                foreach, fused = group["foreach"], group["fused"]
                 wd = group["weight_decay"]
                 for i, p in enumerate(group["params"]):
                     # Like torch optimizers: no gradient, no update, no state change. An empty tensor likewise
@@ -364,7 +365,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 loss, skip = self._loss_and_guard(params, grads, loss)
                 if skip:
                     return closure_loss
-                self._step_tensors(params, grads, lrs, wd_loss, loss, foreach, fused)
+                self._step_tensors(params, grads, lrs, wd_loss, loss)
                 for p, full in gathered:
                     _dist.scatter_back(p, full)
         finally:
@@ -374,7 +375,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 _dist.unregister_shard(stand_in)
         return closure_loss
 
-    def _step_tensors(self, params, grads, lrs, wd_loss, loss, foreach, fused) -> None:
+    def _step_tensors(self, params, grads, lrs, wd_loss, loss) -> None:
         """Lazy state init, accumulation and the family's ``_update`` on the collected tensors."""
         device = params[0].device
         loss_t = None
@@ -396,7 +397,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if not params:
                 return
 
-        self._update(params, grads, lrs, loss_t, global_state, foreach=foreach, fused=fused)
+        from . import dispatch
+
+        path = dispatch.choose(self, device, shard=_dist.any_shard())
+        self._update(params, grads, lrs, loss_t, global_state, path=path)
 
     def _accumulate(self, params, grads, lrs, loss_t, global_state):
         """``GradientAccumulator``: sum gradients and losses, update with their mean every k-th call."""

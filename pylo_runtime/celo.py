@@ -167,8 +167,7 @@ class Celo(_CeloScheduler):
         loss: torch.Tensor | None,
         global_state: dict[str, Any],
         *,
-        foreach: bool | None,
-        fused: bool | None,
+        path: str,
     ) -> None:
         assert loss is not None
         device = params[0].device
@@ -183,10 +182,7 @@ class Celo(_CeloScheduler):
         for p, g, st in zip(params, grads, states, strict=True):
             with _dist.on_tensor(p):  # an FSDP2 shard: means over its sharded dim are all-reduced
                 fac_gs.append(_accumulate(st, g, *decays))
-        if foreach is None:
-            foreach = True
-        # FSDP2 shards stepped rank-locally: single-tensor path (the batched one normalises flattened rows).
-        fn = _multi_tensor_celo if foreach and not _dist.any_shard() else _single_tensor_celo
+        fn = _multi_tensor_celo if path == "foreach" else _single_tensor_celo
         fn(params, grads, fac_gs, states, lrs, lr_mult, weights, self.config, self._ff_in, self._ff_layers)
         global_state["iteration"] = global_state["iteration"] + 1
 

@@ -39,8 +39,7 @@ class CeloAdam(_CeloScheduler):
         loss: torch.Tensor | None,
         global_state: dict[str, Any],
         *,
-        foreach: bool | None,
-        fused: bool | None,
+        path: str,
     ) -> None:
         assert loss is not None
         device = params[0].device
@@ -60,9 +59,7 @@ class CeloAdam(_CeloScheduler):
         for g, st in zip(grads, states, strict=True):
             st["mom"] = momentum_update(st["mom"], g, mom_d)
             st["rms"] = rms_update(st["rms"], g, rms_d)
-        if foreach is None:
-            foreach = True
-        fn = _multi_tensor_celo_adam if foreach else _single_tensor_celo_adam
+        fn = _multi_tensor_celo_adam if path == "foreach" else _single_tensor_celo_adam
         fn(params, states, lrs, lr, corr, cfg)
         global_state["iteration"] = global_state["iteration"] + 1
 
@@ -110,10 +107,8 @@ def _multi_tensor_celo_adam(
     corr: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: Mapping[str, Any],
 ) -> None:
-    """Batched path: last slots of every tensor flattened into one vector, the Adam step computed once."""
-    if cfg["param_scale_mult"]:
-        _single_tensor_celo_adam(params, states, lrs, lr, corr, cfg)
-        return
+    """Batched path: last slots of every tensor flattened into one vector, the Adam step computed once
+    (not with ``param_scale_mult``: each tensor's step then reads its own mean; ``dispatch`` knows)."""
     m = torch.cat([st["mom"][..., -1].reshape(-1) for st in states])
     v = torch.cat([st["rms"][..., -1].reshape(-1) for st in states])
     steps = adam_step(params[0], m.unsqueeze(-1), v.unsqueeze(-1), lr, corr, cfg)

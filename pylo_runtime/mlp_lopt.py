@@ -48,8 +48,6 @@ class MLPLOpt(LearnedOptimizer):
         # Config and theta names / shapes / dtypes (19 inputs to the first layer) are validated through SPEC
         # before anything is built.
         super().__init__(params, theta, config, num_steps=num_steps, **options)
-        if options.get("fused"):
-            raise RuntimeError(f"{type(self).__name__}: fused=True is not available (no fused kernel yet)")
 
     def _init_global(self, device: torch.device) -> dict[str, Any]:
         return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}
@@ -58,7 +56,7 @@ class MLPLOpt(LearnedOptimizer):
         shape = tuple(p.shape) or (1,)  # the reference reshapes 0-d params to (1,)
         state["m"] = torch.zeros(shape + (len(DECAYS),), dtype=torch.float32, device=p.device)
 
-    def _update(self, params, grads, lrs, loss, global_state, *, foreach, fused) -> None:
+    def _update(self, params, grads, lrs, loss, global_state, *, path) -> None:
         device = params[0].device
         cache = self.__dict__.setdefault("_cache", {})
         if device not in cache:
@@ -70,8 +68,7 @@ class MLPLOpt(LearnedOptimizer):
         it = global_state["iteration"]
         time_feat = tanh_embedding(it)
         exp_mult, step_mult = float(self.config["exp_mult"]), float(self.config["step_mult"])
-        if foreach is None:
-            foreach = len(params) > 1
+        foreach = path == "foreach"  # one MLP over the rows of all tensors
 
         prepared = []
         for p, g in zip(params, grads, strict=True):

@@ -23,7 +23,7 @@ import torch
 from . import accumulators as acc
 from . import distributed as _dist
 from . import features as feat
-from . import kernels, specs
+from . import specs
 from .base import LearnedOptimizer, ParamsT, write_param
 
 # The family spec (torch-free, shared with the converter): options, config validation and theta names.
@@ -278,7 +278,6 @@ class VeLO(LearnedOptimizer):
         # Config and theta names / shapes / dtypes are validated through SPEC before anything is built.
         super().__init__(params, theta, config, num_steps=num_steps, **options)
         self.cfg = VeLOConfig.from_config(self.spec_config)
-        kernels.check_fused(self, self.param_groups[0]["params"][0].device, options.get("fused"))
         if self.cfg.constant_loss:
             self.uses_loss = False  # the reference replaces the loss by 1.0
 
@@ -313,8 +312,7 @@ class VeLO(LearnedOptimizer):
         loss: torch.Tensor | None,
         global_state: dict[str, Any],
         *,
-        foreach: bool | None,
-        fused: bool | None,
+        path: str,
     ) -> None:
         device = params[0].device
         theta = self._theta_on(device)
@@ -335,10 +333,7 @@ class VeLO(LearnedOptimizer):
         )
         grads = [torch.clamp(g, -GRAD_CLIP, GRAD_CLIP) for g in grads]
         states = [self.state[p] for p in params]
-        # FSDP2 shards stepped rank-locally: the single-tensor path (the batched one vmaps its reductions).
-        impl = _single_tensor_velo if foreach is False or _dist.any_shard() else _multi_tensor_velo
-        impl = kernels.velo_impl(self, device, foreach=foreach, fused=fused) or impl  # Triton / fast CPU
-        impl(params, grads, lrs, states, ctx)
+        _implementation(path)(params, grads, lrs, states, ctx)
         global_state["iteration"] = global_state["iteration"] + 1
 
     def _decays_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -350,6 +345,24 @@ class VeLO(LearnedOptimizer):
                 for d in (cfg.mom_decays, cfg.rms_decays, cfg.fac_decays)
             )
         return cache[device]
+
+
+def _implementation(path: str):
+    """The function that runs ``path`` (``dispatch`` chose it): a drop-in for ``_single_tensor_velo``."""
+    if path == "reference":
+        return _single_tensor_velo
+    if path == "foreach-vmap":
+        return _multi_tensor_velo
+    if path in ("foreach", "fused-cpu"):
+        from .kernels import native
+        from .kernels.velo_cpu import velo_impl_cpu
+
+        return functools.partial(velo_impl_cpu, lib=native.library() if path == "fused-cpu" else None)
+    if path == "fused-triton":
+        from .kernels.velo_triton import velo_impl_triton
+
+        return velo_impl_triton
+    raise ValueError(f"VeLO has no implementation {path!r}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from fused_support import SHAPES, adafac_theta, grad_stream, make_params, run_pair, update_error, velo_theta
 
-from pylo_runtime import kernels
+from pylo_runtime import dispatch
 from pylo_runtime.adafac import SmallFCLOpt
 from pylo_runtime.kernels import adafac_cpu, velo_cpu
 from pylo_runtime.mulo import MuLO
@@ -39,14 +39,23 @@ def _velo(**config):
     return lambda params, fused: VeLO(params, theta, cfg, num_steps=100, fused=fused)
 
 
-def test_cpu_is_the_default_on_cpu():
-    params = make_params([(4, 5)])
-    opt = _adafac(32)(params, None)
-    assert kernels.choose_impl(opt, torch.device("cpu"), None) == "cpu"
-    assert kernels.choose_impl(opt, torch.device("cpu"), False) == "reference"
-    # foreach=False with fused=None keeps the reference single-tensor path
-    params[0].grad = torch.ones(4, 5)
-    assert not kernels.fast_step(opt, params, [params[0].grad], [1.0], None, {}, foreach=False, fused=None)
+def _path_after_one_step(opt, params) -> str:
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step(loss=1.0)
+    return opt.last_path
+
+
+def test_c_passes_are_the_default_on_cpu():
+    theta, cfg = adafac_theta(32)
+    for options, path in (
+        ({}, "fused-cpu"),
+        ({"foreach": False}, "reference"),
+        ({"fused": False}, "foreach"),
+    ):
+        params = make_params([(4, 5)])
+        opt = SmallFCLOpt(params, theta, cfg, num_steps=100, **options)
+        assert _path_after_one_step(opt, params) == path, options
 
 
 @pytest.mark.parametrize("hidden", [32, 4])
@@ -89,11 +98,11 @@ def test_velo_cpu_matches_reference(config):
     assert max(errs) <= TOL, errs
 
 
-def test_velo_unsupported_options_fall_back_to_reference():
+def test_velo_options_outside_the_fast_paths_take_the_vmap_path():
     make = _velo(with_p=False)
-    opt = make(make_params([(3, 4)]), None)
-    assert kernels.choose_impl(opt, torch.device("cpu"), None) == "reference"
-    with pytest.raises(kernels.FusedUnavailableError, match="with_p"):
+    params = make_params([(3, 4)])
+    assert _path_after_one_step(make(params, None), params) == "foreach-vmap"
+    with pytest.raises(dispatch.FusedUnavailableError, match="with_p"):
         make(make_params([(3, 4)]), True)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pylo_runtime import kernels
+from pylo_runtime import dispatch
 from pylo_runtime.adafac import SmallFCLOpt
 
 pytest.importorskip("triton", reason="triton is an optional dependency (pip install 'lopt-bridge[triton]')")
@@ -75,19 +75,20 @@ def test_triton_kernels_match_reference_under_interpreter():
     assert out["bf16_max_ulps"] <= 1.0, out["bf16_max_ulps"]
 
 
-def test_fused_true_refused_on_cpu_without_interpreter(monkeypatch):
+def test_fused_true_on_cpu_is_the_c_passes_and_triton_under_the_interpreter(monkeypatch):
     from fused_support import adafac_theta, make_params
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     theta, cfg = adafac_theta(4)
-    with pytest.raises(kernels.FusedUnavailableError, match="need CUDA tensors"):
+    params = make_params([(3, 4)])
+    opt = SmallFCLOpt(params, theta, cfg, num_steps=10, fused=True)
+    params[0].grad = torch.ones(3, 4)
+    opt.step()
+    assert opt.last_path == "fused-cpu"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    with pytest.raises(dispatch.FusedUnavailableError, match="triton is not installed"):
         SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10, fused=True)
-    monkeypatch.setattr(kernels, "triton_available", lambda: False)
-    with pytest.raises(kernels.FusedUnavailableError, match="triton is not installed"):
-        SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10, fused=True)
-    # fused=None never raises: it falls back to a path that exists
-    opt = SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10)
-    assert kernels.choose_impl(opt, torch.device("cpu"), None) == "cpu"
 
 
 def test_scalar_path_is_not_fused():
@@ -95,7 +96,10 @@ def test_scalar_path_is_not_fused():
 
     theta, cfg = adafac_theta(4)
     cfg = {**cfg, "concat_weights": False}
-    with pytest.raises(kernels.FusedUnavailableError, match="concat_weights"):
+    with pytest.raises(dispatch.FusedUnavailableError, match="concat_weights"):
         SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10, fused=True)
-    opt = SmallFCLOpt(make_params([(3,)]), theta, cfg, num_steps=10)
-    assert kernels.choose_impl(opt, torch.device("cpu"), None) == "reference"
+    params = make_params([(3,)])
+    opt = SmallFCLOpt(params, theta, cfg, num_steps=10)
+    params[0].grad = torch.ones(3)
+    opt.step()
+    assert opt.last_path == "reference"

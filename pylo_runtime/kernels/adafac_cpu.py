@@ -41,19 +41,6 @@ _ROW, _COL, _RROW, _RCOL, _FMM = slice(13, 16), slice(16, 19), slice(19, 22), sl
 _ELEM_ROWS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 25, 26, 27]
 
 
-def supported(opt: Any) -> str | None:
-    """None if the fast path covers ``opt``'s configuration, else the reason it does not."""
-    c = opt.config
-    if not c["concat_weights"]:
-        return "concat_weights=False (the scalar-math path)"
-    n_mom, n_rms, n_fac = (
-        len(c[k]) for k in ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
-    )
-    if (n_mom, n_rms, n_fac) != (3, 1, 3):
-        return f"decay counts {(n_mom, n_rms, n_fac)} (fast path handles 3 / 1 / 3)"
-    return None
-
-
 def factored_update(st: dict, mean_d0: torch.Tensor, mean_d1: torch.Tensor, fac_d: torch.Tensor, fdims):
     """Update ``st``'s factored accumulators from this step's ``mean(g**2 + 1e-30)`` over axis d0 / d1
     (common.factored_rolling); return the (row, column) factors (``adafac._row_col_factors``)."""
@@ -133,9 +120,10 @@ def _mlp_tail(h: torch.Tensor, h2: torch.Tensor, weights, biases, out: torch.Ten
     torch.addmm(biases[n - 1], h, weights[n - 1], out=out)
 
 
-def _native_factored(lib, opt, st, p, pf, g, fdims, decays, w1_parts, b1, weights, biases, scale, lr) -> None:
+def _native_factored(lib, step, st, p, pf, g, fdims, w1_parts, b1, scale, lr) -> None:
     """The whole step of one 2-D factored tensor on the C passes: accumulators, features, MLP, update."""
-    mom_d, rms_d, fac_d = decays
+    mom_d, rms_d, fac_d = step.decays
+    weights, biases = step.weights, step.biases
     w_elem, w_rowf, w_colf = w1_parts
     shape = tuple(pf.shape)
     d0 = fdims[1]
@@ -147,23 +135,24 @@ def _native_factored(lib, opt, st, p, pf, g, fdims, decays, w1_parts, b1, weight
     w_e = _rms_scale(sumsq, pf.numel()).unsqueeze(1) * w_elem
     a_row, a_col = first_layer_shares(st["v_row"], st["v_col"], w_rowf, w_colf, b1, fdims)
     a0, a1 = native.by_axis(a_row, a_col, d0, shape)
-    exp_mult, step_mult = float(opt.config["exp_mult"]), float(opt.config["step_mult"])
     layers = (weights[1], biases[1], weights[2], biases[2])
     native.mlp_update(lib.sfc_pass2, pf, g, st["m"], st["rms"], fa, fb, w_e, a0, a1, layers,
-                      exp_mult, step_mult, scale, lr)  # fmt: skip
+                      step.exp_mult, step.step_mult, scale, lr)  # fmt: skip
     native.write_back(p, pf)
 
 
-def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
-    """One ``SmallFCLOpt`` step on the CPU: same state, same result as ``opt._update`` to float32 rounding."""
+def adafac_step_cpu(params, grads, lrs, scales, states, *, step: Any, lib: Any = None) -> None:
+    """One ``SmallFCLOpt`` / ``MuLO`` step: same state, same result as the reference to float32 rounding.
+
+    ``step``: ``adafac.AdafacStep`` (decays, MLP, time features, multipliers); ``scales``: muLO's per-tensor
+    multipliers; ``lib`` None: the torch-ops (foreach) path, any device; the loaded C library: the fused
+    CPU path.
+    """
     device = params[0].device
-    grads = opt._prepare_grads(grads, params)
-    mom_d, rms_d, fac_d = opt._decays(device)
-    weights, biases = opt._mlp(device)
-    it = global_state["iteration"]
-    time_feat = ref.tanh_embedding(it)
-    scales = opt._scales(params)
-    exp_mult, step_mult = float(opt.config["exp_mult"]), float(opt.config["step_mult"])
+    mom_d, rms_d, fac_d = step.decays
+    weights, biases = step.weights, step.biases
+    time_feat = step.time_feat
+    exp_mult, step_mult = step.exp_mult, step.step_mult
     w1 = weights[0]
     hidden = w1.shape[1]
     b1 = biases[0] + time_feat @ w1[28:]  # time features are not normalised: fold them into the bias
@@ -176,7 +165,6 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
     outs: list[torch.Tensor | None] = [None] * len(params)
     pfs: list[torch.Tensor] = []
     bufs: dict[str, torch.Tensor] = {}
-    lib = native.for_step()
 
     def buf(name: str, rows: int, cols: int) -> torch.Tensor:
         b = bufs.get(name)
@@ -186,7 +174,7 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
 
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         with _dist.on_tensor(p):  # an FSDP2 shard: its statistics are all-reduced over the shard group
-            st = opt.state[p]
+            st = states[i]
             shape = tuple(p.shape) or (1,)
             pf = p.detach().to(torch.float32).reshape(shape)
             pfs.append(pf)
@@ -202,9 +190,18 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
                 and native.usable(pf, [st["m"], st["rms"]])
             ):
                 _native_factored(
-                    lib, opt, st, p, pf, g, fdims, (mom_d, rms_d, fac_d), (w_elem, w_rowf, w_colf), b1,
-                    weights, biases, 1.0 if scales is None else float(scales[i]), float(lrs[i]),
-                )  # fmt: skip
+                    lib,
+                    step,
+                    st,
+                    p,
+                    pf,
+                    g,
+                    fdims,
+                    (w_elem, w_rowf, w_colf),
+                    b1,
+                    float(scales[i]),
+                    float(lrs[i]),
+                )
                 continue
             st["m"] = ref.update_momentum(st["m"], g, mom_d)
             st["rms"] = ref.update_rms(st["rms"], g, rms_d)
@@ -262,10 +259,9 @@ def adafac_step_cpu(opt: Any, params, grads, lrs, global_state) -> None:
     for i, (p, pf, o, lr) in enumerate(zip(params, pfs, outs, lrs, strict=True)):
         if o is None:  # stepped by the C passes
             continue
-        step = (o[:, 0] * torch.exp(o[:, 1] * exp_mult) * step_mult).reshape(pf.shape)
-        if scales is not None:
-            step = step * scales[i]
+        u = (o[:, 0] * torch.exp(o[:, 1] * exp_mult) * step_mult).reshape(pf.shape)
+        if scales[i] != 1.0:
+            u = u * scales[i]
         if lr != 1.0:
-            step = step * lr
-        write_param(p, (pf - step).reshape(p.shape))
-    global_state["iteration"] = it + 1
+            u = u * lr
+        write_param(p, (pf - u).reshape(p.shape))

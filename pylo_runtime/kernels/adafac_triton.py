@@ -119,21 +119,18 @@ def _adafac_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, W1, B1, WH, BH, W3
     tl.store(pp + offs, (p - step).to(P_DT), mask=mask)
 
 
-def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
-    """One ``SmallFCLOpt``/``MuLO`` step with the Triton kernels (same state as the reference path)."""
+def adafac_step_triton(params, grads, lrs, scales, states, *, step: Any) -> None:
+    """One ``SmallFCLOpt`` / ``MuLO`` step with the Triton kernels (same state as the reference path).
+
+    ``step``: ``adafac.AdafacStep``; ``scales``: muLO's per-tensor multipliers; hidden_size a power of two
+    (``dispatch`` checks it at construction).
+    """
     device = params[0].device
-    grads = opt._prepare_grads(grads)
-    mom_d, rms_d, fac_d = opt._decays(device)
-    weights, biases = opt._mlp(device)
-    it = global_state["iteration"]
-    time_feat = ref.tanh_embedding(it)
-    scales = opt._scales(params)
-    exp_mult, step_mult = float(opt.config["exp_mult"]), float(opt.config["step_mult"])
+    mom_d, rms_d, fac_d = step.decays
+    weights, biases = step.weights, step.biases
+    time_feat = step.time_feat
+    exp_mult, step_mult = step.exp_mult, step.step_mult
     hidden = weights[0].shape[1]
-    if hidden & (hidden - 1) or hidden < 2:
-        raise ValueError(
-            f"{type(opt).__name__}: the Triton kernels need a power-of-two hidden_size, not {hidden}"
-        )
     f32 = dict(dtype=torch.float32, device=device)
     dec = torch.cat([mom_d, torch.clamp(rms_d, 0.0, 1.0), torch.clamp(fac_d, 0.0, 1.0)]).to(**f32)
     w1 = weights[0][:N_FEAT].contiguous()
@@ -147,7 +144,7 @@ def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
     groups: dict[tuple[torch.dtype, bool], list[int]] = {}
     work = []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        st = opt.state[p]
+        st = states[i]
         shape = tuple(p.shape) or (1,)
         fdims = ref.factored_dims(shape)
         pc = p.detach() if p.is_contiguous() else p.detach().contiguous()
@@ -161,15 +158,12 @@ def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
         work.append((p, pc, gc, st, shape, fdims, aux))
         groups.setdefault((p.dtype, fdims is not None), []).append(i)
 
-    scale_vals = []
-    for i, lr in enumerate(lrs):
-        s = 1.0 if scales is None else float(scales[i])
-        scale_vals.append(s * lr)
+    scale_vals = [float(s) * float(lr) for s, lr in zip(scales, lrs, strict=True)]
     prec = dot_precision()
     items = [(w[1], w[2], w[3]["m"], w[3]["rms"], w[3].get("v_diag"), w[4], w[5], w[6]) for w in work]
     for (dtype, fact), idx in groups.items():
         if dtype not in TL_DTYPES:
-            raise TypeError(f"{type(opt).__name__}: fused kernels take float32/bfloat16/float16, not {dtype}")
+            raise TypeError(f"the fused kernels take float32/bfloat16/float16 params, not {dtype}")
         ptr_t, info_t, aux_t, blk_t_t, blk_s_t, _ = pack_group([items[i] for i in idx], device)
         sc_t = torch.tensor([scale_vals[i] for i in idx], dtype=torch.float32).to(device, non_blocking=True)
         stats = torch.zeros(len(idx) * N_FEAT, **f32)
@@ -187,4 +181,3 @@ def adafac_step_triton(opt: Any, params, grads, lrs, global_state) -> None:
             if pc.data_ptr() != p.data_ptr():  # a non-contiguous param was stepped in a contiguous copy
                 write_param(p, pc.reshape(p.shape))
         del ptr_t, info_t, blk_t_t, blk_s_t, sc_t, aux_t
-    global_state["iteration"] = it + 1

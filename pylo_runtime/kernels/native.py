@@ -49,6 +49,7 @@ _CODES = {"p": _f32p, "d": _f64p, "i": _i64, "n": _int, "f": _f32}
 
 _lock = threading.Lock()
 _lib: list[Any] = []  # [CDLL or None] once tried
+_error: list[str] = []  # why the last try failed
 
 
 def enabled() -> bool:
@@ -125,6 +126,7 @@ def library() -> ctypes.CDLL | None:
                 try:
                     lib = _load(build())
                 except (RuntimeError, OSError) as exc:
+                    _error[:] = [str(exc).splitlines()[0]]
                     warnings.warn(
                         "lopt-bridge: the native CPU passes are unavailable, "
                         f"using the torch CPU path: {exc}",
@@ -135,20 +137,16 @@ def library() -> ctypes.CDLL | None:
         return _lib[0]
 
 
-def for_step() -> ctypes.CDLL | None:
-    """The library for this step, or None: inside ``torch.compile`` (ctypes calls cannot be traced) and in
-    FSDP2 rank-local steps (the torch path all-reduces its statistics over the shards)."""
-    from .. import distributed as _dist
-
-    if torch.compiler.is_compiling() or _dist.any_shard():
-        return None
-    return library()
+def last_error() -> str:
+    """Why :func:`library` returned None (first line), or ""."""
+    return _error[0] if _error else ""
 
 
 def reset() -> None:
     """Forget the loaded library (tests: rebuild under another environment)."""
     with _lock:
         _lib.clear()
+        _error.clear()
 
 
 def ptr(t: torch.Tensor) -> Any:

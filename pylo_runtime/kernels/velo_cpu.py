@@ -36,25 +36,6 @@ NATIVE_MIN = 4096
 _ELEM = list(range(15)) + [27, 28, 29]
 _ROW = [15, 16, 17, 21, 22, 23]  # v_row, rsqrt(v_row + 1e-8)
 _COL = [18, 19, 20, 24, 25, 26]  # v_col, rsqrt(v_col + 1e-8)
-_FLAGS_ON = (
-    "with_g with_m with_m_feat with_rms with_rms_feat with_rms_norm_g with_rsqrt_rms with_p "
-    "with_fac_norm_g with_fac_rms with_fac_rsqrt with_grad_clip_feat with_fac_mom_mult "
-    "with_rms_only_norm_g adafactor_accumulator"
-).split()
-
-
-def supported(opt: Any) -> str | None:
-    """None if the fast paths cover ``opt``'s HyperV2 options, else the reason they do not."""
-    cfg = opt.cfg
-    off = [f for f in _FLAGS_ON if not getattr(cfg, f)]
-    if off:
-        return f"feature flags {', '.join(off)} off (fast paths handle the default feature set)"
-    counts = (len(cfg.mom_decays), len(cfg.rms_decays), len(cfg.fac_decays))
-    if counts != (3, 1, 3):
-        return f"decay counts {counts} (fast paths handle 3 / 1 / 3)"
-    if cfg.ff_hidden_layers != 2:
-        return f"ff_hidden_layers={cfg.ff_hidden_layers} (fast paths handle 2)"
-    return None
 
 
 def interpolate_all(controls: torch.Tensor, ff_theta: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -222,10 +203,12 @@ def _native_step(lib, p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) 
     native.write_back(p, pf)
 
 
-def velo_impl_cpu(params, grads, lrs, states, ctx) -> None:
-    """Drop-in for ``velo._single_tensor_velo(params, grads, lrs, states, ctx)`` on the CPU; grads clipped."""
+def velo_impl_cpu(params, grads, lrs, states, ctx, lib: Any = None) -> None:
+    """Drop-in for ``velo._single_tensor_velo(params, grads, lrs, states, ctx)``; grads clipped.
+
+    ``lib`` None: the torch-ops (foreach) path, any device; the loaded C library: the fused CPU path.
+    """
     cfg = ctx.cfg
-    lib = native.for_step()
     rows = []
     pfs, stats = [], []
     for p, g, s in zip(params, grads, states, strict=True):
