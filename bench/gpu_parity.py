@@ -1,8 +1,11 @@
-"""Fused (Triton) versus reference parity on CUDA: per-step update error and 2000-step open-loop drift.
+"""Fused (Triton) and foreach (torch ops) versus reference parity on CUDA, the default path's self-check,
+and 2000-step open-loop drift.
 
 Part of ``bench/gpu_check.sh``; writes ``bench/results/<host>-<date>-gpu-parity.json``. Same metric as the
-CPU tests (tests/test_fused_*.py): float32 ``|u_fused - u_ref|_inf / |u_ref|_inf`` per step (<= 1e-5), one ulp
-of ``p + u`` forgiven; open loop, max relative parameter difference after 2000 steps (<= 1e-4).
+CPU tests (tests/test_fused_*.py): float32 ``|u_fast - u_ref|_inf / |u_ref|_inf`` per step (<= 1e-5), one ulp
+of ``p + u`` forgiven; open loop, max relative parameter difference after 2000 steps (<= 1e-4). The default
+flags must pick the Triton path and pass its self-check without a warning (pylo_runtime.dispatch.verified);
+every family's foreach path (the CUDA fallback) must match its reference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
-from fused_support import SHAPES, adafac_theta, grad_stream, make_params, run_pair, velo_theta  # noqa: E402
+from fused_support import SHAPES, adafac_theta, flags, grad_stream, make_params, run_pair, velo_theta  # noqa: E402
 
 from pylo_runtime.adafac import SmallFCLOpt  # noqa: E402
 from pylo_runtime.mulo import MuLO  # noqa: E402
@@ -34,10 +37,47 @@ def _on(device, grads):
     return [[g.to(device) for g in gs] for gs in grads]
 
 
-def _pair(make, shapes, steps, device, losses=None, dtype=torch.float32):
+def _pair(make, shapes, steps, device, losses=None, dtype=torch.float32, fast=True):
     grads = _on(device, grad_stream(shapes, steps))
-    errs, _, _ = run_pair(make, shapes, grads, losses=losses, dtype=dtype, fast=True, device=device)
+    errs, _, _ = run_pair(make, shapes, grads, losses=losses, dtype=dtype, fast=fast, device=device)
     return errs
+
+
+def default_path(make, shapes, device) -> dict:
+    """Two steps with the default flags: the path they ran and any lopt-bridge warning (the self-check)."""
+    import warnings
+
+    params = make_params(shapes, device=device)
+    opt = make(params, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t, gs in enumerate(_on(device, grad_stream(shapes, 2))):
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g
+            opt.step(loss=3.0 - 0.2 * t)
+    msgs = [str(w.message) for w in caught if "lopt-bridge" in str(w.message)]
+    return {"path": opt.last_path, "warnings": msgs}
+
+
+def every_family_foreach(device, shapes, steps: int) -> dict:
+    """Each family's foreach path (what CUDA falls back to) against its reference, on ``device``."""
+    from distributed_support import FAMILIES, random_theta
+
+    from pylo_runtime.loading import optimizer_class
+
+    out = {}
+    for family in FAMILIES:
+        theta, cfg = random_theta(family)
+        make = lambda ps, flag, f=family, t=theta, c=cfg: optimizer_class(f)(  # noqa: E731
+            ps,
+            t,
+            c,
+            num_steps=100,
+            **flags(flag),
+        )
+        losses = [3.0 - 0.2 * t for t in range(steps)]
+        out[family] = max(_pair(make, shapes, steps, device, losses=losses, fast="foreach"))
+    return out
 
 
 def drift(family: str, device, steps: int) -> float:
@@ -46,10 +86,15 @@ def drift(family: str, device, steps: int) -> float:
     pa, pb = make_params(shapes, 0.1, device=device), make_params(shapes, 0.1, device=device)
     if family == "velo":
         theta, cfg = velo_theta(lstm_hidden_size=8, param_inits=4)
-        oa, ob = (VeLO(p, theta, cfg, num_steps=steps, fused=f) for p, f in ((pa, False), (pb, True)))
+        oa, ob = (
+            VeLO(p, theta, cfg, num_steps=steps, **flags(f)) for p, f in ((pa, "reference"), (pb, True))
+        )
     else:
         theta, cfg = adafac_theta(32)
-        oa, ob = (SmallFCLOpt(p, theta, cfg, num_steps=steps, fused=f) for p, f in ((pa, False), (pb, True)))
+        oa, ob = (
+            SmallFCLOpt(p, theta, cfg, num_steps=steps, **flags(f))
+            for p, f in ((pa, "reference"), (pb, True))
+        )
     for t in range(steps):
         for p, g in zip(pa + pb, grads[t] + grads[t], strict=True):
             p.grad = g
@@ -77,11 +122,11 @@ def main() -> int:
 
     def adafac(hidden, cls=SmallFCLOpt, **extra):
         theta, cfg = adafac_theta(hidden)
-        return lambda ps, fused: cls(ps, theta, {**cfg, **extra}, num_steps=100, fused=fused)
+        return lambda ps, fused: cls(ps, theta, {**cfg, **extra}, num_steps=100, **flags(fused))
 
     def velo(**config):
         theta, cfg = velo_theta(**config)
-        return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, fused=fused)
+        return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, **flags(fused))
 
     cases = {
         "small_fc_lopt_h32": (adafac(32), None),
@@ -95,9 +140,21 @@ def main() -> int:
     for name, (make, ls) in cases.items():
         t0 = time.perf_counter()
         errs = _pair(make, shapes, a.steps, dev, losses=ls)
-        results[name] = {"max_update_error": max(errs), "per_step": errs, "wall_s": time.perf_counter() - t0}
-        ok &= max(errs) <= 1e-5
-        print(f"{name:<22} max update error {max(errs):.2e}  ({results[name]['wall_s']:.1f} s)", flush=True)
+        fe = _pair(make, shapes, a.steps, dev, losses=ls, fast="foreach")
+        dp = default_path(make, shapes, dev)
+        results[name] = {"max_update_error": max(errs), "per_step": errs, "foreach_max_update_error": max(fe),
+                         "default": dp, "wall_s": time.perf_counter() - t0}  # fmt: skip
+        want = "fused-triton" if dev.type == "cuda" else "fused-cpu"
+        ok &= max(errs) <= 1e-5 and max(fe) <= 1e-5 and dp["path"] == want and not dp["warnings"]
+        print(
+            f"{name:<22} max update error fused {max(errs):.2e}, foreach {max(fe):.2e}; default: "
+            f"{dp['path']} {dp['warnings'] or 'no warning'}  ({results[name]['wall_s']:.1f} s)",
+            flush=True,
+        )
+    fam = every_family_foreach(dev, SHAPES, a.steps)
+    results["every_family_foreach"] = fam
+    ok &= max(fam.values()) <= 1e-5
+    print("foreach vs reference, every family: " + ", ".join(f"{k} {v:.2e}" for k, v in fam.items()))
     for dt in (torch.bfloat16, torch.float16):
         # low-precision params: the fp32 results agree, so the stored params differ by at most one rounding
         small = [(7,), (64, 48)]

@@ -1,7 +1,8 @@
 """Median optimizer step time on a small CPU tree or a ViT-B/16-shaped tree, as ratios to torch AdamW.
 
 Times, in one run: torch AdamW (foreach; fused on CUDA), each of our optimizers on its reference path
-(``fused=False, foreach=False``) and its fast path (``fused=None``: Triton on CUDA, C passes on CPU),
+(``foreach=False``), its foreach path (``foreach=True``: torch ops, what CUDA falls back to) and its default
+path (``fused=None``: Triton on CUDA, C passes on CPU),
 the JAX reference (jitted, in a subprocess with ``--jax-python``) and PyLO's naive PyTorch optimizers
 (``--pylo-src``). Prints a table, writes ``bench/results/<host>-<date>.json``. A tool, not a test:
 
@@ -39,8 +40,10 @@ from trees import num_params, tree_shapes  # noqa: E402
 #: Our optimizers: bench name -> (architecture id, constructor options, config overrides for random theta).
 OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "velo": ("velo", {"fused": False, "foreach": False}),
+    "velo_foreach": ("velo", {"foreach": True}),
     "velo_fused": ("velo", {"fused": None}),
     "small_fc_lopt": ("small_fc_lopt", {"fused": False, "foreach": False}),
+    "small_fc_lopt_foreach": ("small_fc_lopt", {"foreach": True}),
     "small_fc_lopt_fused": ("small_fc_lopt", {"fused": None}),
 }
 JAX = {"jax_velo": "velo", "jax_small_fc_lopt": "small_fc_lopt"}

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import dispatch, specs
 from . import distributed as _dist
-from . import specs
 from .accumulators import factored_update, momentum_update, rms_update
 from .base import LearnedOptimizer, ParamsT, write_param
 from .features import (
@@ -241,6 +241,8 @@ class SmallFCLOpt(LearnedOptimizer):
         def impl(name: str) -> Any:
             return functools.partial(_implementation(name), step=step)
 
+        samples = _kernel_samples(path, params)
+        path = dispatch.verified(self, path, samples, impl, params, grads, lrs, scales, states)
         impl(path)(params, grads, lrs, scales, states)
         global_state["iteration"] = it + 1
 
@@ -275,6 +277,27 @@ def _implementation(path: str) -> Any:
 
         return adafac_step_triton
     raise ValueError(f"small_fc_lopt has no implementation {path!r}")
+
+
+def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
+    """For ``dispatch.verified``: the smallest tensor of each kernel variant ``path`` would run."""
+    out: dict[tuple, int] = {}
+    for i, p in enumerate(params):
+        shape = tuple(p.shape) or (1,)
+        factored = len(shape) >= 2
+        if path == "fused-triton":
+            key: tuple = (p.dtype, factored)
+        elif path == "fused-cpu":
+            from .kernels import adafac_cpu
+
+            if not (factored and len(shape) == 2 and p.numel() >= adafac_cpu.SMALL):
+                continue  # the torch ops take it: nothing fused to check
+            key = ("c-passes",)
+        else:
+            return {}
+        if key not in out or p.numel() < params[out[key]].numel():
+            out[key] = i
+    return out
 
 
 def _tensor_features(

@@ -13,9 +13,14 @@
 ==================================  =====================================================================
 
 A family without a covering multi-tensor path for some options (or for FSDP2 shards) runs its reference
-there; the table says so and why. The decision is a pure function of (family, config, device, flags,
-placement) so that ``python -m pylo_runtime.dispatch`` prints the same table the runtime follows, and
-``tests/test_dispatch.py`` walks it.
+there; the table says so and why. Before a fused path first runs a kernel variant in a process, one tensor
+of that variant is stepped on copies by the kernels and by the reference (:func:`verified`): a kernel that
+does not compile, launch or agree within ``SELF_CHECK_TOL`` gives one warning and the foreach path from
+then on (default flags), or raises (``fused=True``).
+
+The decision is a pure function of (family, config, device, flags, placement), so that
+``python -m pylo_runtime.dispatch`` prints the same table the runtime follows, and ``tests/test_dispatch.py``
+walks it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -285,10 +292,11 @@ class Env:
     interpret: bool = False  # TRITON_INTERPRET=1
     native: str | None = None  # None: the C passes can be built; else why not
     compiling: bool = False  # inside torch.compile (neither ctypes nor Triton pointer tables trace)
+    broken: tuple[tuple[str, str], ...] = ()  # (fused path, why): failed their self-check in this process
 
     @classmethod
-    def current(cls, *, compiling: bool = False) -> Env:
-        return cls(triton_available(), interpreting(), None, compiling)
+    def current(cls, *, compiling: bool = False, broken: tuple[tuple[str, str], ...] = ()) -> Env:
+        return cls(triton_available(), interpreting(), None, compiling, broken)
 
 
 def _fused_backend(device: str, explicit: bool, env: Env) -> str | None:
@@ -322,6 +330,9 @@ def _fused(fam: Family, cfg: Mapping[str, Any], device: str, explicit: bool, sha
         return None, env.native
     else:
         path = Path("fused-cpu", FUSED, fam.cpu_where)
+    for name, why in env.broken:
+        if name == path.name:
+            return None, f"the {name} kernels failed their self-check in this process: {why}"
     return path, None
 
 
@@ -451,16 +462,117 @@ def _choose(opt: Any, device: str, shard: bool, compiling: bool) -> str:
     """``choose`` without its side effect, so that torch.compile can take the result as a constant."""
     foreach, fused = _flags(opt)
     cfg = _config(opt)
-    env = Env.current(compiling=compiling)
+    env = Env.current(compiling=compiling, broken=_broken(opt))
     d = decide(opt.architecture, cfg, device, foreach=foreach, fused=fused, shard=shard, env=env)
     if d.path is not None and d.path.name == "fused-cpu":
         native = _native_reason()
         if native is not None:  # fused=None: one warning (native.library) and the torch ops
-            env = Env(env.triton, env.interpret, native, env.compiling)
+            env = Env(env.triton, env.interpret, native, env.compiling, env.broken)
             d = decide(opt.architecture, cfg, device, foreach=foreach, fused=fused, shard=shard, env=env)
     if d.refused:
         raise FusedUnavailableError(f"{type(opt).__name__}: fused=True is not available: {d.reason}")
     return d.path.name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The fused kernels' self-check: before a fused path first runs a kernel variant in this process, one tensor
+# of that variant is stepped on copies by the kernels and by the reference, and the updates compared.
+#: The documented bound: max |u_fused - u_ref| / max |u_ref| over the tensor, one ulp of the result forgiven
+#: (the parity bar of the tests; the fused paths measure <= 2e-6 against the reference on the CPU).
+SELF_CHECK_TOL = 1e-5
+_check_lock = threading.Lock()
+_VERIFIED: set[tuple] = set()  # (architecture, path, config fingerprint, kernel variant)
+_BROKEN: dict[tuple, str] = {}  # (architecture, path, config fingerprint) -> why
+
+
+def _fingerprint(opt: Any) -> str:
+    fp = opt.__dict__.get("_dispatch_fingerprint")
+    if fp is None:
+        fp = opt.__dict__["_dispatch_fingerprint"] = repr(sorted(_config(opt).items()))
+    return fp
+
+
+def _broken(opt: Any) -> tuple[tuple[str, str], ...]:
+    arch, fp = opt.architecture, _fingerprint(opt)
+    return tuple((k[1], why) for k, why in _BROKEN.items() if k[0] == arch and k[2] == fp)
+
+
+def update_error(before: torch.Tensor, want: torch.Tensor, got: torch.Tensor) -> float:
+    """``max |u_got - u_want| / max |u_want|`` with ``u = after - before``, one ulp of the result forgiven."""
+    p0, a, b = before.detach().double(), want.detach().double(), got.detach().double()
+    ua, ub = a - p0, b - p0
+    ulp = torch.finfo(before.dtype).eps * torch.maximum(a.abs(), p0.abs())
+    excess = ((ua - ub).abs() - ulp).clamp(min=0).max()
+    return float(excess / ua.abs().max().clamp(min=1e-30))
+
+
+def _copy(x: Any) -> Any:
+    """A private copy of one tensor's argument (its param / grad / state), so that a check writes nothing."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _copy(v) for k, v in x.items()}
+    return x
+
+
+def _check_one(path: str, impl: Callable[[str], Callable], j: int, params: list, lists: tuple) -> str | None:
+    """Step tensor ``j`` alone on copies with ``path`` and with the reference; None if they agree."""
+    before = params[j].detach()
+    after = {}
+    for name in ("reference", path):
+        p = before.clone()
+        args = [[_copy(lst[j])] for lst in lists]
+        try:
+            impl(name)([p], *args)
+        except Exception as exc:  # a kernel that does not compile or launch here
+            if name == "reference":
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"failed to compile or run ({type(exc).__name__}: {first[:300]})"
+        after[name] = p
+    err = update_error(before, after["reference"], after[path])
+    if not err <= SELF_CHECK_TOL:  # (NaN too)
+        shape = "x".join(map(str, before.shape)) or "0-d"
+        return (
+            f"its update of a {shape} {str(before.dtype).removeprefix('torch.')} tensor differs from the "
+            f"reference by {err:.2e} (bound {SELF_CHECK_TOL:g})"
+        )
+    return None
+
+
+def verified(
+    opt: Any, path: str, samples: Mapping[tuple, int], impl: Callable[[str], Callable], params: list, *lists
+) -> str:
+    """``path``, once its fused kernels have matched the reference (``SELF_CHECK_TOL``) on one tensor of each
+    kernel variant in ``samples`` (variant -> index into ``params``), checked once per process.
+
+    ``impl(name)`` runs path ``name`` as ``impl(name)(params, *lists)`` (``lists``: per-tensor arguments in
+    the order of ``params``). On a failure (a kernel that does not compile or run, or disagrees): with
+    ``fused=True`` raise FusedUnavailableError; with the default flags one warning naming the reason, and
+    the next path in the table from now on (returned; nothing has been written yet).
+    """
+    if not path.startswith("fused") or not samples:
+        return path
+    fp = _fingerprint(opt)
+    for variant, j in samples.items():
+        key = (opt.architecture, path, fp, variant)
+        if key in _VERIFIED:
+            continue
+        why = _check_one(path, impl, j, params, lists)
+        with _check_lock:
+            if why is None:
+                _VERIFIED.add(key)
+                continue
+            _BROKEN[key[:3]] = why
+        msg = f"{type(opt).__name__}: the {path} kernels: {why}"
+        if _flags(opt)[1]:
+            raise FusedUnavailableError(f"{msg}; fused=True cannot run")
+        fallback = choose(opt, params[0].device, shard=False)
+        warnings.warn(
+            f"lopt-bridge: {msg}; using the {fallback} path from now on", RuntimeWarning, stacklevel=2
+        )
+        return fallback
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from . import accumulators as acc
+from . import dispatch, specs
 from . import distributed as _dist
 from . import features as feat
-from . import specs
 from .base import LearnedOptimizer, ParamsT, write_param
 
 # The family spec (torch-free, shared with the converter): options, config validation and theta names.
@@ -333,7 +333,12 @@ class VeLO(LearnedOptimizer):
         )
         grads = [torch.clamp(g, -GRAD_CLIP, GRAD_CLIP) for g in grads]
         states = [self.state[p] for p in params]
-        _implementation(path)(params, grads, lrs, states, ctx)
+
+        def impl(name: str) -> Any:
+            return functools.partial(_implementation(name), ctx=ctx)
+
+        path = dispatch.verified(self, path, _kernel_samples(path, params), impl, params, grads, lrs, states)
+        impl(path)(params, grads, lrs, states)
         global_state["iteration"] = global_state["iteration"] + 1
 
     def _decays_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,6 +368,25 @@ def _implementation(path: str):
 
         return velo_impl_triton
     raise ValueError(f"VeLO has no implementation {path!r}")
+
+
+def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
+    """For ``dispatch.verified``: the smallest tensor of each kernel variant ``path`` would run."""
+    out: dict[tuple, int] = {}
+    for i, p in enumerate(params):
+        if path == "fused-triton":
+            key: tuple = (p.dtype, p.dim() >= 2)
+        elif path == "fused-cpu":
+            from .kernels.velo_cpu import NATIVE_MIN
+
+            if p.dim() != 2 or p.numel() < NATIVE_MIN:
+                continue  # the torch ops take it: nothing fused to check
+            key = ("c-passes",)
+        else:
+            return {}
+        if key not in out or p.numel() < params[out[key]].numel():
+            out[key] = i
+    return out
 
 
 @dataclass

@@ -71,19 +71,30 @@ def update_error(before, after_ref, after_ours) -> float:
     return worst
 
 
+def flags(which: Any) -> dict[str, Any]:
+    """Constructor flags for one side of a pair: "reference" (foreach=False), "foreach", or a ``fused``
+    value (None: the device's default path; True: the fused kernels; False: foreach)."""
+    if which == "reference":
+        return {"foreach": False}
+    if which == "foreach":
+        return {"foreach": True}
+    return {"fused": which}
+
+
 def run_pair(
     make_opt, shapes, grads, *, losses=None, dtype=torch.float32, scale=1e-3, fast=None, device=None
 ):
     """Step a reference and a fast optimizer on the same params and gradients; per-step update errors.
 
     Before each step the fast side's params are reset to the reference's (its state evolves on its own).
-    ``fast`` is the fast side's ``fused`` flag (None: the device's default fast path; True: Triton).
+    ``make_opt(params, which)`` builds one side with ``**flags(which)``: "reference" for the reference side;
+    ``fast`` for the other (None: the device's default path; True: the fused kernels; "foreach").
     """
     pa, pb = (
         make_params(shapes, scale, dtype, device=device),
         make_params(shapes, scale, dtype, device=device),
     )
-    oa, ob = make_opt(pa, False), make_opt(pb, fast)
+    oa, ob = make_opt(pa, "reference"), make_opt(pb, fast)
     errs = []
     for t, gs in enumerate(grads):
         before = [p.detach().clone() for p in pa]

@@ -158,7 +158,7 @@ def _worker(rank: int, world: int) -> dict:
         out[f"ddp/{family}"] = max_rel_diff(got, want)
 
     # Other paths on shards: weight decay (its loss term is all-reduced) with the single-tensor paths, and
-    # small_fc_lopt's batched reference path (fused=False; the runs above take the CPU fast paths).
+    # small_fc_lopt's foreach path asked for explicitly (fused=False; the default takes it too on shards).
     out["other_paths"] = []
     for family, options in OTHER_PATHS:
         ref = copy.deepcopy(base)

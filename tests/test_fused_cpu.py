@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fused_support import SHAPES, adafac_theta, grad_stream, make_params, run_pair, update_error, velo_theta
+from fused_support import (
+    SHAPES,
+    adafac_theta,
+    flags,
+    grad_stream,
+    make_params,
+    run_pair,
+    update_error,
+    velo_theta,
+)
 
 from pylo_runtime import dispatch
 from pylo_runtime.adafac import SmallFCLOpt
@@ -31,12 +40,12 @@ def one_thread():
 
 def _adafac(hidden, layers=2, cls=SmallFCLOpt, **kw):
     theta, cfg = adafac_theta(hidden, layers)
-    return lambda params, fused: cls(params, theta, cfg, num_steps=100, fused=fused, **kw)
+    return lambda params, fused: cls(params, theta, cfg, num_steps=100, **flags(fused), **kw)
 
 
 def _velo(**config):
     theta, cfg = velo_theta(**config)
-    return lambda params, fused: VeLO(params, theta, cfg, num_steps=100, fused=fused)
+    return lambda params, fused: VeLO(params, theta, cfg, num_steps=100, **flags(fused))
 
 
 def _path_after_one_step(opt, params) -> str:
@@ -75,7 +84,7 @@ def test_mulo_cpu_uses_scales_and_grad_hooks():
 
     def make(params, fused):
         groups = [{"params": params[:3], "mup_scale": 0.25}, {"params": params[3:], "lr": 0.5}]
-        return MuLO(groups, theta, cfg, num_steps=100, fused=fused, nonfinite="propagate")
+        return MuLO(groups, theta, cfg, num_steps=100, nonfinite="propagate", **flags(fused))
 
     grads = grad_stream(SHAPES, 3)
     grads[1][2][0, 0] = float("nan")  # nan_to_num hook (reached with nonfinite="propagate"; "skip" skips)
@@ -120,7 +129,7 @@ def test_lr_multiplier_and_none_grads():
     shapes = [(5,), (6, 7)]
     pa, pb = make_params(shapes), make_params(shapes)
     theta, cfg = velo_theta(param_scale_mult=False, step_mult=0.3)
-    oa = VeLO([{"params": pa, "lr": 0.3}], theta, cfg, num_steps=50, fused=False)
+    oa = VeLO([{"params": pa, "lr": 0.3}], theta, cfg, num_steps=50, foreach=False)
     ob = VeLO([{"params": pb, "lr": 0.3}], theta, cfg, num_steps=50)
     for t, gs in enumerate(grad_stream(shapes, 3)):
         before = [p.detach().clone() for p in pa]

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, sys
 import torch
-from fused_support import SHAPES, adafac_theta, grad_stream, run_pair, velo_theta
+from fused_support import SHAPES, adafac_theta, flags, grad_stream, run_pair, velo_theta
 from pylo_runtime.adafac import SmallFCLOpt
 from pylo_runtime.mulo import MuLO
 from pylo_runtime.velo import VeLO
@@ -36,10 +36,10 @@ out = {}
 def adafac(hidden, cls=SmallFCLOpt, **extra):
     theta, cfg = adafac_theta(hidden)
     cfg = {**cfg, **extra}
-    return lambda ps, fused: cls(ps, theta, cfg, num_steps=100, fused=fused)
+    return lambda ps, fused: cls(ps, theta, cfg, num_steps=100, **flags(fused))
 def velo(**config):
     theta, cfg = velo_theta(**config)
-    return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, fused=fused)
+    return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, **flags(fused))
 losses = [3.0, 2.5]
 g = grad_stream(SHAPES, 2)
 out["small_fc_lopt_h32"] = run_pair(adafac(32), SHAPES, g, fast=True)[0]

@@ -1,0 +1,210 @@
+"""The fused paths' safety net (pylo_runtime.dispatch.verified), simulated on the CPU.
+
+With the default flags a fused path (Triton on CUDA, the C passes on the CPU) first steps one tensor of each
+kernel variant on copies, by the kernels and by the reference, once per process: a kernel that does not
+compile or launch, or whose update differs from the reference by more than 1e-5 (relative, one ulp
+forgiven), gives one warning naming the reason and the foreach path from then on (nothing written by the
+failed kernel). ``fused=True`` raises instead. No GPU here: "Triton on CUDA" is simulated by making the
+default pick Triton on the CPU, with a failing kernel, a kernel made wrong on purpose, and the real kernels
+under ``TRITON_INTERPRET=1`` (in a child process: triton reads it when the kernels are defined).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fused_support import adafac_theta, grad_stream, make_params, velo_theta
+
+from pylo_runtime import dispatch
+from pylo_runtime.adafac import SmallFCLOpt
+from pylo_runtime.kernels import adafac_cpu, native, velo_cpu
+from pylo_runtime.velo import VeLO
+
+HERE = Path(__file__).resolve().parent
+SHAPES = [(), (7,), (3, 40), (8, 8), (2, 3, 5)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    """Each test starts in a 'new process' as far as the self-check goes."""
+    monkeypatch.setattr(dispatch, "_VERIFIED", set())
+    monkeypatch.setattr(dispatch, "_BROKEN", {})
+
+
+@pytest.fixture
+def triton_by_default(monkeypatch):
+    """Make the default flags pick the Triton path on CPU tensors, as they do on CUDA."""
+    real = dispatch._fused_backend
+    monkeypatch.setattr(dispatch, "_fused_backend", lambda device, explicit, env: "triton")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    yield
+    monkeypatch.setattr(dispatch, "_fused_backend", real)
+
+
+def _make(family: str, params, **flags):
+    if family == "velo":
+        theta, cfg = velo_theta(param_scale_mult=False, step_mult=0.3)
+        return VeLO(params, theta, cfg, num_steps=50, **flags)
+    theta, cfg = adafac_theta(8)
+    return SmallFCLOpt(params, theta, cfg, num_steps=50, **flags)
+
+
+def _triton_module(family: str):
+    from pylo_runtime.kernels import adafac_triton, velo_triton
+
+    return (velo_triton, "velo_impl_triton") if family == "velo" else (adafac_triton, "adafac_step_triton")
+
+
+def _train(opt, params, steps: int) -> None:
+    for t, gs in enumerate(grad_stream(SHAPES, steps)):
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        opt.step(loss=3.0 - 0.1 * t)
+
+
+def _equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("family", ["velo", "small_fc_lopt"])
+def test_kernel_that_fails_to_launch_falls_back_with_one_warning(family, triton_by_default, monkeypatch):
+    module, name = _triton_module(family)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: PTX assembly failed\nmore detail")
+
+    monkeypatch.setattr(module, name, broken)
+    pa, pb = make_params(SHAPES), make_params(SHAPES)
+    opt, want = _make(family, pa), _make(family, pb, fused=False)
+    with pytest.warns(RuntimeWarning) as record:
+        _train(opt, pa, 3)
+    msgs = [str(w.message) for w in record if "lopt-bridge" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert (
+        "fused-triton kernels: failed to compile or run (RuntimeError: simulated: PTX assembly failed)"
+        in msgs[0]
+    )
+    assert "using the foreach path" in msgs[0]
+    assert opt.last_path == "foreach"
+    _train(want, pb, 3)
+    assert _equal(pa, pb)  # the failed kernel wrote nothing: the run is the foreach run, bit for bit
+
+
+@pytest.mark.parametrize("family", ["velo", "small_fc_lopt"])
+def test_fused_true_still_raises(family, triton_by_default, monkeypatch):
+    module, name = _triton_module(family)
+    monkeypatch.setattr(module, name, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated")))
+    params = make_params(SHAPES)
+    opt = _make(family, params, fused=True)
+    with pytest.raises(
+        dispatch.FusedUnavailableError, match="failed to compile or run.*fused=True cannot run"
+    ):
+        _train(opt, params, 1)
+
+
+@pytest.mark.parametrize("family", ["velo", "small_fc_lopt"])
+def test_wrong_kernel_is_caught_by_the_self_check(family, triton_by_default, monkeypatch):
+    """A kernel 'made wrong on purpose': the torch-ops path with every update scaled by 1 + 1e-3."""
+    module, name = _triton_module(family)
+    impl = velo_cpu.velo_impl_cpu if family == "velo" else adafac_cpu.adafac_step_cpu
+
+    def wrong(params, *args, **kwargs):
+        before = [p.detach().clone() for p in params]
+        impl(params, *args, **kwargs)
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b + (p - b) * (1.0 + 1e-3))
+
+    monkeypatch.setattr(module, name, wrong)
+    pa, pb = make_params(SHAPES), make_params(SHAPES)
+    opt, want = _make(family, pa), _make(family, pb, fused=False)
+    with pytest.warns(
+        RuntimeWarning, match=r"differs from the reference by [\d.]+e-0[34] \(bound 1e-05\)"
+    ) as rec:
+        _train(opt, pa, 2)
+    err = float(str(rec[0].message).split("reference by ")[1].split()[0])
+    assert 5e-4 < err < 2e-3, err
+    assert opt.last_path == "foreach"
+    _train(want, pb, 2)
+    assert _equal(pa, pb)
+    # The verdict holds for the process: a new optimizer with the same config does not try again.
+    pc = make_params(SHAPES)
+    other = _make(family, pc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(other, pc, 1)
+    assert other.last_path == "foreach"
+
+
+def test_c_passes_are_checked_once_per_process(monkeypatch):
+    """The default CPU path (C passes) is checked once per kernel variant, then trusted; a wrong C pass is
+    caught the same way (here: its output scaled after the pass)."""
+    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1)
+    calls = []
+    real = dispatch._check_one
+    monkeypatch.setattr(dispatch, "_check_one", lambda *a: calls.append(a[2]) or real(*a))
+    for _ in range(2):
+        params = make_params(SHAPES)
+        opt = _make("velo", params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _train(opt, params, 2)
+        assert opt.last_path == "fused-cpu"
+    assert calls == [3]  # once, on the smallest 2-D tensor, (8, 8)
+
+    monkeypatch.setattr(dispatch, "_VERIFIED", set())
+    orig = native.mlp_update
+
+    def wrong(fn, pf, *args):
+        before = pf.clone()
+        orig(fn, pf, *args)
+        pf.copy_(before + (pf - before) * 1.01)
+
+    monkeypatch.setattr(native, "mlp_update", wrong)
+    params = make_params(SHAPES)
+    opt = _make("velo", params)
+    with pytest.warns(RuntimeWarning, match="fused-cpu kernels: its update of a 8x8 float32 tensor differs"):
+        _train(opt, params, 1)
+    assert opt.last_path == "foreach"
+
+
+CHILD = r"""
+import json, warnings
+import torch
+from pylo_runtime import dispatch
+dispatch._fused_backend = lambda device, explicit, env: "triton"
+from test_fused_fallback import SHAPES, _make, _train
+from fused_support import make_params
+out = {}
+for family in ("velo", "small_fc_lopt"):
+    params = make_params(SHAPES)
+    opt = _make(family, params)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _train(opt, params, 2)
+    out[family] = [opt.last_path, [str(x.message) for x in w if "lopt-bridge" in str(x.message)],
+                   sorted(str(k[3]) for k in dispatch._VERIFIED if k[0] == opt.architecture)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_real_triton_kernels_pass_their_self_check_under_the_interpreter():
+    pytest.importorskip("triton", reason="triton is optional (pip install 'lopt-bridge[triton]')")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600, cwd=HERE
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    for family, (path, warned, variants) in out.items():
+        assert path == "fused-triton" and not warned, (family, path, warned)
+        # one check per kernel variant: (float32, rank <= 1) and (float32, factored)
+        assert variants == ["(torch.float32, False)", "(torch.float32, True)"], variants
