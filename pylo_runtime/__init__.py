@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "optimizer_class": "loading",
     "set_loss": "step_inputs",
     "NonFiniteError": "step_inputs",
+    "FusedUnavailableError": "dispatch",
     **{
         m.RUNTIME_CLASS.split(":")[1]: m.RUNTIME_CLASS.split(":")[0].rsplit(".", 1)[1]
         for m in FAMILIES.values()
@@ -35,6 +36,7 @@ __all__ = [
     "optimizer_class",
     "set_loss",
     "NonFiniteError",
+    "FusedUnavailableError",
 ] + [m.RUNTIME_CLASS.split(":")[1] for m in FAMILIES.values()]
 
 

@@ -42,6 +42,17 @@ def factored_state_shapes(
     return (*v_row, n), (*v_col, n), (0, n)
 
 
+def row_col_factors(
+    v_row: torch.Tensor, v_col: torch.Tensor, fdims: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Adafactor row and column factors of the factored second moments ``v_row`` / ``v_col``:
+    ``safe_rsqrt(v_row / (mean of v_row over its remaining axis + 1e-9))`` and ``safe_rsqrt(v_col)``."""
+    d1, d0 = fdims
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
+    return safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col)
+
+
 def factored_update(
     v_row: torch.Tensor,
     v_col: torch.Tensor,

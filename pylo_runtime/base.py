@@ -59,6 +59,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     #: The family's torch-free spec (``pylo_runtime.specs.<family>``): config and theta are validated through
     #: it before anything is built. None (subclasses outside this package): config merged over DEFAULTS.
     SPEC: ClassVar[ModuleType | None] = None
+    #: Per-parameter state keys of older releases -> today's (one naming across families: ``mom``, ``rms``,
+    #: ``fac_row``, ``fac_col``, ``fac_full``); ``load_state_dict`` renames them.
+    LEGACY_STATE_KEYS: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -431,6 +434,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Like torch's, but the optimizer-wide state is deep-copied so the source dict is never aliased."""
         state_dict = dict(state_dict)
         state = dict(state_dict["state"])
+        if self.LEGACY_STATE_KEYS:
+            state = {
+                pid: {self.LEGACY_STATE_KEYS.get(k, k): v for k, v in st.items()} if pid != GLOBAL else st
+                for pid, st in state.items()
+            }
         if GLOBAL in state:
             state[GLOBAL] = _clone_tree(state[GLOBAL])
         state_dict["state"] = state

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 REFERENCE, FOREACH, FUSED = "reference", "foreach", "fused"
-#: Widest hidden layer the C passes take (MAXH in kernels/lopt_cpu.c).
+#: Widest hidden layer the C passes take (MAXH in kernels/cpu/lopt_cpu.c).
 C_MAX_HIDDEN = 256
 
 
@@ -204,9 +204,8 @@ def _ref(where: str) -> Path:
 
 
 _ADAFAC_FOREACH = (
-    Foreach(Path("foreach", FOREACH, "kernels.adafac_cpu.adafac_step_cpu (torch ops)"), _adafac_fast),
-    Foreach(Path("foreach-batched", FOREACH, "adafac.SmallFCLOpt._update (one MLP over all rows)"),
-            _adafac_batched),
+    Foreach(Path("foreach", FOREACH, "adafac._multi_tensor_adafac"), _adafac_fast),
+    Foreach(Path("foreach-batched", FOREACH, "adafac._adafac_reference(batched=True)"), _adafac_batched),
 )  # fmt: skip
 
 FAMILIES: dict[str, Family] = {
@@ -215,36 +214,35 @@ FAMILIES: dict[str, Family] = {
         defaults="pylo_runtime.specs.velo:DEFAULTS",
         reference=_ref("velo._single_tensor_velo"),
         foreach=(
-            Foreach(Path("foreach", FOREACH, "kernels.velo_cpu.velo_impl_cpu (torch ops)"), _velo_fast),
+            Foreach(Path("foreach", FOREACH, "velo._multi_tensor_velo"), _velo_fast),
             Foreach(
-                Path("foreach-vmap", FOREACH, "velo._multi_tensor_velo (vmap of the reference)"),
-                shard_safe=False,
+                Path("foreach-vmap", FOREACH, "velo._vmap_velo (vmap of the reference)"), shard_safe=False
             ),
-        ),  # fmt: skip
+        ),
         fused_cpu=_velo_c,
         fused_triton=_velo_triton,
-        cpu_where="kernels.velo_cpu.velo_impl_cpu (C passes)",
-        triton_where="kernels.velo_triton.velo_impl_triton",
+        cpu_where="velo._multi_tensor_velo(c_passes=True) -> kernels.cpu.passes",
+        triton_where="velo._triton_velo -> kernels.triton.velo",
     ),
     "small_fc_lopt": Family(
         cls="SmallFCLOpt",
         defaults="pylo_runtime.specs.adafac:DEFAULTS",
-        reference=_ref("adafac.SmallFCLOpt._update (per tensor)"),
+        reference=_ref("adafac._adafac_reference"),
         foreach=_ADAFAC_FOREACH,
         fused_cpu=_adafac_c,
         fused_triton=_adafac_triton,
-        cpu_where="kernels.adafac_cpu.adafac_step_cpu (C passes)",
-        triton_where="kernels.adafac_triton.adafac_step_triton",
+        cpu_where="adafac._multi_tensor_adafac(c_passes=True) -> kernels.cpu.passes",
+        triton_where="adafac._triton_adafac -> kernels.triton.adafac",
     ),
     "mulo": Family(
         cls="MuLO",
         defaults="pylo_runtime.specs.mulo:DEFAULTS",
-        reference=_ref("adafac.SmallFCLOpt._update (per tensor)"),
+        reference=_ref("adafac._adafac_reference"),
         foreach=_ADAFAC_FOREACH,
         fused_cpu=_adafac_c,
         fused_triton=_adafac_triton,
-        cpu_where="kernels.adafac_cpu.adafac_step_cpu (C passes)",
-        triton_where="kernels.adafac_triton.adafac_step_triton",
+        cpu_where="adafac._multi_tensor_adafac(c_passes=True) -> kernels.cpu.passes",
+        triton_where="adafac._triton_adafac -> kernels.triton.adafac",
     ),
     "mlp_lopt": Family(
         cls="MLPLOpt",
@@ -420,12 +418,12 @@ def _config(opt: Any) -> dict[str, Any]:
 
 def _native_reason() -> str | None:
     """None if the C passes are loaded (built now if needed), else why not."""
-    from .kernels import native
+    from .kernels.cpu import build
 
-    if not native.enabled():
+    if not build.enabled():
         return "the C passes are turned off (LOPT_BRIDGE_NATIVE=0)"
-    if native.library() is None:
-        return f"the C passes could not be built ({native.last_error()})"
+    if build.library() is None:
+        return f"the C passes could not be built ({build.last_error()})"
     return None
 
 

@@ -33,6 +33,7 @@ class MLPLOpt(LearnedOptimizer):
 
     architecture: ClassVar[str] = "mlp_lopt"
     shard_local: ClassVar[bool] = True
+    LEGACY_STATE_KEYS: ClassVar[Mapping[str, str]] = {"m": "mom"}
     DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
     SPEC = specs.mlp_lopt
 
@@ -54,7 +55,7 @@ class MLPLOpt(LearnedOptimizer):
 
     def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         shape = tuple(p.shape) or (1,)  # the reference reshapes 0-d params to (1,)
-        state["m"] = torch.zeros(shape + (len(DECAYS),), dtype=torch.float32, device=p.device)
+        state["mom"] = torch.zeros(shape + (len(DECAYS),), dtype=torch.float32, device=p.device)
 
     def _update(self, params, grads, lrs, loss, global_state, *, path) -> None:
         device = params[0].device
@@ -76,9 +77,9 @@ class MLPLOpt(LearnedOptimizer):
             shape = tuple(p.shape) or (1,)
             pf = p.detach().to(torch.float32).reshape(shape)
             g = g.reshape(shape)
-            st["m"] = update_momentum(st["m"], g, decays)
+            st["mom"] = update_momentum(st["mom"], g, decays)
             with _dist.on_tensor(p):  # an FSDP2 shard: the normaliser is all-reduced over its group
-                x = second_moment_normalize(torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["m"]], dim=-1))
+                x = second_moment_normalize(torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["mom"]], dim=-1))
             x = torch.cat([x, time_feat.expand(shape + time_feat.shape)], dim=-1)
             prepared.append((pf, x))
         if foreach:

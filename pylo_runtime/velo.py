@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from . import accumulators as acc
-from . import dispatch, specs
+from . import dispatch, folded, specs
 from . import distributed as _dist
 from . import features as feat
 from .base import LearnedOptimizer, ParamsT, write_param
+from .kernels.cpu import passes
 
 # The family spec (torch-free, shared with the converter): options, config validation and theta names.
 from .specs.velo import DEFAULTS as HYPERV2_DEFAULTS  # noqa: F401  (every HyperV2 argument + default)
@@ -357,16 +358,11 @@ def _implementation(path: str):
     if path == "reference":
         return _single_tensor_velo
     if path == "foreach-vmap":
-        return _multi_tensor_velo
-    if path in ("foreach", "fused-cpu"):
-        from .kernels import native
-        from .kernels.velo_cpu import velo_impl_cpu
-
-        return functools.partial(velo_impl_cpu, lib=native.library() if path == "fused-cpu" else None)
+        return _vmap_velo
+    if path in ("foreach", "fused-cpu"):  # torch ops (any device); with the C passes on the CPU
+        return functools.partial(_multi_tensor_velo, c_passes=path == "fused-cpu")
     if path == "fused-triton":
-        from .kernels.velo_triton import velo_impl_triton
-
-        return velo_impl_triton
+        return _triton_velo
     raise ValueError(f"VeLO has no implementation {path!r}")
 
 
@@ -377,8 +373,6 @@ def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
         if path == "fused-triton":
             key: tuple = (p.dtype, p.dim() >= 2)
         elif path == "fused-cpu":
-            from .kernels.velo_cpu import NATIVE_MIN
-
             if p.dim() != 2 or p.numel() < NATIVE_MIN:
                 continue  # the torch ops take it: nothing fused to check
             key = ("c-passes",)
@@ -502,7 +496,7 @@ def _groups(params: list[torch.Tensor]) -> list[list[int]]:
     return [g for lists in by_key.values() for g in lists]
 
 
-def _multi_tensor_velo(
+def _vmap_velo(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     lrs: list[float],
@@ -560,3 +554,336 @@ def _multi_tensor_velo(
             new_p = pf - lr_t * step
         for j, i in enumerate(idx):
             write_param(params[i], new_p[j])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The foreach path (torch ops, any device) and the fused paths' glue: the reference above, reorganised.
+# Same LSTM (run once on all tensors), accumulators and per-element MLP as the reference path; what
+# changes is how the per-element part is computed:
+#
+# - the ``param_inits`` MLP copies are interpolated for all tensors in one matrix product
+#   (``interpolate_all``);
+# - the per-tensor feature normalisation ``x * rsqrt(1e-5 + mean(x**2))`` is folded into the first-layer
+#   weights (``folded``), and the 12 Adafactor row/column features of a factored tensor, constant along one
+#   axis, enter the first layer once per row and once per column (broadcast), so per element it reads 18
+#   features, not 30;
+# - the 30 -> 4 -> 4 -> 3 MLP runs over cache-sized chunks of elements;
+# - on the fused CPU path, 2-D tensors (from NATIVE_MIN elements) run on the hand-fused C passes
+#   (``kernels.cpu``): one pass for this step's g**2 row / column sums, one that updates the accumulators and
+#   sums the features' squares and the previous state's LSTM statistics (float64), one for the features, MLP
+#   and update.
+#
+# Float32 results differ from the reference by summation order (torch ops, about 1e-7 relative), and in the
+# C passes also by FMA contraction and a polynomial exp (at most 2e-6 relative per update in the tests).
+#: Smallest 2-D tensor the C passes take (below, the torch path's few ops cost less than a thread hand-off).
+NATIVE_MIN = 4096
+
+#: Columns (of the 30 reference inputs) that vary per element in a factored tensor.
+_ELEM = list(range(15)) + [27, 28, 29]
+_ROW = [15, 16, 17, 21, 22, 23]  # v_row, rsqrt(v_row + 1e-8)
+_COL = [18, 19, 20, 24, 25, 26]  # v_col, rsqrt(v_col + 1e-8)
+
+
+def interpolate_all(controls: torch.Tensor, ff_theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``100 * mean(ff_p * c, axis=0)`` for every tensor at once: list over ff tensors of (T, ...)."""
+    n_inits = controls.shape[1]
+    flat = torch.cat([t.reshape(n_inits, -1) for t in ff_theta], dim=1)
+    mixed = (controls @ flat) / n_inits * 100.0
+    out, start = [], 0
+    for t in ff_theta:
+        k = t[0].numel()
+        out.append(mixed[:, start : start + k].reshape((controls.shape[0],) + tuple(t.shape[1:])))
+        start += k
+    return out
+
+
+def _elem_chunk(pf, g, m, rms, rf_u, cf_u, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    """The 18 per-element inputs of rows ``r0:r1`` (axis 0) of a factored tensor, in reference order.
+
+    ``rf_u`` / ``cf_u`` are the row / column factors with their reduced axis kept (size 1). Written into
+    ``out`` (a cache-sized buffer) and returned as a (rows, 18) matrix.
+    """
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t[r0:r1] if t.shape[0] != 1 else t
+
+    gc = g[r0:r1].unsqueeze(-1)
+    mc, rc = m[r0:r1], rms[r0:r1]
+    fac = rows(rf_u) * rows(cf_u)
+    rsqrt = torch.rsqrt(rc + 1e-6)
+    parts = [gc, torch.clamp(gc, -0.1, 0.1), pf[r0:r1].unsqueeze(-1), mc, rc, mc * rsqrt, rsqrt]
+    parts += [gc * fac, gc * rsqrt, mc * fac]
+    o = out[: gc.numel() * 18].view(gc.shape[:-1] + (18,))
+    torch.cat(parts, dim=-1, out=o)
+    return o.view(-1, 18)
+
+
+def _row_chunks(shape: tuple[int, ...]):
+    """``(r0, r1, c0, c1)``: slices of axis 0 of about ``folded.CHUNK`` elements, and their element ranges."""
+    inner = 1
+    for s_ in shape[1:]:
+        inner *= s_
+    rows_per = max(1, folded.CHUNK // max(inner, 1))
+    for r0 in range(0, shape[0], rows_per):
+        r1 = min(shape[0], r0 + rows_per)
+        yield r0, r1, r0 * inner, r1 * inner
+
+
+def _mlp_chunks(e_of, w_e, bias_of, shape, weights, out) -> None:
+    """Chunked ``relu(e @ w_e + bias) -> relu(@ w1 + b1) -> @ w2 + b2`` into ``out`` (n, 3)."""
+    (w1, b1), (w2, b2) = weights
+    hidden = w_e.shape[1]
+    for r0, r1, c0, c1 in _row_chunks(shape):
+        h = bias_of(r0, r1, c1 - c0, hidden)
+        h.addmm_(e_of(r0, r1, c0, c1), w_e)
+        h.relu_()
+        h = torch.addmm(b1, h, w1)
+        h.relu_()
+        torch.addmm(b2, h, w2, out=out[c0:c1])
+
+
+def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
+    """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1.
+
+    Inside ``distributed.on_tensor``, an FSDP2 shard's statistics are reduced over its shard group.
+    """
+    mom_d, rms_d, fac_d = decays
+    shape = tuple(pf.shape)
+    n = pf.numel()
+    m = acc.momentum_update(st["mom"], g, mom_d)
+    rms = acc.rms_update(st["rms"], g, rms_d)
+    st["mom"], st["rms"] = m, rms
+    fdims = feat.factored_dims(_dist.global_shape(shape))
+    out = torch.empty(n, 3, dtype=torch.float32, device=pf.device)
+    layers = ((w1, b1), (w2, b2))
+    if fdims is None:
+        v_row, v_col, v_full, fac_g = acc.factored_update(
+            st["fac_row"], st["fac_col"], st["fac_full"], g, fac_d, None
+        )
+        st["fac_full"] = v_full
+        x = torch.cat(
+            [t.reshape(n, -1) for t in ff_inputs(pf, g, m, rms, fac_g, v_row, v_col, v_full, cfg)], 1
+        )
+        w = folded.shard_rms_scale(x, shape + (x.shape[1],)).unsqueeze(1) * w0
+        bias = lambda r0, r1, c, h: b0.expand(c, h).clone()  # noqa: E731
+        _mlp_chunks(lambda r0, r1, c0, c1: x[c0:c1], w, bias, (n,), layers, out)
+        return out
+    d1, d0 = fdims
+    gsq = g * g + 1e-30
+    row_factor, col_factor = folded.factored_update(
+        st, _dist.tensor_mean(gsq, d0), _dist.tensor_mean(gsq, d1), fac_d, fdims
+    )
+    rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
+    # The 18 per-element features, written once by one concatenation (strided column writes cost more).
+    e = _elem_chunk(
+        pf, g, m, rms, rf_u, cf_u, 0, shape[0], torch.empty(n * 18, dtype=torch.float32, device=pf.device)
+    )
+    w_e = folded.shard_rms_scale(e, shape + (18,)).unsqueeze(1) * w0[_ELEM]
+    a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w0[_ROW], w0[_COL], b0, fdims)
+    a_row, a_col = a_row.unsqueeze(d0), a_col.unsqueeze(d1)
+
+    def bias_of(r0: int, r1: int, c: int, hidden: int) -> torch.Tensor:
+        ar = a_row[r0:r1] if a_row.shape[0] != 1 else a_row
+        ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
+        return torch.add(ar, ac).reshape(c, hidden)
+
+    def e_of(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        return e[c0:c1]
+
+    _mlp_chunks(e_of, w_e, bias_of, shape, layers, out)
+    return out
+
+
+def _c_pass1(pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) -> dict:
+    """A 2-D tensor's first C passes: this step's ``g**2`` row / column sums (factored accumulators updated
+    in ``s``), then the momentum / rms update with the features' sums of squares and the previous state's
+    LSTM statistics (``gsq_sums``, ``velo_pass1`` in lopt_cpu.c). Returns what the MLP pass needs."""
+    shape = tuple(pf.shape)
+    fdims = feat.factored_dims(shape)
+    mean = passes.gsq_means(g)
+    row_factor, col_factor = folded.factored_update(s, mean[fdims[1]], mean[fdims[0]], fac_d, fdims)
+    fa, fb = passes.by_axis(row_factor, col_factor, fdims[1], shape)
+    sumsq, stats = passes.velo_pass1(pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d)
+    return {"fa": fa, "fb": fb, "sumsq": sumsq, "stats": stats, "fdims": fdims, "g": g}
+
+
+def _lstm_row_from_stats(sums: torch.Tensor, n: int, ctx: Any, rank: torch.Tensor) -> torch.Tensor:
+    """``lstm_features_for_tensor`` from ``_c_pass1``'s state sums: means of ``m * norm_mult`` and
+    ``rms * norm_mult`` and their (sic) variances, as E[x**2] - E[x]**2 in float64."""
+    mean_p2 = (sums[0] / n).to(torch.float32)
+    nm = torch.rsqrt(torch.clamp(mean_p2, min=1e-9)).double()
+    mean_m = sums[1:4] / n * nm
+    var_m = sums[4:7] / n * nm**2 - mean_m**2
+    mean_rms = sums[7:8] / n * nm
+    var_rms = sums[8] / n * nm**2 - 2.0 * mean_m * mean_rms + mean_m**2  # centred on mean_m, as the reference
+    parts = [ctx.fraction_left, ctx.loss_features, feat.clip_log_abs(mean_rms.float(), scale=10.0), rank]
+    parts += [feat.clip_log_abs(var_m.float(), scale=10.0), feat.clip_log_abs(var_rms.float(), scale=10.0)]
+    if ctx.cfg.with_validation_feature_dim:
+        parts.append(torch.full((1,), float(ctx.cfg.validation_mode), dtype=torch.float32))
+    return torch.cat(parts)
+
+
+def _c_pass2(p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
+    """The MLP pass and update of a 2-D tensor on the C passes, after ``_c_pass1``."""
+    cfg = ctx.cfg
+    w0, b0, w1, b1, w2, b2 = mlp
+    shape = tuple(pf.shape)
+    n = pf.numel()
+    w_e = folded.rms_scale(pre["sumsq"], n).unsqueeze(1) * w0[_ELEM]
+    shares = folded.first_layer_shares(s["fac_row"], s["fac_col"], w0[_ROW], w0[_COL], b0, pre["fdims"])
+    a0, a1 = passes.by_axis(*shares, pre["fdims"][1], shape)
+    pscale = -1.0
+    if cfg.param_scale_mult:
+        param_scale = torch.sqrt((pre["stats"][0] / n).to(torch.float32) + 1e-9)
+        if cfg.clip_param_scale_amount is not None:
+            max_scale = cfg.clip_param_scale_amount * float(n) ** 0.5
+            param_scale = torch.clamp(param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32)))
+        pscale = float(param_scale)
+    passes.velo_pass2(pf, pre["g"], s["mom"], s["rms"], pre["fa"], pre["fb"], w_e, a0, a1, (w1, b1, w2, b2),
+                      cfg.exp_mult, cfg.step_mult, pscale, lr_mult, cfg.precondition_output, lr)  # fmt: skip
+    if not (p.dtype == torch.float32 and p.data_ptr() == pf.data_ptr() and p.is_contiguous()):
+        write_param(p, pf.reshape(p.shape))
+
+
+def _multi_tensor_velo(params, grads, lrs, states, ctx, *, c_passes: bool = False) -> None:
+    """The foreach path (torch ops, any device), and with ``c_passes`` the fused CPU path: a drop-in for
+    ``_single_tensor_velo`` (grads clipped), the reference math reorganised as the comment above says."""
+    cfg = ctx.cfg
+    rows = []
+    pfs, stats = [], []
+    for p, g, s in zip(params, grads, states, strict=True):
+        pf = p.detach().to(torch.float32)
+        with _dist.on_tensor(p):  # an FSDP2 shard: the means over it are all-reduced
+            rank = _rank_feature(_dist.global_shape(p.shape), pf.device)
+            st = None
+            if c_passes and pf.numel() >= NATIVE_MIN and passes.usable(pf, [s["mom"], s["rms"]]):
+                mom_d, rms_d, fac_d = ctx.decays
+                st = _c_pass1(pf, g.to(torch.float32).contiguous(), s, fac_d, mom_d, rms_d)
+                rows.append(_lstm_row_from_stats(st["stats"], pf.numel(), ctx, rank))
+            else:
+                rows.append(
+                    lstm_features_for_tensor(
+                        pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg
+                    )
+                )
+        pfs.append(pf)
+        stats.append(st)
+    controls, lr_mult = _run_lstm(rows, states, ctx)
+    w_names, b_names = ff_layer_names(cfg)
+    n_first = len(w_names) - cfg.ff_hidden_layers
+    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names])
+    w0_all = torch.cat(mixed[:n_first], dim=1)  # (T, 30, hidden)
+    w1_all, w2_all = mixed[n_first], mixed[n_first + 1]
+    b0_all, b1_all, b2_all = mixed[len(w_names) :]
+    for i, (p, pf, g, lr, s) in enumerate(zip(params, pfs, grads, lrs, states, strict=True)):
+        if stats[i] is not None:
+            mlp = (w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i])
+            _c_pass2(p, pf, s, stats[i], mlp, float(lr_mult[i]), float(lr), ctx)
+            continue
+        shape = tuple(pf.shape) or (1,)
+        st = dict(s)
+        if pf.dim() == 0:  # the reference reshapes scalars to (1,): every feature normalised on its own
+            st = {k: (v.unsqueeze(0) if k in ("mom", "rms", "fac_full") else v) for k, v in st.items()}
+        x = pf.reshape(shape)
+        with _dist.on_tensor(p):
+            o = _tensor_mlp_out(
+                x, g.reshape(shape), st, w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i],
+                ctx.decays, cfg,
+            )  # fmt: skip
+            if cfg.param_scale_mult:
+                param_scale = torch.sqrt(_dist.tensor_mean(torch.square(x)) + 1e-9)
+            numel = _dist.global_numel(x)
+        if pf.dim() == 0:
+            st = {k: (v.squeeze(0) if k in ("mom", "rms", "fac_full") else v) for k, v in st.items()}
+        for k in ("mom", "rms", "fac_row", "fac_col", "fac_full"):
+            s[k] = st[k]
+        direction, magnitude = o[:, 0], o[:, 1]
+        mag_param = torch.exp(magnitude * cfg.exp_mult)
+        if cfg.param_scale_mult:
+            if cfg.clip_param_scale_amount is not None:
+                max_scale = cfg.clip_param_scale_amount * float(numel) ** 0.5
+                param_scale = torch.clamp(
+                    param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32))
+                )
+            step = direction * (param_scale * mag_param) * cfg.step_mult
+        else:
+            step = direction * mag_param * cfg.step_mult
+        step = lr_mult[i] * step
+        if cfg.precondition_output:
+            step = step * torch.rsqrt(st["rms"].reshape(-1, st["rms"].shape[-1])[:, -1] + 1e-6)
+        step = step.reshape(pf.shape)
+        write_param(p, pf - step if lr == 1.0 else pf - lr * step)
+
+
+def _triton_velo(params, grads, lrs, states, ctx) -> None:
+    """The fused CUDA path: a drop-in for ``_single_tensor_velo`` (grads clipped). LSTM, weight mixing and
+    the factored accumulators in torch; the element-wise rest in the Triton kernels (``kernels.triton.velo``,
+    the math of ``velo_tensor_update``)."""
+    from .kernels.triton import velo as kernel
+    from .kernels.triton.common import aux_rows
+
+    cfg = ctx.cfg
+    device = params[0].device
+    f32 = dict(dtype=torch.float32, device=device)
+    rows = []
+    for p, s in zip(params, states, strict=True):
+        pf = p.detach().to(torch.float32)
+        rank = _rank_feature(p.shape, device)
+        rows.append(
+            lstm_features_for_tensor(pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg)
+        )
+    controls, lr_mult = _run_lstm(rows, states, ctx)
+    w_names, b_names = ff_layer_names(cfg)
+    n_first = len(w_names) - cfg.ff_hidden_layers
+    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names])
+    n_t = len(params)
+    w2 = torch.nn.functional.pad(mixed[n_first + 1], (0, 1))  # (T, H, 4): 3 outputs padded to 4
+    b2 = torch.nn.functional.pad(mixed[len(w_names) + 2], (0, 1))
+    weights = torch.cat(
+        [
+            torch.cat(mixed[:n_first], dim=1).reshape(n_t, -1),  # w0 (30, H)
+            mixed[len(w_names)],  # b0
+            mixed[n_first].reshape(n_t, -1),  # w1 (H, H)
+            mixed[len(w_names) + 1],  # b1
+            w2.reshape(n_t, -1),
+            b2,
+        ],
+        dim=1,
+    ).contiguous()
+    mom_d, rms_d, fac_d = (d.to(device) for d in ctx.decays)
+    dec = torch.cat([mom_d, torch.clamp(rms_d, 0.0, 1.0), torch.clamp(fac_d, 0.0, 1.0)]).to(**f32)
+    gcs, fdims, auxes, caps = [], [], [], []
+    for p, g, s in zip(params, grads, states, strict=True):
+        shape = tuple(p.shape) or (1,)
+        fd = feat.factored_dims(tuple(p.shape))
+        gc = g.reshape(shape).to(torch.float32).contiguous()
+        aux = None
+        if fd is not None:
+            gsq = gc * gc + 1e-30
+            rf, cf = folded.factored_update(
+                s, torch.mean(gsq, dim=fd[1]), torch.mean(gsq, dim=fd[0]), fac_d, fd
+            )
+            aux = aux_rows(s["fac_row"], s["fac_col"], rf, cf)
+        for k in ("mom", "rms", "fac_full"):
+            if not s[k].is_contiguous():
+                s[k] = s[k].contiguous()
+        gcs.append(gc)
+        fdims.append(fd)
+        auxes.append(aux)
+        if cfg.clip_param_scale_amount is None:
+            caps.append(float("inf"))
+        else:
+            caps.append(
+                float(
+                    torch.tensor(cfg.clip_param_scale_amount * float(p.numel()) ** 0.5, dtype=torch.float32)
+                )
+            )
+    scalars = torch.stack(
+        [lr_mult.to(**f32), torch.tensor([float(lr) for lr in lrs], **f32), torch.tensor(caps, **f32),
+         torch.zeros(n_t, **f32)], dim=1,
+    ).contiguous()  # fmt: skip
+    kernel.velo_step(
+        params, gcs, [s["mom"] for s in states], [s["rms"] for s in states], [s["fac_full"] for s in states],
+        fdims, auxes, weights, scalars, dec, hidden=cfg.ff_hidden_size, exp_mult=cfg.exp_mult,
+        step_mult=cfg.step_mult, param_scale=cfg.param_scale_mult, precondition=cfg.precondition_output,
+    )  # fmt: skip

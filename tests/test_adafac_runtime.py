@@ -98,6 +98,40 @@ def test_state_dict_resume_is_bit_exact():
     assert int(second.state["global"]["iteration"]) == 40
 
 
+def old_names(state_dict: dict, renames: dict[str, str]) -> dict:
+    """A state_dict as releases before the one state naming saved it (``renames``: today's -> old)."""
+    sd = copy.deepcopy(state_dict)
+    sd["state"] = {
+        pid: st if pid == "global" else {renames.get(k, k): v for k, v in st.items()}
+        for pid, st in sd["state"].items()
+    }
+    return sd
+
+
+def test_state_dict_with_the_old_key_names_loads():
+    """small_fc_lopt / muLO saved m / v_row / v_col / v_diag before mom / fac_row / fac_col / fac_full."""
+    small = SHAPES[:-1]
+    theta = make_theta({})
+    p_full, p_half = make_params(shapes=small), make_params(shapes=small)
+    run(SmallFCLOpt(p_full, theta, {}, num_steps=100), p_full, 0, 10)
+    first = SmallFCLOpt(p_half, theta, {}, num_steps=100)
+    run(first, p_half, 0, 5)
+    old = old_names(
+        first.state_dict(), {"mom": "m", "fac_row": "v_row", "fac_col": "v_col", "fac_full": "v_diag"}
+    )
+    keys = {k for pid, st in old["state"].items() if pid != "global" for k in st}
+    assert keys == {"m", "rms", "v_row", "v_col", "v_diag"}
+    second = SmallFCLOpt(p_half, theta, {}, num_steps=100)
+    second.load_state_dict(old)
+    assert {k for st in second.state.values() for k in st if k != "iteration"} >= {
+        "mom",
+        "fac_row",
+        "fac_full",
+    }
+    run(second, p_half, 5, 10)
+    assert all(torch.equal(x, y) for x, y in zip(p_full, p_half, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_track_float32(dtype):
     # State and math are float32; the params (and the gradients built from them) are rounded to bf16 / fp16
@@ -222,7 +256,7 @@ def test_scalar_param_is_normalised_on_its_own():
     p.grad = torch.tensor(0.3)
     opt.step()
     assert p.shape == () and torch.isfinite(p) and p.item() != 0.7
-    assert opt.state[p]["m"].shape == (1, 3) and opt.state[p]["v_diag"].shape == (1, 3)
+    assert opt.state[p]["mom"].shape == (1, 3) and opt.state[p]["fac_full"].shape == (1, 3)
 
 
 def test_factored_dims_follow_numpy_argsort():

@@ -21,8 +21,7 @@ import pytest
 import torch
 from fused_support import SHAPES, grad_stream, make_params, update_error
 
-from pylo_runtime import dispatch
-from pylo_runtime.kernels import adafac_cpu, velo_cpu
+from pylo_runtime import adafac, dispatch, velo
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-5
@@ -76,8 +75,8 @@ ARGS["fused=True"] = {"fused": True}
 @pytest.fixture
 def c_passes_everywhere(monkeypatch):
     """Every 2-D tensor through the C passes on fused-cpu entries (the size thresholds are about speed)."""
-    monkeypatch.setattr(adafac_cpu, "SMALL", 1)
-    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1)
+    monkeypatch.setattr(adafac, "SMALL", 1)
+    monkeypatch.setattr(velo, "NATIVE_MIN", 1)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the "cpu" rows: the interpreter's are below
 
 

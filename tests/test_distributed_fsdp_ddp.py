@@ -133,11 +133,11 @@ def _worker(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from pylo_runtime.kernels import adafac_cpu
+    from pylo_runtime import adafac
 
     # small_fc_lopt / muLO take the CPU fast path here: with this threshold the (7, 5) weight and the kernel
     # go through its factored branch, the others through its batched one (both reduce over the shards).
-    adafac_cpu.SMALL = 20
+    adafac.SMALL = 20
     mesh = init_device_mesh("cpu", (world,))
     hsdp = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
     torch.manual_seed(0)
@@ -211,17 +211,17 @@ def test_fsdp2_rank_local_equals_single_process(results, family):
 
 #: Per-element state of each family (one slot per decay on the last axis).
 ELEMENT_STATE = {
-    "small_fc_lopt": ("m", "rms"),
-    "mulo": ("m", "rms"),
-    "mlp_lopt": ("m",),
+    "small_fc_lopt": ("mom", "rms"),
+    "mulo": ("mom", "rms"),
+    "mlp_lopt": ("mom",),
     "velo": ("mom", "rms"),
     "celo": ("mom", "rms"),
     "celo_adam": ("mom", "rms"),
 }
 #: Factored second moments (row, col) of the families that keep them.
 FACTORED = {
-    "small_fc_lopt": ("v_row", "v_col"),
-    "mulo": ("v_row", "v_col"),
+    "small_fc_lopt": ("fac_row", "fac_col"),
+    "mulo": ("fac_row", "fac_col"),
     "velo": ("fac_row", "fac_col"),
     "celo": ("fac_row", "fac_col"),
 }

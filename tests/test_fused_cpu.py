@@ -1,4 +1,5 @@
-"""The fast CPU paths (pylo_runtime.kernels.*_cpu) against the reference paths they reorganise.
+"""The foreach (torch ops) and fused CPU paths (velo._multi_tensor_velo, adafac._multi_tensor_adafac)
+against the reference paths they reorganise.
 
 Tolerance: float32, max over steps and tensors of |u_fast - u_ref|_inf / |u_ref|_inf <= 1e-5 per update
 (the project's parity bar; the two differ only in summation order, ~1e-7), one float32 ulp of ``p + u``
@@ -20,9 +21,8 @@ from fused_support import (
     velo_theta,
 )
 
-from pylo_runtime import dispatch
+from pylo_runtime import adafac, dispatch, velo
 from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.kernels import adafac_cpu, velo_cpu
 from pylo_runtime.mulo import MuLO
 from pylo_runtime.velo import VeLO
 
@@ -150,8 +150,8 @@ def test_open_loop_drift_2000_steps(family, native_passes, monkeypatch):
     # The per-step cost is per tensor (CI time): small_fc_lopt one non-factored and one factored tensor,
     # VeLO (its reference step costs twice as much) one factored tensor; all ranks are checked per step above.
     # "native": the 2-D tensor goes through the C passes (size thresholds lowered), else the torch CPU path.
-    monkeypatch.setattr(adafac_cpu, "SMALL", 1 if native_passes else 1 << 62)
-    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1 if native_passes else 1 << 62)
+    monkeypatch.setattr(adafac, "SMALL", 1 if native_passes else 1 << 62)
+    monkeypatch.setattr(velo, "NATIVE_MIN", 1 if native_passes else 1 << 62)
     shapes = [(4, 5)] if family == "velo" else [(), (4, 5)]
     steps = 2000
     grads = grad_stream(shapes, steps)

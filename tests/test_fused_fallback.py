@@ -22,9 +22,9 @@ import pytest
 import torch
 from fused_support import adafac_theta, grad_stream, make_params, velo_theta
 
-from pylo_runtime import dispatch
+from pylo_runtime import adafac, dispatch, velo
 from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.kernels import adafac_cpu, native, velo_cpu
+from pylo_runtime.kernels.cpu import passes
 from pylo_runtime.velo import VeLO
 
 HERE = Path(__file__).resolve().parent
@@ -57,9 +57,8 @@ def _make(family: str, params, **flags):
 
 
 def _triton_module(family: str):
-    from pylo_runtime.kernels import adafac_triton, velo_triton
-
-    return (velo_triton, "velo_impl_triton") if family == "velo" else (adafac_triton, "adafac_step_triton")
+    """Where the family's Triton path lives (its glue: the kernels are under pylo_runtime.kernels.triton)."""
+    return (velo, "_triton_velo") if family == "velo" else (adafac, "_triton_adafac")
 
 
 def _train(opt, params, steps: int) -> None:
@@ -113,7 +112,7 @@ def test_fused_true_still_raises(family, triton_by_default, monkeypatch):
 def test_wrong_kernel_is_caught_by_the_self_check(family, triton_by_default, monkeypatch):
     """A kernel 'made wrong on purpose': the torch-ops path with every update scaled by 1 + 1e-3."""
     module, name = _triton_module(family)
-    impl = velo_cpu.velo_impl_cpu if family == "velo" else adafac_cpu.adafac_step_cpu
+    impl = velo._multi_tensor_velo if family == "velo" else adafac._multi_tensor_adafac
 
     def wrong(params, *args, **kwargs):
         before = [p.detach().clone() for p in params]
@@ -146,7 +145,7 @@ def test_wrong_kernel_is_caught_by_the_self_check(family, triton_by_default, mon
 def test_c_passes_are_checked_once_per_process(monkeypatch):
     """The default CPU path (C passes) is checked once per kernel variant, then trusted; a wrong C pass is
     caught the same way (here: its output scaled after the pass)."""
-    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1)
+    monkeypatch.setattr(velo, "NATIVE_MIN", 1)
     calls = []
     real = dispatch._check_one
     monkeypatch.setattr(dispatch, "_check_one", lambda *a: calls.append(a[2]) or real(*a))
@@ -160,14 +159,14 @@ def test_c_passes_are_checked_once_per_process(monkeypatch):
     assert calls == [3]  # once, on the smallest 2-D tensor, (8, 8)
 
     monkeypatch.setattr(dispatch, "_VERIFIED", set())
-    orig = native.mlp_update
+    orig = passes.velo_pass2
 
-    def wrong(fn, pf, *args):
+    def wrong(pf, *args):
         before = pf.clone()
-        orig(fn, pf, *args)
+        orig(pf, *args)
         pf.copy_(before + (pf - before) * 1.01)
 
-    monkeypatch.setattr(native, "mlp_update", wrong)
+    monkeypatch.setattr(passes, "velo_pass2", wrong)
     params = make_params(SHAPES)
     opt = _make("velo", params)
     with pytest.warns(RuntimeWarning, match="fused-cpu kernels: its update of a 8x8 float32 tensor differs"):

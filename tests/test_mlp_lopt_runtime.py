@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_adafac_runtime import SHAPES, assert_paths_agree, make_params, run
+from test_adafac_runtime import SHAPES, assert_paths_agree, make_params, old_names, run
 
 from pylo_runtime.mlp_lopt import MLPLOpt
 
@@ -47,6 +47,20 @@ def test_state_dict_resume_is_bit_exact():
     assert all(torch.equal(a, b) for a, b in zip(p_full, p_half, strict=True))
 
 
+def test_state_dict_with_the_old_key_name_loads():
+    """MLPLOpt saved its momenta as ``m`` before the one state naming (``mom``)."""
+    theta = make_theta()
+    p_full, p_half = make_params(shapes=SMALL), make_params(shapes=SMALL)
+    run(MLPLOpt(p_full, theta, CONFIG, num_steps=100), p_full, 0, 10)
+    first = MLPLOpt(p_half, theta, CONFIG, num_steps=100)
+    run(first, p_half, 0, 5)
+    second = MLPLOpt(p_half, theta, CONFIG, num_steps=100)
+    second.load_state_dict(old_names(first.state_dict(), {"mom": "m"}))
+    assert all("mom" in second.state[p] and "m" not in second.state[p] for p in p_half)
+    run(second, p_half, 5, 10)
+    assert all(torch.equal(a, b) for a, b in zip(p_full, p_half, strict=True))
+
+
 def test_lr_grad_none_and_state():
     theta = make_theta()
     outs = []
@@ -59,7 +73,7 @@ def test_lr_grad_none_and_state():
         ps[1].grad = None
         opt.step()
         assert torch.equal(ps[1], torch.zeros(SMALL[1])) and len(opt.state[ps[1]]) == 0
-        assert opt.state[ps[0]]["m"].shape == (1, 6)  # 0-d param reshaped to (1,), six fixed decays
+        assert opt.state[ps[0]]["mom"].shape == (1, 6)  # 0-d param reshaped to (1,), six fixed decays
         outs.append([p.detach().clone() for p in ps])
     for a, b in zip(*outs, strict=True):
         assert torch.equal(b, 0.5 * a)

@@ -1,4 +1,4 @@
-"""The hand-fused C passes of the CPU fast path (pylo_runtime.kernels.native, lopt_cpu.c).
+"""The hand-fused C passes of the fused CPU path (pylo_runtime.kernels.cpu, lopt_cpu.c).
 
 Same bar as tests/test_fused_cpu.py: float32, max relative update error vs the reference path <= 1e-5 per
 step (they differ in summation order, FMA contraction and a polynomial exp, ~1e-7), one ulp of ``p + u``
@@ -20,9 +20,10 @@ from parity_tests.commands import DEFAULT_FIXTURES
 from parity_tests.compare import FLOAT32_TOLERANCE
 from parity_tests.fixture import discover, load_fixture, repo_root
 from parity_tests.replay import convert_fixture, replay
-from pylo_runtime import dispatch
+from pylo_runtime import adafac, dispatch, velo
 from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.kernels import adafac_cpu, native, velo_cpu
+from pylo_runtime.kernels.cpu import build as native
+from pylo_runtime.kernels.cpu import passes
 from pylo_runtime.mulo import MuLO
 from pylo_runtime.velo import VeLO
 
@@ -34,8 +35,8 @@ SHAPES = [(130, 600), (600, 130), (2003, 40), (7, 11)]
 @pytest.fixture
 def low_thresholds(monkeypatch):
     """Send every 2-D tensor to the C passes (the size thresholds are about speed, not math)."""
-    monkeypatch.setattr(adafac_cpu, "SMALL", 1)
-    monkeypatch.setattr(velo_cpu, "NATIVE_MIN", 1)
+    monkeypatch.setattr(adafac, "SMALL", 1)
+    monkeypatch.setattr(velo, "NATIVE_MIN", 1)
 
 
 @pytest.fixture
@@ -49,13 +50,14 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(dispatch, "_VERIFIED", AllVerified())
     seen = []
-    orig = native.mlp_update
+    for name in ("sfc_pass2", "velo_pass2"):
+        orig = getattr(passes, name)
 
-    def spy(fn, *a, **k):
-        seen.append(fn.__name__)
-        return orig(fn, *a, **k)
+        def spy(*a, _name=name, _orig=orig, **k):
+            seen.append(_name)
+            return _orig(*a, **k)
 
-    monkeypatch.setattr(native, "mlp_update", spy)
+        monkeypatch.setattr(passes, name, spy)
     return seen
 
 
@@ -198,7 +200,7 @@ FIXTURES = [
 ]
 
 
-#: Fixtures whose options the fast paths do not cover (kernels.*_cpu.supported): concat_weights=False; VeLO
+#: Fixtures whose options the fast paths do not cover (pylo_runtime.dispatch): concat_weights=False; VeLO
 #: with feature flags off and other decay counts.
 OUTSIDE_FAST_PATH = {"small_fc_lopt_separate", "velo_ablate"}
 

@@ -1,11 +1,6 @@
-"""Fast implementations of the learned-optimizer steps; ``pylo_runtime.dispatch`` decides which one runs.
+"""The fused kernels, entry points that take tensors and numbers (never an optimizer; nothing here imports a
+family module): ``cpu`` (hand-fused C passes, built on first use or ahead of time) and ``triton`` (CUDA).
 
-``adafac_cpu`` / ``velo_cpu``: the multi-tensor torch-ops paths (``foreach``, any device) and, with the C
-passes of ``native`` / ``lopt_cpu.c``, the fused CPU paths; ``*_triton``: the fused CUDA paths.
+The family modules (``velo.py``, ``adafac.py``) prepare the kernels' inputs and call them on the paths
+``pylo_runtime.dispatch`` chooses.
 """
-
-from __future__ import annotations
-
-from ..dispatch import FusedUnavailableError, interpreting, triton_available
-
-__all__ = ["FusedUnavailableError", "triton_available", "interpreting"]

@@ -1,4 +1,5 @@
-/* Hand-fused per-element passes of the CPU fast path (built and loaded by kernels/native.py).
+/* Hand-fused per-element passes of the fused CPU path (built by kernels/cpu/build.py, called through
+ * kernels/cpu/passes.py from velo.py and adafac.py).
  *
  * A pass walks a range of a 2-D tensor's elements in tiles of T elements: it computes the per-element
  * features of a tile into a feature-major buffer (f[k * T + t]), then either sums their squares (the
@@ -300,9 +301,9 @@ static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, int64_
 /* ---------------------------------------------------------------------------------------------------- */
 /* The per-element features of both families, in their torch paths' column order (velo: a constant, so
  * each caller inlines its own loop):
- * small_fc_lopt (adafac_cpu._elem_features, 16): g, p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
+ * small_fc_lopt (adafac._elem_features, 16): g, p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
  *                                                m * fac (3);
- * VeLO (velo_cpu._elem_chunk, 18): g, clip(g, -0.1, 0.1), p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
+ * VeLO (velo._elem_chunk, 18): g, clip(g, -0.1, 0.1), p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
  *                                  g * rsqrt, m * fac (3);
  * rsqrt = 1 / sqrt(rms + 1e-6), fac = fa * fb (the Adafactor row and column factors, 3 decays). */
 static inline void features(const int velo, float *restrict f, int t0, int len, int64_t e0, const float *p,
@@ -382,7 +383,7 @@ static void gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, doub
     }
 }
 
-/* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the step of velo_cpu.velo_impl_cpu:
+/* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the step of velo._multi_tensor_velo:
  * step = dir * (pscale * exp(mag * exp_mult)) * step_mult (pscale < 0: dir * exp(..) * step_mult), then
  * lr_mult * step, * 1 / sqrt(rms + 1e-6) if precond, out = p - step (lr == 1) or p - lr * step. */
 static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,

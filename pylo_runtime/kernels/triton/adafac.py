@@ -15,15 +15,12 @@ with ``input_precision="ieee"`` (fp32 products, fp32 accumulation) by default, t
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import adafac as ref
-from ..base import write_param
-from .triton_common import BLOCK, TL_DTYPES, block_of, factored_aux, load_state, pack_group
+from .common import BLOCK, TL_DTYPES, block_of, by_group, contiguous, load_state, pack_group, write_back
 
 N_FEAT = 28
 
@@ -119,53 +116,43 @@ def _adafac_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, W1, B1, WH, BH, W3
     tl.store(pp + offs, (p - step).to(P_DT), mask=mask)
 
 
-def adafac_step_triton(params, grads, lrs, scales, states, *, step: Any) -> None:
-    """One ``SmallFCLOpt`` / ``MuLO`` step with the Triton kernels (same state as the reference path).
+def adafac_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    moms: list[torch.Tensor],
+    rmss: list[torch.Tensor],
+    fulls: list[torch.Tensor | None],
+    fdims: list[tuple[int, int] | None],
+    auxes: list[tuple[torch.Tensor, torch.Tensor] | None],
+    scales: list[float],
+    dec: torch.Tensor,
+    mlp: tuple[torch.Tensor, ...],
+    *,
+    exp_mult: float,
+    step_mult: float,
+) -> None:
+    """One small_fc_lopt / muLO step of ``params`` in place (the math of ``adafac._adafac_reference``).
 
-    ``step``: ``adafac.AdafacStep``; ``scales``: muLO's per-tensor multipliers; hidden_size a power of two
-    (``dispatch`` checks it at construction).
+    ``grads``: float32, contiguous, in the reference's shape (0-d as (1,)); ``moms`` / ``rmss`` / ``fulls``:
+    contiguous state, updated in place (``fulls[i]``: the diagonal second moment, None when factored);
+    ``auxes[i]``: ``common.aux_rows`` of the factored accumulators (already updated), else None;
+    ``scales[i]``: muLO scale x lr; ``dec``: 3 momentum, 1 rms, 3 adafactor decays (clipped);
+    ``mlp``: (w1 (28, H), b1 with the time features folded in, hidden weights (N_MID, H, H), their biases,
+    w3 (H, 2), b3); H a power of two.
     """
     device = params[0].device
-    mom_d, rms_d, fac_d = step.decays
-    weights, biases = step.weights, step.biases
-    time_feat = step.time_feat
-    exp_mult, step_mult = step.exp_mult, step.step_mult
-    hidden = weights[0].shape[1]
     f32 = dict(dtype=torch.float32, device=device)
-    dec = torch.cat([mom_d, torch.clamp(rms_d, 0.0, 1.0), torch.clamp(fac_d, 0.0, 1.0)]).to(**f32)
-    w1 = weights[0][:N_FEAT].contiguous()
-    b1 = (biases[0] + time_feat @ weights[0][N_FEAT:]).contiguous()
-    n_mid = len(weights) - 2
-    wh = torch.stack(weights[1:-1]).contiguous() if n_mid else torch.zeros(1, **f32)
-    bh = torch.stack(biases[1:-1]).contiguous() if n_mid else torch.zeros(1, **f32)
-    w3, b3 = weights[-1].contiguous(), biases[-1].contiguous()
-
-    # Group by (param dtype, factored?) -> one pair of launches each.
-    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
-    work = []
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        st = states[i]
-        shape = tuple(p.shape) or (1,)
-        fdims = ref.factored_dims(shape)
-        pc = p.detach() if p.is_contiguous() else p.detach().contiguous()
-        gc = g.reshape(shape).to(torch.float32).contiguous()
-        aux = None
-        if fdims is not None:
-            aux = factored_aux(st, "v_row", "v_col", gc, fac_d, fdims)
-        for k in ("m", "rms", "v_diag"):
-            if k in st and not st[k].is_contiguous():
-                st[k] = st[k].contiguous()
-        work.append((p, pc, gc, st, shape, fdims, aux))
-        groups.setdefault((p.dtype, fdims is not None), []).append(i)
-
-    scale_vals = [float(s) * float(lr) for s, lr in zip(scales, lrs, strict=True)]
+    w1, b1, wh, bh, w3, b3 = mlp
+    hidden, n_mid = w1.shape[1], wh.shape[0] if wh.dim() == 3 else 0
     prec = dot_precision()
-    items = [(w[1], w[2], w[3]["m"], w[3]["rms"], w[3].get("v_diag"), w[4], w[5], w[6]) for w in work]
-    for (dtype, fact), idx in groups.items():
-        if dtype not in TL_DTYPES:
-            raise TypeError(f"the fused kernels take float32/bfloat16/float16 params, not {dtype}")
+    pcs = [contiguous(p) for p in params]
+    items = [
+        (pc, g, m, r, v, tuple(g.shape), fd, aux)
+        for pc, g, m, r, v, fd, aux in zip(pcs, grads, moms, rmss, fulls, fdims, auxes, strict=True)
+    ]
+    for (dtype, fact), idx in by_group(params, fdims).items():
         ptr_t, info_t, aux_t, blk_t_t, blk_s_t, _ = pack_group([items[i] for i in idx], device)
-        sc_t = torch.tensor([scale_vals[i] for i in idx], dtype=torch.float32).to(device, non_blocking=True)
+        sc_t = torch.tensor([scales[i] for i in idx], dtype=torch.float32).to(device, non_blocking=True)
         stats = torch.zeros(len(idx) * N_FEAT, **f32)
         grid = (blk_t_t.numel(),)
         p_dt = TL_DTYPES[dtype]
@@ -177,7 +164,5 @@ def adafac_step_triton(params, grads, lrs, scales, states, *, step: Any) -> None
             P_DT=p_dt, FACT=fact, H=hidden, N_MID=n_mid, USE_DOT=hidden >= 16, DOT_PREC=prec, BLOCK=BLOCK,
         )  # fmt: skip
         for i in idx:
-            p, pc = work[i][0], work[i][1]
-            if pc.data_ptr() != p.data_ptr():  # a non-contiguous param was stepped in a contiguous copy
-                write_param(p, pc.reshape(p.shape))
+            write_back(params[i], pcs[i])
         del ptr_t, info_t, blk_t_t, blk_s_t, sc_t, aux_t

@@ -1,5 +1,8 @@
 """What the Triton steps of small_fc_lopt and VeLO share: tensor tables, state loading, group packing.
 
+Kernel entry points take tensors and numbers (the family modules prepare them); nothing here imports a
+family module.
+
 Both address a group of tensors through a table of data pointers (param, grad, momentum (n, 3), rms,
 diagonal second moment (n, 3) or 0), an ``INFO`` row of 12 int64 per tensor (numel, factored?, strides and
 sizes of the factored dims, offsets of the row / column aux in ``AUX``) and a list of (tensor, start)
@@ -14,8 +17,6 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
-from .adafac_cpu import factored_update
 
 BLOCK = 256
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -169,14 +170,31 @@ def pack_group(
     return ptr_t, info_t, aux_t, blk_t_t, blk_s_t, numels
 
 
-def factored_aux(
-    state: dict[str, Any], row: str, col: str, gc: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int]
+def aux_rows(
+    v_row: torch.Tensor, v_col: torch.Tensor, row_factor: torch.Tensor, col_factor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Update ``state[row]`` / ``state[col]`` (torch reductions over the whole tensor, before pass A) and
-    return the ``AUX`` rows: (row values | row factors, col values | col factors), flattened."""
-    gsq = gc * gc + 1e-30
-    d1, d0 = fdims
-    st = {"v_row": state[row], "v_col": state[col]}
-    rf, cf = factored_update(st, torch.mean(gsq, dim=d0), torch.mean(gsq, dim=d1), fac_d, fdims)
-    state[row], state[col] = st["v_row"], st["v_col"]
-    return torch.cat([state[row], rf], -1).reshape(-1), torch.cat([state[col], cf], -1).reshape(-1)
+    """The ``AUX`` rows of one factored tensor: (row values | row factors, column values | column factors),
+    flattened (the factored accumulators are reductions over the whole tensor: torch ops, before pass A)."""
+    return torch.cat([v_row, row_factor], -1).reshape(-1), torch.cat([v_col, col_factor], -1).reshape(-1)
+
+
+def by_group(params: Sequence[torch.Tensor], fdims: Sequence[Any]) -> dict[tuple[Any, bool], list[int]]:
+    """Indices of ``params`` by (dtype, factored?): one pair of launches each."""
+    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
+    for i, (p, fd) in enumerate(zip(params, fdims, strict=True)):
+        if p.dtype not in TL_DTYPES:
+            raise TypeError(f"the fused kernels take float32/bfloat16/float16 params, not {p.dtype}")
+        groups.setdefault((p.dtype, fd is not None), []).append(i)
+    return groups
+
+
+def contiguous(p: torch.Tensor) -> torch.Tensor:
+    """What the kernels step: ``p`` itself, or a contiguous copy written back by :func:`write_back`."""
+    return p.detach() if p.is_contiguous() else p.detach().contiguous()
+
+
+def write_back(p: torch.Tensor, pc: torch.Tensor) -> None:
+    """Store a contiguous copy's result into a non-contiguous param."""
+    if pc.data_ptr() != p.data_ptr():
+        with torch.no_grad():
+            p.copy_(pc.reshape(p.shape))

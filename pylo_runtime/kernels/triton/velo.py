@@ -1,8 +1,8 @@
 """VeLO's fused per-element step in Triton: all tensors of a call in two launches per parameter dtype.
 
-The per-tensor part stays in torch and runs once for all tensors: LSTM inputs (``pylo_runtime.velo``'s own
-functions), one batched LSTM step, one matrix product interpolating the ``param_inits`` MLP copies for every
-tensor, and the factored row/column accumulators (reductions over whole tensors). Pass A updates momentum,
+The per-tensor part stays in torch (``velo._triton_velo``) and runs once for all tensors: LSTM inputs, one
+batched LSTM step, one matrix product interpolating the ``param_inits`` MLP copies for every tensor, and the
+factored row/column accumulators (reductions over whole tensors). Pass A updates momentum,
 rms and the diagonal second moment in place and sums each tensor's 30 feature squares (atomics); pass B
 rebuilds the features, normalises them, runs each tensor's own 30 -> h -> h -> 3 MLP (weights from a table)
 and writes ``p - lr * lr_mult * step``. All math is fp32; params may be fp32, bf16 or fp16.
@@ -14,10 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import features as feat
-from .. import velo as ref
-from .triton_common import BLOCK, TL_DTYPES, block_of, factored_aux, load_state, pack_group
-from .velo_cpu import interpolate_all
+from .common import BLOCK, TL_DTYPES, block_of, by_group, contiguous, load_state, pack_group, write_back
 
 N_FEAT = 30
 
@@ -108,94 +105,53 @@ def _velo_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, WT, SCAL,
     tl.store(pp + offs, (p - step).to(P_DT), mask=mask)
 
 
-def velo_impl_triton(params, grads, lrs, states, ctx) -> None:
-    """Drop-in for ``velo._single_tensor_velo(params, grads, lrs, states, ctx)`` with the Triton kernels."""
-    cfg = ctx.cfg
+def velo_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    moms: list[torch.Tensor],
+    rmss: list[torch.Tensor],
+    fulls: list[torch.Tensor],
+    fdims: list[tuple[int, int] | None],
+    auxes: list[tuple[torch.Tensor, torch.Tensor] | None],
+    weights: torch.Tensor,
+    scalars: torch.Tensor,
+    dec: torch.Tensor,
+    *,
+    hidden: int,
+    exp_mult: float,
+    step_mult: float,
+    param_scale: bool,
+    precondition: bool,
+) -> None:
+    """One VeLO step of ``params`` in place (the per-element math of ``velo.velo_tensor_update``).
+
+    ``grads``: float32, contiguous, in the reference's shape (0-d as (1,)); ``moms`` / ``rmss`` / ``fulls``:
+    contiguous state, updated in place; ``auxes[i]``: ``common.aux_rows`` of the (already updated) factored
+    accumulators, else None; ``weights`` (T, W): each tensor's interpolated MLP, ``[w0 (30, H) | b0 | w1 (H,
+    H) | b1 | w2 (H, 4, last column 0) | b2 (4)]``, H a power of two; ``scalars`` (T, 4): [LSTM lr_mult,
+    group lr, param-scale cap (inf: none), 0]; ``dec``: 3 momentum, 1 rms, 3 adafactor decays (clipped).
+    """
     device = params[0].device
     f32 = dict(dtype=torch.float32, device=device)
-    pfs, rows = [], []
-    for p, s in zip(params, states, strict=True):
-        pf = p.detach().to(torch.float32)
-        pfs.append(pf)
-        rank = ref._rank_feature(p.shape, device)
-        rows.append(
-            ref.lstm_features_for_tensor(
-                pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg
-            )
-        )
-    controls, lr_mult = ref._run_lstm(rows, states, ctx)
-    w_names, b_names = ref.ff_layer_names(cfg)
-    n_first = len(w_names) - cfg.ff_hidden_layers
-    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names])
-    n_t = len(params)
-    hidden = cfg.ff_hidden_size
-    if hidden & (hidden - 1):
-        raise ValueError(f"VeLO: the Triton kernels need a power-of-two ff_hidden_size, not {hidden}")
-    w2 = torch.nn.functional.pad(mixed[n_first + 1], (0, 1))  # (T, H, 4): 3 outputs padded to 4
-    b2 = torch.nn.functional.pad(mixed[len(w_names) + 2], (0, 1))
-    wt = torch.cat(
-        [
-            torch.cat(mixed[:n_first], dim=1).reshape(n_t, -1),  # w0 (30, H)
-            mixed[len(w_names)],  # b0
-            mixed[n_first].reshape(n_t, -1),  # w1 (H, H)
-            mixed[len(w_names) + 1],  # b1
-            w2.reshape(n_t, -1),
-            b2,
-        ],
-        dim=1,
-    ).contiguous()
-    mom_d, rms_d, fac_d = (d.to(device) for d in ctx.decays)
-    dec = torch.cat([mom_d, torch.clamp(rms_d, 0.0, 1.0), torch.clamp(fac_d, 0.0, 1.0)]).to(**f32)
-    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
-    work = []
-    for i, (p, g, s) in enumerate(zip(params, grads, states, strict=True)):
-        shape = tuple(p.shape) or (1,)
-        fdims = feat.factored_dims(tuple(p.shape))
-        pc = p.detach() if p.is_contiguous() else p.detach().contiguous()
-        gc = g.reshape(shape).to(torch.float32).contiguous()
-        aux = None
-        if fdims is not None:
-            aux = factored_aux(s, "fac_row", "fac_col", gc, fac_d, fdims)
-        for k in ("mom", "rms", "fac_full"):
-            if not s[k].is_contiguous():
-                s[k] = s[k].contiguous()
-        work.append((p, pc, gc, s, shape, fdims, aux))
-        groups.setdefault((p.dtype, fdims is not None), []).append(i)
-
-    items = [(w[1], w[2], w[3]["mom"], w[3]["rms"], w[3]["fac_full"], w[4], w[5], w[6]) for w in work]
-    for (dtype, fact), idx in groups.items():
-        if dtype not in TL_DTYPES:
-            raise TypeError(f"VeLO: fused kernels take float32/bfloat16/float16 params, not {dtype}")
-        ptr_t, info_t, aux_t, blk_t_t, blk_s_t, numels = pack_group([items[i] for i in idx], device)
-        max_scale = []
-        for n in numels:
-            if cfg.clip_param_scale_amount is None:
-                max_scale.append(float("inf"))
-            else:
-                v = cfg.clip_param_scale_amount * float(n) ** 0.5
-                max_scale.append(float(torch.tensor(v, dtype=torch.float32)))
+    pcs = [contiguous(p) for p in params]
+    items = [
+        (pc, g, m, r, v, tuple(g.shape), fd, aux)
+        for pc, g, m, r, v, fd, aux in zip(pcs, grads, moms, rmss, fulls, fdims, auxes, strict=True)
+    ]
+    for (dtype, fact), idx in by_group(params, fdims).items():
+        ptr_t, info_t, aux_t, blk_t_t, blk_s_t, _ = pack_group([items[i] for i in idx], device)
         sel = torch.tensor(idx, device=device)
-        scal = torch.stack(
-            [
-                lr_mult.index_select(0, sel).to(**f32),
-                torch.tensor([float(lrs[i]) for i in idx], **f32),
-                torch.tensor(max_scale, **f32),
-                torch.zeros(len(idx), **f32),
-            ],
-            dim=1,
-        ).contiguous()
-        wt_g = wt.index_select(0, sel).contiguous()
+        scal = scalars.index_select(0, sel).contiguous()
+        wt_g = weights.index_select(0, sel).contiguous()
         stats = torch.zeros(len(idx) * N_FEAT, **f32)
         grid = (blk_t_t.numel(),)
         p_dt = TL_DTYPES[dtype]
         args = (ptr_t, info_t, aux_t, dec, blk_t_t, blk_s_t, stats)
         _velo_pass_a[grid](*args, P_DT=p_dt, FACT=fact, BLOCK=BLOCK)
         _velo_pass_b[grid](
-            *args, wt_g, scal, float(cfg.exp_mult), float(cfg.step_mult),
-            P_DT=p_dt, FACT=fact, H=hidden, W_STRIDE=wt.shape[1],
-            PARAM_SCALE=bool(cfg.param_scale_mult), PRECOND=bool(cfg.precondition_output), BLOCK=BLOCK,
+            *args, wt_g, scal, float(exp_mult), float(step_mult),
+            P_DT=p_dt, FACT=fact, H=hidden, W_STRIDE=weights.shape[1],
+            PARAM_SCALE=bool(param_scale), PRECOND=bool(precondition), BLOCK=BLOCK,
         )  # fmt: skip
         for i in idx:
-            p, pc = work[i][0], work[i][1]
-            if pc.data_ptr() != p.data_ptr():  # a non-contiguous param was stepped in a contiguous copy
-                ref.write_param(p, pc.reshape(p.shape))
+            write_back(params[i], pcs[i])

@@ -1,0 +1,6 @@
+"""The fused CPU kernels: hand-fused C passes (``lopt_cpu.c``), built by ``build``, called through ``passes``.
+
+Build them ahead of time (instead of inside the first ``opt.step()``)::
+
+    python -m pylo_runtime.kernels.cpu build
+"""

@@ -1,0 +1,123 @@
+"""The C passes as functions of tensors and numbers (``lopt_cpu.c``, loaded by ``build``).
+
+Every pass takes one contiguous 2-D float32 tensor (rows: axis 0, columns: axis 1) with its state and the
+small per-row / per-column arrays the caller computed with torch; it splits the elements over torch's
+OpenMP threads (``slots``) and returns or writes float32 (its internal sums are float64). Which math each
+pass restates is said in lopt_cpu.c; the family modules (``velo.py``, ``adafac.py``) call them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from . import build
+
+#: Widest hidden layer the passes take (MAXH in lopt_cpu.c).
+MAXH = 256
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+_f64p = ctypes.POINTER(ctypes.c_double)
+
+
+def _lib() -> Any:
+    lib = build.library()
+    if lib is None:
+        raise RuntimeError(f"the C passes are not available: {build.last_error() or 'turned off'}")
+    return lib
+
+
+def ptr(t: torch.Tensor) -> Any:
+    """A float* (float32) or double* (float64) to a contiguous tensor's data."""
+    if not t.is_contiguous():
+        raise ValueError("the native passes take contiguous tensors")
+    if t.dtype == torch.float32:
+        return ctypes.cast(t.data_ptr(), _f32p)
+    if t.dtype == torch.float64:
+        return ctypes.cast(t.data_ptr(), _f64p)
+    raise TypeError(f"native passes take float32/float64 tensors, not {t.dtype}")
+
+
+def slots() -> int:
+    """Thread slots for the passes' partial sums: torch's intra-op thread count (OpenMP's, in the passes)."""
+    return torch.get_num_threads()
+
+
+def usable(pf: torch.Tensor, state: list[torch.Tensor]) -> bool:
+    """Whether the passes can take a tensor: 2-D, and it and its state float32 and contiguous."""
+    return pf.dim() == 2 and all(t.dtype == torch.float32 and t.is_contiguous() for t in (pf, *state))
+
+
+def by_axis(
+    x_row: torch.Tensor, x_col: torch.Tensor, d0: int, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-axis-0, per-axis-1) contiguous arrays of a 2-D tensor's factored row / column statistics
+    (``x_row`` is reduced over d0, the largest axis, so it runs along the other one)."""
+    a, b = (x_row, x_col) if d0 == 1 else (x_col, x_row)
+    return a.reshape(shape[0], -1).contiguous(), b.reshape(shape[1], -1).contiguous()
+
+
+def gsq_means(g: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``mean(g**2 + 1e-30)`` of a 2-D gradient over axis 0 (per column) and axis 1 (per row), summed in
+    float64 by one pass (``gsq_sums``); keyed by the reduced axis, float32."""
+    (nrow, ncol), k = g.shape, slots()
+    rows = torch.zeros(k, nrow, dtype=torch.float64)
+    cols = torch.zeros(k, ncol, dtype=torch.float64)
+    _lib().gsq_sums(g.numel(), k, ncol, ptr(g), ptr(rows), ptr(cols))
+    return {0: (cols.sum(0) / nrow).float(), 1: (rows.sum(0) / ncol).float()}
+
+
+def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, rms_d):
+    n, ncol = pf.numel(), pf.shape[1]
+    mc = (1.0 - mom_d).contiguous()
+    rd = torch.clamp(rms_d, 0.0, 1.0)
+    rd_f, rc_f = float(rd[0]), float((1.0 - rd)[0])
+    ptrs = [ptr(t) for t in (pf, g, mom, rms, fa, fb, mom_d.contiguous(), mc)]
+    k = slots()
+    sums = torch.zeros(k, nfeat, dtype=torch.float64)
+    fn = getattr(_lib(), name)
+    if not nstats:
+        fn(n, k, ncol, *ptrs, rd_f, rc_f, ptr(sums))
+        return sums.sum(0).to(torch.float32), None
+    stats = torch.zeros(k, nstats, dtype=torch.float64)
+    fn(n, k, ncol, *ptrs, rd_f, rc_f, ptr(sums), ptr(stats))
+    return sums.sum(0).to(torch.float32), stats.sum(0)
+
+
+def sfc_pass1(pf, g, mom, rms, fa, fb, mom_d, rms_d) -> torch.Tensor:
+    """small_fc_lopt pass 1: ``mom`` / ``rms`` updated in place; the sums of squares of the 16 per-element
+    features (float32). ``fa`` / ``fb``: the row / column Adafactor factors by axis (``by_axis``)."""
+    return _pass1("sfc_pass1", 16, 0, pf, g, mom, rms, fa, fb, mom_d, rms_d)[0]
+
+
+def velo_pass1(pf, g, mom, rms, fa, fb, mom_d, rms_d) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeLO pass 1: as ``sfc_pass1`` for its 18 features, and the previous state's sums for the LSTM inputs
+    (float64: sum p^2, sum m (3), sum m^2 (3), sum rms, sum rms^2)."""
+    return _pass1("velo_pass1", 18, 9, pf, g, mom, rms, fa, fb, mom_d, rms_d)  # type: ignore[return-value]
+
+
+def _pass2(name: str, pf, g, mom, rms, fa, fb, we, a0, a1, layers, *scalars: Any) -> None:
+    n, ncol, hidden = pf.numel(), pf.shape[1], we.shape[1]
+    if hidden > MAXH:
+        raise ValueError(f"native passes take hidden layers up to {MAXH} wide, not {hidden}")
+    keep = [t.contiguous() for t in (we, a0, a1.t(), *layers)]  # alive until the passes end
+    ptrs = [ptr(t) for t in (pf, g, mom, rms, fa, fb, *keep)]
+    getattr(_lib(), name)(n, slots(), ncol, hidden, *ptrs, *scalars, ptr(pf))
+
+
+def sfc_pass2(pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr) -> None:
+    """small_fc_lopt pass 2: features, MLP 16 -> H -> H -> 2 (``we``: first-layer weights of the per-element
+    features, normalisation folded in; ``a0`` / ``a1``: the per-row / per-column first-layer shares;
+    ``layers``: (w2, b2, w3, b3)) and ``p - step``, written into ``pf`` (read before written)."""
+    _pass2("sfc_pass2", pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr)
+
+
+def velo_pass2(
+    pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale, lr_mult, precond, lr
+) -> None:
+    """VeLO pass 2: features, MLP 18 -> H -> H -> 3 and the output head (``pscale < 0``: no param scale;
+    ``precond``: 0 / 1), ``p - lr * step`` written into ``pf``; arguments as ``sfc_pass2``."""
+    _pass2("velo_pass2", pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale, lr_mult,
+           int(precond), lr)  # fmt: skip

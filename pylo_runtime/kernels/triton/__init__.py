@@ -1,0 +1,1 @@
+"""The fused CUDA kernels (Triton): ``velo`` and ``adafac`` launchers, ``common`` tensor tables."""
