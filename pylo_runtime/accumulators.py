@@ -53,6 +53,20 @@ def row_col_factors(
     return safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col)
 
 
+def factored_rolling(
+    v_row: torch.Tensor,
+    v_col: torch.Tensor,
+    mean_d0: torch.Tensor,
+    mean_d1: torch.Tensor,
+    decays: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rolling row / column second moments: ``d * v + (1 - d) * m`` with ``d = clip(decay, 0, 1)`` and
+    ``m`` this step's ``mean(g**2 + eps)`` over axis d0 (rows) / d1 (columns), decays on the last axis."""
+    d = torch.clamp(decays, 0.0, 1.0)
+    mixing = 1.0 - d
+    return d * v_row + mixing * mean_d0.unsqueeze(-1), d * v_col + mixing * mean_d1.unsqueeze(-1)
+
+
 def factored_update(
     v_row: torch.Tensor,
     v_col: torch.Tensor,
@@ -65,25 +79,22 @@ def factored_update(
     """One step of the factored accumulator; returns ``(v_row, v_col, v_full, g_preconditioned)``.
 
     ``fdims = (d1, d0)`` from ``features.factored_dims`` (d0 the largest axis): ``v_row`` averages g**2
-    over d0, ``v_col`` over d1. Without ``fdims`` a full diagonal ``v_full`` is kept and the output is
-    ``g * safe_rsqrt(v + 1e-9)``. The decay axis is last everywhere. The means are ``distributed.tensor_mean``
-    (all-reduced when the axis is the sharded one of an FSDP2 shard stepped rank-locally; ``fdims`` must then
-    come from the global shape).
+    over d0, ``v_col`` over d1 (:func:`factored_rolling`), and ``g`` is scaled by :func:`row_col_factors`.
+    Without ``fdims`` a full diagonal ``v_full`` is kept and the output is ``g * safe_rsqrt(v + 1e-9)``.
+    The decay axis is last everywhere. The means are ``distributed.tensor_mean`` (all-reduced when the axis
+    is the sharded one of an FSDP2 shard stepped rank-locally; ``fdims`` must then come from the global
+    shape).
     """
-    d = torch.clamp(decays, 0.0, 1.0)
-    mixing = 1.0 - d
     grad_sqr = g * g + epsilon
     if fdims is not None:
         d1, d0 = fdims
-        new_row = d * v_row + mixing * _dist.tensor_mean(grad_sqr, d0).unsqueeze(-1)
-        new_col = d * v_col + mixing * _dist.tensor_mean(grad_sqr, d1).unsqueeze(-1)
-        reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_col_mean = _dist.tensor_mean(new_row, reduced_d1, keepdim=True, dropped=d0)
-        row_factor = safe_rsqrt(new_row / (row_col_mean + 1e-9))
-        col_factor = safe_rsqrt(new_col)
+        mean_d0, mean_d1 = _dist.tensor_mean(grad_sqr, d0), _dist.tensor_mean(grad_sqr, d1)
+        new_row, new_col = factored_rolling(v_row, v_col, mean_d0, mean_d1, decays)
+        row_factor, col_factor = row_col_factors(new_row, new_col, fdims)
         y = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
         return new_row, new_col, v_full, y
-    new_v = d * v_full + mixing * grad_sqr.unsqueeze(-1)
+    d = torch.clamp(decays, 0.0, 1.0)
+    new_v = d * v_full + (1.0 - d) * grad_sqr.unsqueeze(-1)
     y = g.unsqueeze(-1) * safe_rsqrt(new_v + 1e-9)
     return v_row, v_col, new_v, y
 

@@ -35,7 +35,7 @@ import torch
 
 from . import dispatch, folded, specs
 from . import distributed as _dist
-from .accumulators import factored_update, momentum_update, rms_update, row_col_factors
+from .accumulators import factored_rolling, factored_update, momentum_update, rms_update, row_col_factors
 from .base import LearnedOptimizer, ParamsT, write_param
 from .features import (
     STEP_TIMESCALES,
@@ -378,12 +378,13 @@ _ELEM_ROWS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 25, 26, 27]
 
 
 def _factored_update(st: dict, g: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int]):
-    """``adafac.update_factored`` for a factored tensor, returning the row/col factors (each with its
-    reduced axis kept) instead of fac_g."""
+    """``accumulators.factored_update`` of a factored tensor, returning the row / column factors (each with
+    its reduced axis kept) instead of the preconditioned gradient."""
     grad_sqr = g * g + 1e-30
     d1, d0 = fdims
     mean_d0, mean_d1 = _dist.tensor_mean(grad_sqr, d0), _dist.tensor_mean(grad_sqr, d1)
-    row_factor, col_factor = folded.factored_update(st, mean_d0, mean_d1, fac_d, fdims)
+    st["fac_row"], st["fac_col"] = factored_rolling(st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d)
+    row_factor, col_factor = row_col_factors(st["fac_row"], st["fac_col"], fdims)
     return row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
 
 
@@ -418,7 +419,10 @@ def _c_passes_factored(step, st, p, pf, g, fdims, w1_parts, b1, scale, lr) -> No
     d0 = fdims[1]
     g = g.to(torch.float32).contiguous()
     mean = passes.gsq_means(g)
-    rf, cf = folded.factored_update(st, mean[d0], mean[fdims[0]], fac_d, fdims)
+    st["fac_row"], st["fac_col"] = factored_rolling(
+        st["fac_row"], st["fac_col"], mean[d0], mean[fdims[0]], fac_d
+    )
+    rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fdims)
     fa, fb = passes.by_axis(rf, cf, d0, shape)
     sumsq = passes.sfc_pass1(pf, g, st["mom"], st["rms"], fa, fb, mom_d, rms_d)
     w_e = folded.rms_scale(sumsq, pf.numel()).unsqueeze(1) * w_elem
@@ -538,7 +542,7 @@ def _multi_tensor_adafac(params, grads, lrs, scales, states, *, step: AdafacStep
     for i, (p, pf, o, lr) in enumerate(zip(params, pfs, outs, lrs, strict=True)):
         if o is None:  # stepped by the C passes
             continue
-        u = (o[:, 0] * torch.exp(o[:, 1] * exp_mult) * step_mult).reshape(pf.shape)
+        u = _step(o[:, 0], o[:, 1], exp_mult, step_mult).reshape(pf.shape)
         if scales[i] != 1.0:
             u = u * scales[i]
         if lr != 1.0:
@@ -582,7 +586,10 @@ def _triton_adafac(params, grads, lrs, scales, states, *, step: AdafacStep) -> N
         if fd is not None:
             gsq = gc * gc + 1e-30
             mean_d0, mean_d1 = torch.mean(gsq, dim=fd[1]), torch.mean(gsq, dim=fd[0])
-            rf, cf = folded.factored_update(st, mean_d0, mean_d1, fac_d, fd)
+            st["fac_row"], st["fac_col"] = factored_rolling(
+                st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d
+            )
+            rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fd)
             aux = aux_rows(st["fac_row"], st["fac_col"], rf, cf)
         for k in ("mom", "rms", "fac_full"):
             if k in st and not st[k].is_contiguous():

@@ -33,10 +33,10 @@ from .base import LearnedOptimizer, ParamsT
 from .features import (
     factored_dims,
     fractional_tanh_embed,
-    safe_rsqrt,
     second_moment_normalizer,
     second_moment_normalizers,
 )
+from .velo import ff_inputs
 
 #: Constructor arguments of ``celo.optimizers.celo.Celo`` as ``get_optimizer('celo')`` sets them (phase 2,
 #: the published meta-test configuration): the family spec's.
@@ -203,6 +203,18 @@ def _accumulate(
     return fac_g
 
 
+class _Attrs:
+    """A config mapping read as attributes (``velo.ff_inputs`` reads the HyperV2 feature switches so)."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, mapping: Mapping[str, Any]) -> None:
+        self._m = mapping
+
+    def __getattr__(self, name: str) -> Any:
+        return self._m[name]
+
+
 def celo_features(
     p: torch.Tensor,
     g: torch.Tensor,
@@ -212,7 +224,8 @@ def celo_features(
     *,
     normalize: bool = True,
 ) -> list[torch.Tensor]:
-    """The MLP inputs of one tensor, each ``shape + (channels,)``, in the reference's order (0-d as (1,)).
+    """The MLP inputs of one tensor, each ``shape + (channels,)``, in the reference's order (0-d as (1,)):
+    HyperV2's per-element features (``velo.ff_inputs``), which Celo inherits unchanged.
 
     Each channel is normalised by its second moment over the tensor's elements (``normalize=False`` leaves
     that to the caller, which can do it for all channels in one reduction).
@@ -221,55 +234,7 @@ def celo_features(
         p, g = p.reshape(1), g.reshape(1)
     m = st["mom"].reshape(*p.shape, st["mom"].shape[-1])  # (explicit width: a shard may be empty)
     rms = st["rms"].reshape(*p.shape, st["rms"].shape[-1])
-    g_ = g.unsqueeze(-1)
-    inps: list[torch.Tensor] = []
-    if cfg["with_g"]:
-        inps.append(g_)
-    if cfg["with_grad_clip_feat"]:
-        inps.append(torch.clamp(g, -0.1, 0.1).unsqueeze(-1))
-    if cfg["with_p"]:
-        inps.append(p.unsqueeze(-1))
-    if cfg["with_m"] and cfg["with_m_feat"]:
-        inps.append(m)
-    if cfg["with_rms"] and cfg["with_rms_feat"]:
-        inps.append(rms)
-    if cfg["with_rms_norm_g"] or (cfg["with_rsqrt_rms"] and cfg["with_rms_only_norm_g"]):
-        rsqrt = torch.rsqrt(rms + 1e-6)
-    if cfg["with_rms_norm_g"]:
-        inps.append(m * rsqrt)
-    if cfg["with_rsqrt_rms"]:
-        inps.append(rsqrt)
-    if cfg["with_fac_norm_g"]:
-        inps.append(fac_g)
-    if cfg["with_rms_only_norm_g"]:
-        inps.append(g_ * rsqrt)
-    if cfg["adafactor_accumulator"]:
-        fdims = factored_dims(_dist.global_shape(p.shape))
-        if fdims is not None:
-            d1, d0 = fdims
-            v_row, v_col = st["fac_row"], st["fac_col"]
-            full = (*p.shape, v_row.shape[-1])
-            row_feat = v_row.unsqueeze(d0).expand(full)
-            col_feat = v_col.unsqueeze(d1).expand(full)
-            if cfg["with_fac_rms"]:
-                inps += [row_feat, col_feat]
-            if cfg["with_fac_rsqrt"]:
-                inps += [torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8)]
-            if cfg["with_fac_mom_mult"]:
-                reduced_d1 = d1 - 1 if d1 > d0 else d1
-                row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
-                row_factor = safe_rsqrt(v_row / (row_col_mean + 1e-9))
-                col_factor = safe_rsqrt(v_col)
-                inps.append(m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
-        else:
-            v = st["fac_full"]
-            if cfg["with_fac_rms"]:
-                inps += [v, v]
-            if cfg["with_fac_rsqrt"]:
-                r = torch.rsqrt(v + 1e-8)
-                inps += [r, r]
-            if cfg["with_fac_mom_mult"]:
-                inps.append(m * torch.pow(v, -0.5))
+    inps = ff_inputs(p, g, m, rms, fac_g, st["fac_row"], st["fac_col"], st["fac_full"], _Attrs(cfg))
     if not normalize:
         return inps
     dims = list(range(p.dim()))

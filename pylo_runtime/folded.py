@@ -12,20 +12,9 @@ from __future__ import annotations
 import torch
 
 from . import distributed as _dist
-from .accumulators import row_col_factors
 
 #: Elements per MLP chunk (activations of 2 x 32 floats each stay in a 1 MiB L2).
 CHUNK = 8192
-
-
-def factored_update(st: dict, mean_d0: torch.Tensor, mean_d1: torch.Tensor, fac_d: torch.Tensor, fdims):
-    """Update ``st``'s factored accumulators from this step's ``mean(g**2 + 1e-30)`` over axis d0 / d1
-    (common.factored_rolling); return the (row, column) factors (``accumulators.row_col_factors``)."""
-    d = torch.clamp(fac_d, 0.0, 1.0)
-    mix = 1.0 - d
-    st["fac_row"] = d * st["fac_row"] + mix * mean_d0.unsqueeze(-1)
-    st["fac_col"] = d * st["fac_col"] + mix * mean_d1.unsqueeze(-1)
-    return row_col_factors(st["fac_row"], st["fac_col"], fdims)
 
 
 def rms_scale(sumsq: torch.Tensor, n: int) -> torch.Tensor:

@@ -159,10 +159,7 @@ def ff_inputs(
             if cfg.with_fac_rsqrt:
                 inps += [torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8)]
             if cfg.with_fac_mom_mult:
-                reduced_d1 = d1 - 1 if d1 > d0 else d1
-                row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
-                row_factor = feat.safe_rsqrt(v_row / (row_col_mean + 1e-9))
-                col_factor = feat.safe_rsqrt(v_col)
+                row_factor, col_factor = acc.row_col_factors(v_row, v_col, fdims)
                 inps.append(m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
         else:  # rank <= 1: the reference appends each of these twice
             if cfg.with_fac_rms:
@@ -196,20 +193,45 @@ def ff_step(
         o = o @ w + b
         if li != len(biases) - 2:
             o = torch.relu(o)
-    direction = o[..., 0]
-    magnitude = o[..., 1]
-    mag_param = torch.exp(magnitude * cfg.exp_mult)
+    scale = None
     if cfg.param_scale_mult:
-        param_scale = torch.sqrt(_dist.tensor_mean(torch.square(p)) + 1e-9)
-        if cfg.clip_param_scale_amount is not None:
-            max_scale = cfg.clip_param_scale_amount * math.sqrt(_dist.global_numel(p))
-            param_scale = torch.clamp(param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32)))
-        step = direction * (param_scale * mag_param) * cfg.step_mult
+        scale = param_scale(_dist.tensor_mean(torch.square(p)), _dist.global_numel(p), cfg)
+    return output_step(o[..., 0], o[..., 1], scale, lr_mult, rms[..., -1], cfg)
+
+
+def param_scale_cap(numel: int, cfg: VeLOConfig) -> float | None:
+    """``clip_param_scale_amount * sqrt(numel)`` rounded to float32 (the cap on ``param_scale``), or None."""
+    if cfg.clip_param_scale_amount is None:
+        return None
+    return float(torch.tensor(cfg.clip_param_scale_amount * math.sqrt(numel), dtype=torch.float32))
+
+
+def param_scale(mean_square: torch.Tensor, numel: int, cfg: VeLOConfig) -> torch.Tensor:
+    """``sqrt(mean(p**2) + 1e-9)`` of a tensor of ``numel`` elements, capped by :func:`param_scale_cap`."""
+    scale = torch.sqrt(mean_square + 1e-9)
+    cap = param_scale_cap(numel, cfg)
+    return scale if cap is None else torch.clamp(scale, max=cap)
+
+
+def output_step(
+    direction: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: torch.Tensor | None,
+    lr_mult: torch.Tensor,
+    rms_last: torch.Tensor,
+    cfg: VeLOConfig,
+) -> torch.Tensor:
+    """The output head, ``p_new = p - step``: ``lr_mult * direction * (scale * exp(exp_mult * magnitude))
+    * step_mult`` (``scale`` None without param_scale_mult), times ``rsqrt(rms_last + 1e-6)`` (the last rms
+    decay) with precondition_output."""
+    mag_param = torch.exp(magnitude * cfg.exp_mult)
+    if scale is not None:
+        step = direction * (scale * mag_param) * cfg.step_mult
     else:
         step = direction * mag_param * cfg.step_mult
     step = lr_mult * step
     if cfg.precondition_output:
-        step = step * torch.rsqrt(rms[..., -1] + 1e-6)
+        step = step * torch.rsqrt(rms_last + 1e-6)
     return step
 
 
@@ -670,9 +692,9 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
         return out
     d1, d0 = fdims
     gsq = g * g + 1e-30
-    row_factor, col_factor = folded.factored_update(
-        st, _dist.tensor_mean(gsq, d0), _dist.tensor_mean(gsq, d1), fac_d, fdims
-    )
+    mean_d0, mean_d1 = _dist.tensor_mean(gsq, d0), _dist.tensor_mean(gsq, d1)
+    st["fac_row"], st["fac_col"] = acc.factored_rolling(st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d)
+    row_factor, col_factor = acc.row_col_factors(st["fac_row"], st["fac_col"], fdims)
     rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
     # The 18 per-element features, written once by one concatenation (strided column writes cost more).
     e = _elem_chunk(
@@ -701,7 +723,10 @@ def _c_pass1(pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) ->
     shape = tuple(pf.shape)
     fdims = feat.factored_dims(shape)
     mean = passes.gsq_means(g)
-    row_factor, col_factor = folded.factored_update(s, mean[fdims[1]], mean[fdims[0]], fac_d, fdims)
+    s["fac_row"], s["fac_col"] = acc.factored_rolling(
+        s["fac_row"], s["fac_col"], mean[fdims[1]], mean[fdims[0]], fac_d
+    )
+    row_factor, col_factor = acc.row_col_factors(s["fac_row"], s["fac_col"], fdims)
     fa, fb = passes.by_axis(row_factor, col_factor, fdims[1], shape)
     sumsq, stats = passes.velo_pass1(pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d)
     return {"fa": fa, "fb": fb, "sumsq": sumsq, "stats": stats, "fdims": fdims, "g": g}
@@ -732,13 +757,9 @@ def _c_pass2(p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
     w_e = folded.rms_scale(pre["sumsq"], n).unsqueeze(1) * w0[_ELEM]
     shares = folded.first_layer_shares(s["fac_row"], s["fac_col"], w0[_ROW], w0[_COL], b0, pre["fdims"])
     a0, a1 = passes.by_axis(*shares, pre["fdims"][1], shape)
-    pscale = -1.0
+    pscale = -1.0  # lopt_cpu.c: no param scale
     if cfg.param_scale_mult:
-        param_scale = torch.sqrt((pre["stats"][0] / n).to(torch.float32) + 1e-9)
-        if cfg.clip_param_scale_amount is not None:
-            max_scale = cfg.clip_param_scale_amount * float(n) ** 0.5
-            param_scale = torch.clamp(param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32)))
-        pscale = float(param_scale)
+        pscale = float(param_scale((pre["stats"][0] / n).to(torch.float32), n, cfg))
     passes.velo_pass2(pf, pre["g"], s["mom"], s["rms"], pre["fa"], pre["fb"], w_e, a0, a1, (w1, b1, w2, b2),
                       cfg.exp_mult, cfg.step_mult, pscale, lr_mult, cfg.precondition_output, lr)  # fmt: skip
     if not (p.dtype == torch.float32 and p.data_ptr() == pf.data_ptr() and p.is_contiguous()):
@@ -790,28 +811,15 @@ def _multi_tensor_velo(params, grads, lrs, states, ctx, *, c_passes: bool = Fals
                 x, g.reshape(shape), st, w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i],
                 ctx.decays, cfg,
             )  # fmt: skip
+            scale = None
             if cfg.param_scale_mult:
-                param_scale = torch.sqrt(_dist.tensor_mean(torch.square(x)) + 1e-9)
-            numel = _dist.global_numel(x)
+                scale = param_scale(_dist.tensor_mean(torch.square(x)), _dist.global_numel(x), cfg)
         if pf.dim() == 0:
             st = {k: (v.squeeze(0) if k in ("mom", "rms", "fac_full") else v) for k, v in st.items()}
         for k in ("mom", "rms", "fac_row", "fac_col", "fac_full"):
             s[k] = st[k]
-        direction, magnitude = o[:, 0], o[:, 1]
-        mag_param = torch.exp(magnitude * cfg.exp_mult)
-        if cfg.param_scale_mult:
-            if cfg.clip_param_scale_amount is not None:
-                max_scale = cfg.clip_param_scale_amount * float(numel) ** 0.5
-                param_scale = torch.clamp(
-                    param_scale, max=float(torch.tensor(max_scale, dtype=torch.float32))
-                )
-            step = direction * (param_scale * mag_param) * cfg.step_mult
-        else:
-            step = direction * mag_param * cfg.step_mult
-        step = lr_mult[i] * step
-        if cfg.precondition_output:
-            step = step * torch.rsqrt(st["rms"].reshape(-1, st["rms"].shape[-1])[:, -1] + 1e-6)
-        step = step.reshape(pf.shape)
+        rms_last = st["rms"].reshape(-1, st["rms"].shape[-1])[:, -1]
+        step = output_step(o[:, 0], o[:, 1], scale, lr_mult[i], rms_last, cfg).reshape(pf.shape)
         write_param(p, pf - step if lr == 1.0 else pf - lr * step)
 
 
@@ -860,9 +868,11 @@ def _triton_velo(params, grads, lrs, states, ctx) -> None:
         aux = None
         if fd is not None:
             gsq = gc * gc + 1e-30
-            rf, cf = folded.factored_update(
-                s, torch.mean(gsq, dim=fd[1]), torch.mean(gsq, dim=fd[0]), fac_d, fd
+            mean_d0, mean_d1 = torch.mean(gsq, dim=fd[1]), torch.mean(gsq, dim=fd[0])
+            s["fac_row"], s["fac_col"] = acc.factored_rolling(
+                s["fac_row"], s["fac_col"], mean_d0, mean_d1, fac_d
             )
+            rf, cf = acc.row_col_factors(s["fac_row"], s["fac_col"], fd)
             aux = aux_rows(s["fac_row"], s["fac_col"], rf, cf)
         for k in ("mom", "rms", "fac_full"):
             if not s[k].is_contiguous():
@@ -870,14 +880,8 @@ def _triton_velo(params, grads, lrs, states, ctx) -> None:
         gcs.append(gc)
         fdims.append(fd)
         auxes.append(aux)
-        if cfg.clip_param_scale_amount is None:
-            caps.append(float("inf"))
-        else:
-            caps.append(
-                float(
-                    torch.tensor(cfg.clip_param_scale_amount * float(p.numel()) ** 0.5, dtype=torch.float32)
-                )
-            )
+        cap = param_scale_cap(p.numel(), cfg)
+        caps.append(float("inf") if cap is None else cap)
     scalars = torch.stack(
         [lr_mult.to(**f32), torch.tensor([float(lr) for lr in lrs], **f32), torch.tensor(caps, **f32),
          torch.zeros(n_t, **f32)], dim=1,

@@ -5,8 +5,10 @@
  * features of a tile into a feature-major buffer (f[k * T + t]), then either sums their squares (the
  * per-tensor normalisation) or runs the per-element MLP on them with register-blocked vector code and
  * writes the parameter update. Row statistics (per axis-0 index) and column statistics (per axis-1 index)
- * come in as small arrays computed by torch. Same math as the torch paths, in float32; only summation
- * order and FMA contraction differ (sums of squares are accumulated in double).
+ * come in as small arrays computed by torch. The math restates Python functions, each cited where it is
+ * restated (the reference, velo.py / adafac.py / accumulators.py, is the specification; the column
+ * layouts are those of the foreach paths that reorganise it), in float32; only summation order and FMA
+ * contraction differ (sums of squares are accumulated in double).
  *
  * Each exported function takes a whole tensor (n elements) and splits it into at most nslots ranges run
  * by OpenMP threads; built with -fopenmp against the libgomp torch loaded, they share torch's thread pool
@@ -175,7 +177,8 @@ static void init_seg(int H, int t0, int len, int64_t c, int64_t ncol, const floa
 }
 
 /* Momentum (3 decays, interleaved) and rms (1 decay) updates of elements [e0, e0 + len):
- * m = d * m + (1 - d) * g, v = d * v + (1 - d) * g^2 (the (1 - d) come in precomputed, as torch does). */
+ * m = d * m + (1 - d) * g, v = d * v + (1 - d) * g^2 (the (1 - d) come in precomputed, as torch does):
+ * accumulators.momentum_update / rms_update. */
 EXACT_FN static void update_acc(int64_t e0, int len, const float *g, float *m, float *rms,
                                 const float *md, const float *mc, float rd, float rc) {
     EXACT_BODY
@@ -224,7 +227,8 @@ typedef double vd __attribute__((vector_size(4 * sizeof(double))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 
 /* Add the tile [i, i + n)'s p, m (3), rms (the state before this step's update) and their squares to the
- * double accumulators s1 / s2 (5 each), element by element in double. */
+ * double accumulators s1 / s2 (5 each), element by element in double: the sums velo._lstm_row_from_stats
+ * turns into velo.lstm_features_for_tensor's means and variances. */
 static void state_stats_tile(int64_t i, int n, const float *p, const float *m, const float *rms, vd *s1,
                              vd *s2) {
     float f[5 * T];
@@ -299,8 +303,8 @@ static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* The per-element features of both families, in their torch paths' column order (velo: a constant, so
- * each caller inlines its own loop):
+/* The per-element features of both families (velo.ff_inputs / adafac.adafac_features), those that vary
+ * per element, in their foreach paths' column order (velo: a constant, so each caller inlines its loop):
  * small_fc_lopt (adafac._elem_features, 16): g, p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
  *                                                m * fac (3);
  * VeLO (velo._elem_chunk, 18): g, clip(g, -0.1, 0.1), p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
@@ -343,7 +347,8 @@ static void velo_features(float *restrict f, int t0, int len, int64_t e0, int64_
 }
 
 /* small_fc_lopt pass 2 over elements [i0, i1): MLP 16 -> H -> H -> 2, the step
- * ((o0 * exp(o1 * exp_mult)) * step_mult) * scale (* lr), out = p - step (out may alias p). */
+ * ((o0 * exp(o1 * exp_mult)) * step_mult) * scale (* lr) (adafac._step, then muLO's scale and the lr as in
+ * adafac._adafac_reference), out = p - step (out may alias p). */
 static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,
                             const float *m, const float *rms, const float *fa, const float *fb,
                             const float *we, const float *a0, const float *a1t, const float *w2,
@@ -366,8 +371,8 @@ static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const f
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* VeLO (HyperV2): the row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this
- * range's own rows[nrow] and cols[ncol] (double). */
+/* The row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this range's own
+ * rows[nrow] and cols[ncol] (double): the means accumulators.factored_rolling takes. */
 static void gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, double *rows, double *cols) {
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
@@ -383,7 +388,7 @@ static void gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, doub
     }
 }
 
-/* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the step of velo._multi_tensor_velo:
+/* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the output head, velo.output_step:
  * step = dir * (pscale * exp(mag * exp_mult)) * step_mult (pscale < 0: dir * exp(..) * step_mult), then
  * lr_mult * step, * 1 / sqrt(rms + 1e-6) if precond, out = p - step (lr == 1) or p - lr * step. */
 static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,

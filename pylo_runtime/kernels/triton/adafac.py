@@ -35,7 +35,7 @@ def dot_precision() -> str:
 
 @triton.jit
 def _features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT: tl.constexpr):
-    """The 28 un-normalised inputs of ``AdafacMLPLOpt._mod`` (same order).
+    """The 28 un-normalised inputs of ``adafac.adafac_features`` (``AdafacMLPLOpt._mod``, same order).
 
     Factored tensors: ``rs*`` are the row values, ``v*`` the column values, ``f*`` row_factor * col_factor.
     Others: ``rs*`` and ``v*`` both the diagonal second moment, ``f*`` unused.

@@ -62,7 +62,11 @@ def block_of(BLK_T, BLK_S, INFO, BLOCK: tl.constexpr):
 @triton.jit
 def load_state(t, offs, mask, PTRS, INFO, AUX, DEC, P_DT: tl.constexpr, FACT: tl.constexpr,
                 UPDATE: tl.constexpr):  # fmt: skip
-    """Load (and in pass A update) one block's state; returns what the ``_features`` functions take."""
+    """Load (and in pass A update) one block's state; returns what the ``_features`` functions take.
+
+    The updates restate ``accumulators.momentum_update`` / ``rms_update`` and, for the diagonal second moment
+    of tensors of rank <= 1, ``accumulators.factored_update``'s ``v_full`` branch.
+    """
     pp = tl.load(PTRS + t * 5 + 0).to(tl.pointer_type(P_DT))
     gp = tl.load(PTRS + t * 5 + 1).to(tl.pointer_type(tl.float32))
     mp = tl.load(PTRS + t * 5 + 2).to(tl.pointer_type(tl.float32))

@@ -21,7 +21,7 @@ N_FEAT = 30
 
 @triton.jit
 def _velo_features(g, p, m0, m1, m2, r, rs0, rs1, rs2, v0, v1, v2, f0, f1, f2, FACT: tl.constexpr):
-    """The 30 un-normalised per-element inputs of ``HyperV2._ff_mod`` (default feature flags, same order)."""
+    """The 30 un-normalised per-element inputs of ``velo.ff_inputs`` (default feature flags, same order)."""
     rsq = tl.math.rsqrt(r + 1e-6)
     if FACT:
         fg0 = g * f0
@@ -91,6 +91,7 @@ def _velo_pass_b(PTRS, INFO, AUX, DEC, BLK_T, BLK_S, STATS, WT, SCAL,
     off2 = off + H * H + H
     direction = tl.sum(h * tl.load(wt + off2 + hc * 4 + 0)[None, :], axis=1) + tl.load(wt + off2 + 4 * H + 0)
     magnitude = tl.sum(h * tl.load(wt + off2 + hc * 4 + 1)[None, :], axis=1) + tl.load(wt + off2 + 4 * H + 1)
+    # The output head, velo.output_step (param scale: velo.param_scale; its cap in SCAL: param_scale_cap).
     mag_param = tl.exp(magnitude * exp_mult)
     if PARAM_SCALE:
         param_scale = tl.sqrt(tl.load(STATS + t * 30 + 2) / nf + 1e-9)
