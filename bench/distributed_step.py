@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, port: int, steps: int, modes: list[str], out_
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from pylo_runtime.sharded import ShardedOptimizer, assign_owners
+    from pylo_runtime.distributed.sharded import ShardedOptimizer, assign_owners
 
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(0)

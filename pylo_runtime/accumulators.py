@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import distributed as _dist
+from .distributed.reducer import TensorReducer
 from .features import safe_rsqrt
 
 
@@ -43,13 +43,13 @@ def factored_state_shapes(
 
 
 def row_col_factors(
-    v_row: torch.Tensor, v_col: torch.Tensor, fdims: tuple[int, int]
+    v_row: torch.Tensor, v_col: torch.Tensor, fdims: tuple[int, int], red: TensorReducer
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Adafactor row and column factors of the factored second moments ``v_row`` / ``v_col``:
     ``safe_rsqrt(v_row / (mean of v_row over its remaining axis + 1e-9))`` and ``safe_rsqrt(v_col)``."""
     d1, d0 = fdims
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_col_mean = _dist.tensor_mean(v_row, reduced_d1, keepdim=True, dropped=d0)
+    row_col_mean = red.mean(v_row, reduced_d1, keepdim=True, dropped=d0)
     return safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col)
 
 
@@ -74,6 +74,7 @@ def factored_update(
     g: torch.Tensor,
     decays: torch.Tensor,
     fdims: tuple[int, int] | None,
+    red: TensorReducer,
     epsilon: float = 1e-30,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the factored accumulator; returns ``(v_row, v_col, v_full, g_preconditioned)``.
@@ -81,16 +82,15 @@ def factored_update(
     ``fdims = (d1, d0)`` from ``features.factored_dims`` (d0 the largest axis): ``v_row`` averages g**2
     over d0, ``v_col`` over d1 (:func:`factored_rolling`), and ``g`` is scaled by :func:`row_col_factors`.
     Without ``fdims`` a full diagonal ``v_full`` is kept and the output is ``g * safe_rsqrt(v + 1e-9)``.
-    The decay axis is last everywhere. The means are ``distributed.tensor_mean`` (all-reduced when the axis
-    is the sharded one of an FSDP2 shard stepped rank-locally; ``fdims`` must then come from the global
-    shape).
+    The decay axis is last everywhere. The means are ``red``'s (all-reduced when the axis is the sharded one
+    of an FSDP2 shard stepped rank-locally; ``fdims`` must then come from ``red.global_shape``).
     """
     grad_sqr = g * g + epsilon
     if fdims is not None:
         d1, d0 = fdims
-        mean_d0, mean_d1 = _dist.tensor_mean(grad_sqr, d0), _dist.tensor_mean(grad_sqr, d1)
+        mean_d0, mean_d1 = red.mean(grad_sqr, d0), red.mean(grad_sqr, d1)
         new_row, new_col = factored_rolling(v_row, v_col, mean_d0, mean_d1, decays)
-        row_factor, col_factor = row_col_factors(new_row, new_col, fdims)
+        row_factor, col_factor = row_col_factors(new_row, new_col, fdims, red)
         y = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
         return new_row, new_col, v_full, y
     d = torch.clamp(decays, 0.0, 1.0)

@@ -34,9 +34,9 @@ from typing import Any, ClassVar
 import torch
 
 from . import dispatch, folded, specs
-from . import distributed as _dist
 from .accumulators import factored_rolling, factored_update, momentum_update, rms_update, row_col_factors
 from .base import LearnedOptimizer, ParamsT, write_param
+from .distributed.reducer import WHOLE, TensorReducer, TensorsReducer
 from .features import (
     STEP_TIMESCALES,
     factored_dims,
@@ -66,9 +66,9 @@ def decay_from_offset(initial: Any, offset: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.exp((torch.log(1.0 - d0) / 10.0 + offset.to(torch.float32)) * 10.0)
 
 
-def second_moment_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def second_moment_normalize(x: torch.Tensor, red: TensorReducer, eps: float = 1e-5) -> torch.Tensor:
     """Divide each feature (last axis) by its root mean square over the tensor's elements (all other axes)."""
-    return second_moment_normalizer(x, tuple(range(x.dim() - 1)), eps)
+    return second_moment_normalizer(x, tuple(range(x.dim() - 1)), red, eps)
 
 
 def adafac_features(
@@ -81,6 +81,7 @@ def adafac_features(
     v_col: torch.Tensor,
     v_diag: torch.Tensor,
     fdims: tuple[int, int] | None,
+    red: TensorReducer,
 ) -> torch.Tensor:
     """The 28 un-normalised per-element inputs of ``AdafacMLPLOpt._mod``, shape ``p.shape + (28,)``."""
     rsqrt = torch.rsqrt(rms + 1e-6)
@@ -90,7 +91,7 @@ def adafac_features(
         d1, d0 = fdims
         row_feat = v_row.unsqueeze(d0).expand(full)
         col_feat = v_col.unsqueeze(d1).expand(full)
-        row_factor, col_factor = row_col_factors(v_row, v_col, fdims)
+        row_factor, col_factor = row_col_factors(v_row, v_col, fdims, red)
         fac_mom_mult = m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
         inps += [row_feat, col_feat, torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8), fac_mom_mult]
     else:
@@ -210,13 +211,13 @@ class SmallFCLOpt(LearnedOptimizer):
     def _init_global(self, device: torch.device) -> dict[str, Any]:
         return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}
 
-    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
         shape = tuple(p.shape) or (1,)  # the reference reshapes 0-d params to (1,)
         n_mom, n_rms, n_fac = self._n_decays
         kw = dict(dtype=torch.float32, device=p.device)
         state["mom"] = torch.zeros(shape + (n_mom,), **kw)
         state["rms"] = torch.zeros(shape + (n_rms,), **kw)
-        fdims = factored_dims(_dist.global_shape(shape))  # FSDP2 shard: state local, dims from the whole
+        fdims = factored_dims(red.global_shape(shape))  # FSDP2 shard: state local, dims from the whole
         if fdims is None:
             state["fac_full"] = torch.zeros(shape + (n_fac,), **kw)
         else:
@@ -229,12 +230,12 @@ class SmallFCLOpt(LearnedOptimizer):
         return None
 
     def _prepare_grads(
-        self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
+        self, grads: list[torch.Tensor], reducers: list[TensorReducer], across: TensorsReducer
     ) -> list[torch.Tensor]:
-        """Hook for muLO's gradient clipping and nan_to_num; identity for AdafacMLPLOpt."""
+        """Hook for muLO's gradient clipping (a norm over all tensors) and nan_to_num; identity here."""
         return grads
 
-    def _update(self, params, grads, lrs, loss, global_state, *, path) -> None:
+    def _update(self, params, grads, lrs, loss, global_state, *, path, reducers, across) -> None:
         device = params[0].device
         weights, biases = self._mlp(device)
         it = global_state["iteration"]
@@ -247,7 +248,7 @@ class SmallFCLOpt(LearnedOptimizer):
             step_mult=float(self.config["step_mult"]),
             concat=bool(self.config["concat_weights"]),
         )
-        grads = self._prepare_grads(grads, params)
+        grads = self._prepare_grads(grads, reducers, across)
         scales = self._scales(params) or [1.0] * len(params)
         states = [self.state[p] for p in params]
 
@@ -255,8 +256,8 @@ class SmallFCLOpt(LearnedOptimizer):
             return functools.partial(_implementation(name), step=step)
 
         samples = _kernel_samples(path, params)
-        path = dispatch.verified(self, path, samples, impl, params, grads, lrs, scales, states)
-        impl(path)(params, grads, lrs, scales, states)
+        path = dispatch.verified(self, path, samples, impl, params, grads, lrs, scales, states, reducers)
+        impl(path)(params, grads, lrs, scales, states, reducers)
         global_state["iteration"] = it + 1
 
 
@@ -275,7 +276,8 @@ class AdafacStep:
 
 def _implementation(path: str) -> Any:
     """The function that runs ``path`` (``dispatch`` chose it); all take
-    ``(params, grads, lrs, scales, states, step=AdafacStep)``, grads already prepared (muLO's clip)."""
+    ``(params, grads, lrs, scales, states, reducers, step=AdafacStep)``, grads already prepared (muLO's
+    clip); ``reducers[i]`` reduces over the elements of ``params[i]``."""
     if path == "reference":
         return functools.partial(_adafac_reference, batched=False)
     if path == "foreach-batched":
@@ -307,39 +309,38 @@ def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
 
 
 def _tensor_features(
-    p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], decays: tuple[torch.Tensor, ...]
+    p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], decays: tuple[torch.Tensor, ...], red: TensorReducer
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Update ``p``'s accumulators in ``st``; return (float32 param in the reference's shape, features)."""
     shape = tuple(p.shape) or (1,)
     pf = p.detach().to(torch.float32).reshape(shape)
     g = g.reshape(shape)
     mom_d, rms_d, fac_d = decays
-    with _dist.on_tensor(p):  # an FSDP2 shard: row/column means over the sharded dim are all-reduced
-        fdims = factored_dims(_dist.global_shape(shape))
-        st["mom"] = update_momentum(st["mom"], g, mom_d)
-        st["rms"] = update_rms(st["rms"], g, rms_d)
-        empty = st["mom"].new_zeros(())
-        v_row, v_col, v_diag, fac_g = update_factored(
-            st.get("fac_row", empty), st.get("fac_col", empty), st.get("fac_full", empty), g, fac_d, fdims
-        )
-        if fdims is None:
-            st["fac_full"] = v_diag
-        else:
-            st["fac_row"], st["fac_col"] = v_row, v_col
-        feats = adafac_features(pf, g, st["mom"], st["rms"], fac_g, v_row, v_col, v_diag, fdims)
+    fdims = factored_dims(red.global_shape(shape))  # an FSDP2 shard: dims from the whole tensor
+    st["mom"] = update_momentum(st["mom"], g, mom_d)
+    st["rms"] = update_rms(st["rms"], g, rms_d)
+    empty = st["mom"].new_zeros(())
+    v_row, v_col, v_diag, fac_g = update_factored(
+        st.get("fac_row", empty), st.get("fac_col", empty), st.get("fac_full", empty), g, fac_d, fdims, red
+    )
+    if fdims is None:
+        st["fac_full"] = v_diag
+    else:
+        st["fac_row"], st["fac_col"] = v_row, v_col
+    feats = adafac_features(pf, g, st["mom"], st["rms"], fac_g, v_row, v_col, v_diag, fdims, red)
     return pf, feats
 
 
-def _adafac_reference(params, grads, lrs, scales, states, *, step: AdafacStep, batched: bool) -> None:
+def _adafac_reference(
+    params, grads, lrs, scales, states, reducers, *, step: AdafacStep, batched: bool
+) -> None:
     """The reference path: features per tensor, then the MLP per tensor, or (``batched``, the foreach-batched
     path) once over the rows of all tensors; ``concat_weights=False`` is the scalar-math MLP, per tensor."""
     prepared = [
-        _tensor_features(p, g, st, step.decays) for p, g, st in zip(params, grads, states, strict=True)
+        _tensor_features(p, g, st, step.decays, red)
+        for p, g, st, red in zip(params, grads, states, reducers, strict=True)
     ]
-    normed = []
-    for p, (_, f) in zip(params, prepared, strict=True):
-        with _dist.on_tensor(p):
-            normed.append(second_moment_normalize(f))
+    normed = [second_moment_normalize(f, red) for (_, f), red in zip(prepared, reducers, strict=True)]
     if batched:
         # One MLP over every element of every tensor: normalise per tensor, then one matmul chain.
         rows = [_with_time(f, step.time_feat).reshape(-1, f.shape[-1] + 11) for f in normed]
@@ -377,14 +378,16 @@ _ROW, _COL, _RROW, _RCOL, _FMM = slice(13, 16), slice(16, 19), slice(19, 22), sl
 _ELEM_ROWS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 25, 26, 27]
 
 
-def _factored_update(st: dict, g: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int]):
+def _factored_update(
+    st: dict, g: torch.Tensor, fac_d: torch.Tensor, fdims: tuple[int, int], red: TensorReducer
+):
     """``accumulators.factored_update`` of a factored tensor, returning the row / column factors (each with
     its reduced axis kept) instead of the preconditioned gradient."""
     grad_sqr = g * g + 1e-30
     d1, d0 = fdims
-    mean_d0, mean_d1 = _dist.tensor_mean(grad_sqr, d0), _dist.tensor_mean(grad_sqr, d1)
+    mean_d0, mean_d1 = red.mean(grad_sqr, d0), red.mean(grad_sqr, d1)
     st["fac_row"], st["fac_col"] = factored_rolling(st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d)
-    row_factor, col_factor = row_col_factors(st["fac_row"], st["fac_col"], fdims)
+    row_factor, col_factor = row_col_factors(st["fac_row"], st["fac_col"], fdims, red)
     return row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
 
 
@@ -422,11 +425,11 @@ def _c_passes_factored(step, st, p, pf, g, fdims, w1_parts, b1, scale, lr) -> No
     st["fac_row"], st["fac_col"] = factored_rolling(
         st["fac_row"], st["fac_col"], mean[d0], mean[fdims[0]], fac_d
     )
-    rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fdims)
+    rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fdims, WHOLE)
     fa, fb = passes.by_axis(rf, cf, d0, shape)
     sumsq = passes.sfc_pass1(pf, g, st["mom"], st["rms"], fa, fb, mom_d, rms_d)
     w_e = folded.rms_scale(sumsq, pf.numel()).unsqueeze(1) * w_elem
-    a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w_rowf, w_colf, b1, fdims)
+    a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w_rowf, w_colf, b1, fdims, WHOLE)
     a0, a1 = passes.by_axis(a_row, a_col, d0, shape)
     layers = (weights[1], biases[1], weights[2], biases[2])
     passes.sfc_pass2(pf, g, st["mom"], st["rms"], fa, fb, w_e, a0, a1, layers,
@@ -434,7 +437,9 @@ def _c_passes_factored(step, st, p, pf, g, fdims, w1_parts, b1, scale, lr) -> No
     _write_back(p, pf)
 
 
-def _multi_tensor_adafac(params, grads, lrs, scales, states, *, step: AdafacStep, c_passes: bool = False):
+def _multi_tensor_adafac(
+    params, grads, lrs, scales, states, reducers, *, step: AdafacStep, c_passes: bool = False
+):
     """The foreach path (torch ops, any device), and with ``c_passes`` the fused CPU path: the reference
     math (``_adafac_reference``) reorganised, same state, same result to float32 rounding (module doc)."""
     device = params[0].device
@@ -462,70 +467,71 @@ def _multi_tensor_adafac(params, grads, lrs, scales, states, *, step: AdafacStep
         return b[: rows * cols].view(rows, cols)
 
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        with _dist.on_tensor(p):  # an FSDP2 shard: its statistics are all-reduced over the shard group
-            st = states[i]
-            shape = tuple(p.shape) or (1,)
-            pf = p.detach().to(torch.float32).reshape(shape)
-            pfs.append(pf)
-            g = g.reshape(shape)
-            n = pf.numel()
-            fdims = factored_dims(_dist.global_shape(shape))
-            big = fdims is not None and _dist.global_numel(pf) >= SMALL  # (a shard: all ranks agree)
-            if (
-                big
-                and c_passes
-                and len(weights) == 3
-                and hidden <= passes.MAXH
-                and passes.usable(pf, [st["mom"], st["rms"]])
-            ):
-                w1_parts = (w_elem, w_rowf, w_colf)
-                _c_passes_factored(step, st, p, pf, g, fdims, w1_parts, b1, float(scales[i]), float(lrs[i]))
-                continue
-            st["mom"] = update_momentum(st["mom"], g, mom_d)
-            st["rms"] = update_rms(st["rms"], g, rms_d)
-            m, rms = st["mom"], st["rms"]
-            if not big:
-                # Reference features, normalised, batched with the other small tensors.
-                empty = m.new_zeros(())
-                v_row, v_col, v_diag, fac_g = update_factored(
-                    st.get("fac_row", empty),
-                    st.get("fac_col", empty),
-                    st.get("fac_full", empty),
-                    g,
-                    fac_d,
-                    fdims,
-                )
-                if fdims is None:
-                    st["fac_full"] = v_diag
-                else:
-                    st["fac_row"], st["fac_col"] = v_row, v_col
-                f = adafac_features(pf, g, m, rms, fac_g, v_row, v_col, v_diag, fdims)
-                small_x.append(f.reshape(n, 28) * folded.shard_rms_scale(f, shape + (28,)))
-                small_idx.append(i)
-                continue
+        red = reducers[i]  # an FSDP2 shard's statistics are all-reduced over its shard group
+        st = states[i]
+        shape = tuple(p.shape) or (1,)
+        pf = p.detach().to(torch.float32).reshape(shape)
+        pfs.append(pf)
+        g = g.reshape(shape)
+        n = pf.numel()
+        fdims = factored_dims(red.global_shape(shape))
+        big = fdims is not None and red.numel(pf) >= SMALL  # (a shard: all ranks agree)
+        if (
+            big
+            and c_passes
+            and len(weights) == 3
+            and hidden <= passes.MAXH
+            and passes.usable(pf, [st["mom"], st["rms"]])
+        ):
+            w1_parts = (w_elem, w_rowf, w_colf)
+            _c_passes_factored(step, st, p, pf, g, fdims, w1_parts, b1, float(scales[i]), float(lrs[i]))
+            continue
+        st["mom"] = update_momentum(st["mom"], g, mom_d)
+        st["rms"] = update_rms(st["rms"], g, rms_d)
+        m, rms = st["mom"], st["rms"]
+        if not big:
+            # Reference features, normalised, batched with the other small tensors.
+            empty = m.new_zeros(())
+            v_row, v_col, v_diag, fac_g = update_factored(
+                st.get("fac_row", empty),
+                st.get("fac_col", empty),
+                st.get("fac_full", empty),
+                g,
+                fac_d,
+                fdims,
+                red,
+            )
+            if fdims is None:
+                st["fac_full"] = v_diag
+            else:
+                st["fac_row"], st["fac_col"] = v_row, v_col
+            f = adafac_features(pf, g, m, rms, fac_g, v_row, v_col, v_diag, fdims, red)
+            small_x.append(f.reshape(n, 28) * folded.shard_rms_scale(f, shape + (28,), red))
+            small_idx.append(i)
+            continue
 
-            rf, cf = _factored_update(st, g, fac_d, fdims)
-            d1, d0 = fdims
-            e = buf("e", n, 16)
-            _elem_features(pf, g, m, rms, rf * cf, e)
-            w_e = folded.shard_rms_scale(e, shape + (16,)).unsqueeze(1) * w_elem
-            # Row / column features: normalise over the tensor (each value repeats along one axis).
-            a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w_rowf, w_colf, b1, fdims)
-            a_row = a_row.unsqueeze(d0)  # shape with 1 at d0, + (hidden,)
-            a_col = a_col.unsqueeze(d1)
-            out = torch.empty(n, 2, dtype=torch.float32, device=device)
-            inner = n // shape[0] if shape[0] else 0  # an empty shard: no rows to run
-            rows_per = max(1, folded.CHUNK // max(inner, 1))
-            for r0 in range(0, shape[0], rows_per):
-                r1 = min(shape[0], r0 + rows_per)
-                c0, c1 = r0 * inner, r1 * inner
-                ar = a_row[r0:r1] if a_row.shape[0] != 1 else a_row
-                ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
-                h = buf("h", c1 - c0, hidden)
-                torch.add(ar, ac, out=h.view((r1 - r0,) + shape[1:] + (hidden,)))
-                h.addmm_(e[c0:c1], w_e)
-                _mlp_tail(h, buf("h2", c1 - c0, hidden), weights, biases, out[c0:c1])
-            outs[i] = out
+        rf, cf = _factored_update(st, g, fac_d, fdims, red)
+        d1, d0 = fdims
+        e = buf("e", n, 16)
+        _elem_features(pf, g, m, rms, rf * cf, e)
+        w_e = folded.shard_rms_scale(e, shape + (16,), red).unsqueeze(1) * w_elem
+        # Row / column features: normalise over the tensor (each value repeats along one axis).
+        a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w_rowf, w_colf, b1, fdims, red)
+        a_row = a_row.unsqueeze(d0)  # shape with 1 at d0, + (hidden,)
+        a_col = a_col.unsqueeze(d1)
+        out = torch.empty(n, 2, dtype=torch.float32, device=device)
+        inner = n // shape[0] if shape[0] else 0  # an empty shard: no rows to run
+        rows_per = max(1, folded.CHUNK // max(inner, 1))
+        for r0 in range(0, shape[0], rows_per):
+            r1 = min(shape[0], r0 + rows_per)
+            c0, c1 = r0 * inner, r1 * inner
+            ar = a_row[r0:r1] if a_row.shape[0] != 1 else a_row
+            ac = a_col[r0:r1] if a_col.shape[0] != 1 else a_col
+            h = buf("h", c1 - c0, hidden)
+            torch.add(ar, ac, out=h.view((r1 - r0,) + shape[1:] + (hidden,)))
+            h.addmm_(e[c0:c1], w_e)
+            _mlp_tail(h, buf("h2", c1 - c0, hidden), weights, biases, out[c0:c1])
+        outs[i] = out
 
     if small_x:
         x = torch.cat(small_x) if len(small_x) > 1 else small_x[0]
@@ -556,7 +562,7 @@ def _write_back(p: torch.Tensor, pf: torch.Tensor) -> None:
         write_param(p, pf.reshape(p.shape))
 
 
-def _triton_adafac(params, grads, lrs, scales, states, *, step: AdafacStep) -> None:
+def _triton_adafac(params, grads, lrs, scales, states, reducers, *, step: AdafacStep) -> None:
     """The fused CUDA path: the factored accumulators (whole-tensor reductions) in torch, then the Triton
     kernels for the element-wise rest (``kernels.triton.adafac``, the math of ``_adafac_reference``)."""
     from .kernels.triton import adafac as kernel
@@ -589,7 +595,7 @@ def _triton_adafac(params, grads, lrs, scales, states, *, step: AdafacStep) -> N
             st["fac_row"], st["fac_col"] = factored_rolling(
                 st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d
             )
-            rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fd)
+            rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fd, WHOLE)
             aux = aux_rows(st["fac_row"], st["fac_col"], rf, cf)
         for k in ("mom", "rms", "fac_full"):
             if k in st and not st[k].is_contiguous():

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import distributed as _dist
 from . import step_inputs as _inputs
 from .checkpoint import read_checkpoint
+from .distributed import fsdp
+from .distributed.reducer import ALL_TENSORS, WHOLE, ShardReducer, TensorReducer, TensorsReducer
 from .specs import Config, SpecError
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -51,8 +52,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     #: Whether the update reads the training loss (VeLO and Celo loss features); small_fc_lopt does not.
     uses_loss: ClassVar[bool] = False
     #: Whether FSDP2 shards may be stepped rank-locally: every reduction over a tensor's elements goes through
-    #: ``distributed.tensor_mean`` & co. inside ``distributed.on_tensor(p)``, and shapes through
-    #: ``distributed.global_shape``. False: DTensor params are all-gathered and stepped whole (the fallback).
+    #: the tensor's reducer (``reducers[i]`` in ``_update``), shapes through ``red.global_shape``. False:
+    #: DTensor params are all-gathered and stepped whole (the fallback).
     shard_local: ClassVar[bool] = False
     #: The reference constructor's defaults: ``config`` (as the converter wrote it) is merged over them.
     DEFAULTS: ClassVar[Mapping[str, Any]] = {}
@@ -183,9 +184,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return None
 
     def _loss_and_guard(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], loss: Any
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], loss: Any, *, shards: bool = False
     ) -> tuple[Any, bool]:
-        """The loss every rank uses (all-reduced mean) and whether ``nonfinite=`` skips this step.
+        """The loss every rank uses (all-reduced mean) and whether ``nonfinite=`` skips this step
+        (``shards``: some params are FSDP2 shards stepped rank-locally).
 
         At most one all-reduce (the loss and, for rank-local FSDP2 shards, the count of non-finite gradients,
         in one tensor) and one host sync per step with finite input; a skipped step changes nothing but
@@ -199,7 +201,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         world = _inputs.loss_world_size()
         reduce = uses_loss and self.loss_reduction == "mean" and world > 1 and not inputs.checked_outside
         bad = _inputs.count_nonfinite_tensors(grads, device) if check else None
-        share_bad = check and world > 1 and _dist.any_shard()  # FSDP2 shards: each rank sees its own grads
+        share_bad = check and world > 1 and shards  # FSDP2 shards: each rank sees its own grads
         if reduce or share_bad:  # one all-reduce: the loss, the count of bad tensors, or both in one tensor
             parts = ([loss_t] if reduce else []) + ([bad] if share_bad else [])
             vec = parts[0].clone() if len(parts) == 1 else torch.stack(parts)
@@ -275,8 +277,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Optimizer-wide state (loss buffer, iteration, ...), created at the first step."""
         return {}
 
-    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        """Fill ``state`` (empty dict) with float32 per-parameter state for ``p``."""
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
+        """Fill ``state`` (empty dict) with float32 per-parameter state for ``p`` (``red``: its reducer; an
+        FSDP2 shard's state has the local shape, its factored dims come from ``red.global_shape``)."""
         raise NotImplementedError
 
     def _update(
@@ -288,8 +291,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         global_state: dict[str, Any],
         *,
         path: str,
+        reducers: list[TensorReducer],
+        across: TensorsReducer,
     ) -> None:
         """Apply one learned step in place, on the implementation ``path`` (``dispatch.choose``'s name).
+
+        Every reduction over the elements of ``params[i]`` goes through ``reducers[i]`` (all its shards, for
+        an FSDP2 shard stepped rank-locally), every reduction over tensors through ``across``.
 
         ``grads`` are float32 (weight decay and accumulation already applied); ``lrs[i]`` multiplies the step
         of ``params[i]``; ``loss`` is a float32 0-d tensor (or None when ``uses_loss`` is False).
@@ -314,9 +322,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return torch.tensor(float(loss), dtype=torch.float32, device=device)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        loss: Any = None,
+        across: TensorsReducer | None = None,
+    ) -> Any:
         """One optimizer step. The loss: ``loss=``, else the losses given to ``set_loss`` since the last step,
-        else ``closure()``'s value; VeLO and Celo need one (docs/integrations.md)."""
+        else ``closure()``'s value; VeLO and Celo need one (docs/integrations.md).
+
+        ``across``: how reductions over tensors reduce (``ShardedOptimizer`` passes its group's; default: this
+        process steps every tensor)."""
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -326,6 +343,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         lrs: list[float] = []
+        reducers: list[TensorReducer] = []
         wd_loss: list[torch.Tensor] = []
         # FSDP2: (DTensor param, what the update runs on: its local shard or a gathered full copy, its
         # group's params list, index in it); ``gathered``: the (param, full copy) pairs to scatter back.
@@ -342,13 +360,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     g = p.grad.detach()
-                    if _dist.is_dtensor(p):  # FSDP2: step the local shard, or gather (distributed.py)
-                        spec = _dist.shard_spec(p, g) if self.shard_local else None
+                    red: TensorReducer = WHOLE
+                    if fsdp.is_dtensor(p):  # FSDP2: step the local shard, or gather (distributed/fsdp.py)
+                        spec = fsdp.shard_spec(p, g) if self.shard_local else None
                         if spec is not None:
                             stand_in, g = p.to_local(), g.to_local()
-                            _dist.register_shard(stand_in, spec)
+                            red = ShardReducer(spec)
                         else:
-                            stand_in, g = _dist.gather_param(p, g)
+                            stand_in, g = fsdp.gather_param(p, g)
                             gathered.append((p, stand_in))
                         # For this step the stand-in replaces p: in its group and as its state's key.
                         swapped.append((p, stand_in, group["params"], i))
@@ -359,26 +378,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     if wd != 0.0:
                         pf = p.detach().to(torch.float32)
                         g = g + wd * pf
-                        with _dist.on_tensor(p):
-                            wd_loss.append(wd * _dist.tensor_sum(pf * pf))
+                        wd_loss.append(wd * red.sum(pf * pf))
                     params.append(p)
+                    reducers.append(red)
                     grads.append(g)
                     lrs.append(float(group["lr"]))
             if params:
-                loss, skip = self._loss_and_guard(params, grads, loss)
+                loss, skip = self._loss_and_guard(
+                    params, grads, loss, shards=any(r.is_shard for r in reducers)
+                )
                 if skip:
                     return closure_loss
-                self._step_tensors(params, grads, lrs, wd_loss, loss)
+                self._step_tensors(params, grads, lrs, wd_loss, loss, reducers, across or ALL_TENSORS)
                 for p, full in gathered:
-                    _dist.scatter_back(p, full)
+                    fsdp.scatter_back(p, full)
         finally:
             for p, stand_in, group_params, i in swapped:
                 group_params[i] = p
                 del self.state[stand_in]
-                _dist.unregister_shard(stand_in)
         return closure_loss
 
-    def _step_tensors(self, params, grads, lrs, wd_loss, loss) -> None:
+    def _step_tensors(self, params, grads, lrs, wd_loss, loss, reducers, across) -> None:
         """Lazy state init, accumulation and the family's ``_update`` on the collected tensors."""
         device = params[0].device
         loss_t = None
@@ -390,10 +410,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if GLOBAL not in self.state:
             self.state[GLOBAL] = self._init_global(device)
         global_state = self.state[GLOBAL]
-        for p in params:
+        for p, red in zip(params, reducers, strict=True):
             if len(self.state[p]) == 0:
-                with _dist.on_tensor(p):  # a shard's state: local shape, factored dims from the global
-                    self._init_param(p, self.state[p])
+                self._init_param(p, self.state[p], red)
 
         if self.num_accumulate > 1:
             params, grads, lrs, loss_t = self._accumulate(params, grads, lrs, loss_t, global_state)
@@ -402,8 +421,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         from . import dispatch
 
-        path = dispatch.choose(self, device, shard=_dist.any_shard())
-        self._update(params, grads, lrs, loss_t, global_state, path=path)
+        path = dispatch.choose(self, device, shard=any(r.is_shard for r in reducers))
+        self._update(params, grads, lrs, loss_t, global_state, path=path, reducers=reducers, across=across)
 
     def _accumulate(self, params, grads, lrs, loss_t, global_state):
         """``GradientAccumulator``: sum gradients and losses, update with their mean every k-th call."""

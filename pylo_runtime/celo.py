@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from . import distributed as _dist
 from . import specs
 from .accumulators import (
     factored_state_shapes,
@@ -30,6 +29,7 @@ from .accumulators import (
     rms_update,
 )
 from .base import LearnedOptimizer, ParamsT
+from .distributed.reducer import TensorReducer
 from .features import (
     factored_dims,
     fractional_tanh_embed,
@@ -139,10 +139,10 @@ class Celo(_CeloScheduler):
         self._ff_in = [f"ff.w0.{i}" for i in range(n_inputs)]
         self._ff_layers = cfg["ff_hidden_layers"]
 
-    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
         self._init_moments(p, state)
         shape = tuple(p.shape) if p.dim() > 0 else (1,)
-        fdims = factored_dims(_dist.global_shape(shape))  # FSDP2 shard: local state, global dims
+        fdims = factored_dims(red.global_shape(shape))  # FSDP2 shard: local state, global dims
         rows, cols, full = factored_state_shapes(shape, fdims, len(self.fac_decays))
         for key, s in (("fac_row", rows), ("fac_col", cols), ("fac_full", full)):
             state[key] = torch.zeros(s, dtype=torch.float32, device=p.device)
@@ -168,6 +168,8 @@ class Celo(_CeloScheduler):
         global_state: dict[str, Any],
         *,
         path: str,
+        reducers: list[TensorReducer],
+        across: Any,
     ) -> None:
         assert loss is not None
         device = params[0].device
@@ -178,26 +180,44 @@ class Celo(_CeloScheduler):
         states = [self.state[p] for p in params]
         grads = [torch.clamp(g, -1000.0, 1000.0) for g in grads]
         decays = (self.mom_decays.to(device), self.rms_decays.to(device), self.fac_decays.to(device))
-        fac_gs = []
-        for p, g, st in zip(params, grads, states, strict=True):
-            with _dist.on_tensor(p):  # an FSDP2 shard: means over its sharded dim are all-reduced
-                fac_gs.append(_accumulate(st, g, *decays))
+        # (An FSDP2 shard: means over its sharded dim are all-reduced by its reducer.)
+        fac_gs = [
+            _accumulate(st, g, *decays, red) for g, st, red in zip(grads, states, reducers, strict=True)
+        ]
         fn = _multi_tensor_celo if path == "foreach" else _single_tensor_celo
-        fn(params, grads, fac_gs, states, lrs, lr_mult, weights, self.config, self._ff_in, self._ff_layers)
+        fn(
+            params,
+            grads,
+            fac_gs,
+            states,
+            reducers,
+            lrs,
+            lr_mult,
+            weights,
+            self.config,
+            self._ff_in,
+            self._ff_layers,
+        )
         global_state["iteration"] = global_state["iteration"] + 1
 
 
 # ----------------------------------------------------------------------------------------------------
 # The per-element update rule (Celo._ff_mod), as pure functions.
 def _accumulate(
-    st: dict[str, Any], g: torch.Tensor, mom_d: torch.Tensor, rms_d: torch.Tensor, fac_d: torch.Tensor
+    st: dict[str, Any],
+    g: torch.Tensor,
+    mom_d: torch.Tensor,
+    rms_d: torch.Tensor,
+    fac_d: torch.Tensor,
+    red: TensorReducer,
 ) -> torch.Tensor:
     """Update one tensor's momentum, rms and adafactor accumulators; return the adafactor-normalised g."""
     st["mom"] = momentum_update(st["mom"], g, mom_d)
     st["rms"] = rms_update(st["rms"], g, rms_d)
     g1 = g.reshape(1) if g.dim() == 0 else g
+    fdims = factored_dims(red.global_shape(g1.shape))
     row, col, full, fac_g = factored_update(
-        st["fac_row"], st["fac_col"], st["fac_full"], g1, fac_d, factored_dims(_dist.global_shape(g1.shape))
+        st["fac_row"], st["fac_col"], st["fac_full"], g1, fac_d, fdims, red
     )
     st["fac_row"], st["fac_col"], st["fac_full"] = row, col, full
     return fac_g
@@ -221,6 +241,7 @@ def celo_features(
     fac_g: torch.Tensor,
     st: Mapping[str, Any],
     cfg: Mapping[str, Any],
+    red: TensorReducer,
     *,
     normalize: bool = True,
 ) -> list[torch.Tensor]:
@@ -234,24 +255,29 @@ def celo_features(
         p, g = p.reshape(1), g.reshape(1)
     m = st["mom"].reshape(*p.shape, st["mom"].shape[-1])  # (explicit width: a shard may be empty)
     rms = st["rms"].reshape(*p.shape, st["rms"].shape[-1])
-    inps = ff_inputs(p, g, m, rms, fac_g, st["fac_row"], st["fac_col"], st["fac_full"], _Attrs(cfg))
+    inps = ff_inputs(p, g, m, rms, fac_g, st["fac_row"], st["fac_col"], st["fac_full"], _Attrs(cfg), red)
     if not normalize:
         return inps
     dims = list(range(p.dim()))
-    return second_moment_normalizers(inps, dims)
+    return second_moment_normalizers(inps, dims, red)
 
 
 def _step_from_mlp_out(
-    o: torch.Tensor, p: torch.Tensor, rms: torch.Tensor, lr_mult: torch.Tensor, cfg: Mapping[str, Any]
+    o: torch.Tensor,
+    p: torch.Tensor,
+    rms: torch.Tensor,
+    lr_mult: torch.Tensor,
+    cfg: Mapping[str, Any],
+    red: TensorReducer,
 ) -> torch.Tensor:
     """The step ``p_ref - p_new`` from MLP outputs ``o`` (shape ``p.shape + (3,)``, 0-d as (1,))."""
     direction = o[..., 0]
     mag_param = torch.exp(o[..., 1] * cfg["exp_mult"])
     p1 = p.reshape(1) if p.dim() == 0 else p
     if cfg["param_scale_mult"]:
-        param_scale = torch.sqrt(_dist.tensor_mean(torch.square(p1)) + 1e-9)
+        param_scale = torch.sqrt(red.mean(torch.square(p1)) + 1e-9)
         if cfg["clip_param_scale_amount"] is not None:
-            n = _dist.global_numel(p1)
+            n = red.numel(p1)
             max_scale = torch.tensor(cfg["clip_param_scale_amount"] * n**0.5, dtype=torch.float32)
             param_scale = torch.minimum(param_scale, max_scale.to(p.device))
         step = direction * (param_scale * mag_param) * cfg["step_mult"]
@@ -276,6 +302,7 @@ def _single_tensor_celo(
     grads: list[torch.Tensor],
     fac_gs: list[torch.Tensor],
     states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
     lrs: list[float],
     lr_mult: torch.Tensor,
     w: dict[str, torch.Tensor],
@@ -285,19 +312,18 @@ def _single_tensor_celo(
 ) -> None:
     """Reference path: one tensor at a time, first layer summed input by input as the reference does.
 
-    The path FSDP2 shards take: inside ``distributed.on_tensor(p)`` every mean over a shard is all-reduced.
+    The path FSDP2 shards take: their reducers all-reduce every mean over a shard.
     """
-    for p, g, fac_g, st, lr in zip(params, grads, fac_gs, states, lrs, strict=True):
+    for p, g, fac_g, st, red, lr in zip(params, grads, fac_gs, states, reducers, lrs, strict=True):
         p32 = p.detach().to(torch.float32)
-        with _dist.on_tensor(p):
-            inps = celo_features(p32, g, fac_g, st, cfg)
-            o = inps[0] @ w[ff_in[0]]
-            for x, name in zip(inps[1:], ff_in[1:], strict=True):
-                o = o + x @ w[name]
-            o = o + w["ff.b0"]
-            for i in range(1, n_layers + 1):
-                o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
-            step = _step_from_mlp_out(o, p32, st["rms"], lr_mult, cfg)
+        inps = celo_features(p32, g, fac_g, st, cfg, red)
+        o = inps[0] @ w[ff_in[0]]
+        for x, name in zip(inps[1:], ff_in[1:], strict=True):
+            o = o + x @ w[name]
+        o = o + w["ff.b0"]
+        for i in range(1, n_layers + 1):
+            o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
+        step = _step_from_mlp_out(o, p32, st["rms"], lr_mult, cfg, red)
         _apply(p, step, lr)
 
 
@@ -306,6 +332,7 @@ def _multi_tensor_celo(
     grads: list[torch.Tensor],
     fac_gs: list[torch.Tensor],
     states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
     lrs: list[float],
     lr_mult: torch.Tensor,
     w: dict[str, torch.Tensor],
@@ -313,20 +340,23 @@ def _multi_tensor_celo(
     ff_in: list[str],
     n_layers: int,
 ) -> None:
-    """Batched path: features of all tensors stacked into one matrix, the MLP run once for all elements."""
+    """Batched path: features of all tensors stacked into one matrix, the MLP run once for all elements
+    (whole tensors only: it normalises flattened rows, so ``dispatch`` keeps FSDP2 shards off it)."""
     p32s = [p.detach().to(torch.float32) for p in params]
     rows = []
-    for p32, g, fac_g, st in zip(p32s, grads, fac_gs, states, strict=True):
-        inps = celo_features(p32, g, fac_g, st, cfg, normalize=False)
+    for p32, g, fac_g, st, red in zip(p32s, grads, fac_gs, states, reducers, strict=True):
+        inps = celo_features(p32, g, fac_g, st, cfg, red, normalize=False)
         x = torch.cat([x.expand(*x.shape[:-1], x.shape[-1]) for x in inps], dim=-1)
         x = x.reshape(-1, x.shape[-1])  # (elements, channels): one reduction normalises every channel
-        rows.append(second_moment_normalizer(x, [0]))
+        rows.append(second_moment_normalizer(x, [0], red))
     w0 = torch.cat([w[name] for name in ff_in], dim=0)
     o = torch.cat(rows, dim=0) @ w0 + w["ff.b0"]
     for i in range(1, n_layers + 1):
         o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
     sizes = [p.numel() for p in params]
-    for p, p32, o_i, st, lr in zip(params, p32s, torch.split(o, sizes), states, lrs, strict=True):
+    for p, p32, o_i, st, red, lr in zip(
+        params, p32s, torch.split(o, sizes), states, reducers, lrs, strict=True
+    ):
         shape = tuple(p.shape) if p.dim() > 0 else (1,)
-        step = _step_from_mlp_out(o_i.reshape(*shape, -1), p32, st["rms"], lr_mult, cfg)
+        step = _step_from_mlp_out(o_i.reshape(*shape, -1), p32, st["rms"], lr_mult, cfg, red)
         _apply(p, step, lr)

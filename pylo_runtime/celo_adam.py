@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from . import distributed as _dist
 from . import specs
 from .accumulators import momentum_update, rms_update
 from .celo import _apply, _CeloScheduler
+from .distributed.reducer import WHOLE, TensorReducer
 
 #: Constructor arguments of ``celo.optimizers.celo_adam.Celo`` as ``get_optimizer('celo_adam')`` sets them:
 #: the family spec's.
@@ -28,7 +28,7 @@ class CeloAdam(_CeloScheduler):
     architecture = "celo_adam"
     SPEC = specs.celo_adam
 
-    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
         self._init_moments(p, state)
 
     def _update(
@@ -40,6 +40,8 @@ class CeloAdam(_CeloScheduler):
         global_state: dict[str, Any],
         *,
         path: str,
+        reducers: list[TensorReducer],
+        across: Any,
     ) -> None:
         assert loss is not None
         device = params[0].device
@@ -60,7 +62,7 @@ class CeloAdam(_CeloScheduler):
             st["mom"] = momentum_update(st["mom"], g, mom_d)
             st["rms"] = rms_update(st["rms"], g, rms_d)
         fn = _multi_tensor_celo_adam if path == "foreach" else _single_tensor_celo_adam
-        fn(params, states, lrs, lr, corr, cfg)
+        fn(params, states, reducers, lrs, lr, corr, cfg)
         global_state["iteration"] = global_state["iteration"] + 1
 
 
@@ -71,6 +73,7 @@ def adam_step(
     lr: torch.Tensor,
     corr: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: Mapping[str, Any],
+    red: TensorReducer,
 ) -> torch.Tensor:
     """The reference's ``_ff_mod``: ``m_hat * (lr / (eps + sqrt(v_hat + 1e-10)))``, last slot (float32)."""
     if corr is not None:
@@ -79,29 +82,30 @@ def adam_step(
     step = m * (lr * 1.0 / (cfg["initial_epsilon"] + torch.sqrt(v + 1e-10)))
     step = step[..., -1]
     if cfg["param_scale_mult"]:
-        step = step * torch.sqrt(_dist.tensor_mean(torch.square(p)) + 1e-9)
+        step = step * torch.sqrt(red.mean(torch.square(p)) + 1e-9)
     return step
 
 
 def _single_tensor_celo_adam(
     params: list[torch.Tensor],
     states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
     lrs: list[float],
     lr: torch.Tensor,
     corr: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: Mapping[str, Any],
 ) -> None:
     """Reference path: the full slot arrays are corrected and divided, then the last slot is taken."""
-    for p, st, group_lr in zip(params, states, lrs, strict=True):
+    for p, st, red, group_lr in zip(params, states, reducers, lrs, strict=True):
         p32 = p.detach().to(torch.float32)
-        with _dist.on_tensor(p):  # an FSDP2 shard: param_scale's mean is all-reduced
-            step = adam_step(p32, st["mom"], st["rms"], lr, corr, cfg)
+        step = adam_step(p32, st["mom"], st["rms"], lr, corr, cfg, red)  # a shard: param_scale all-reduced
         _apply(p, step, group_lr)
 
 
 def _multi_tensor_celo_adam(
     params: list[torch.Tensor],
     states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
     lrs: list[float],
     lr: torch.Tensor,
     corr: tuple[torch.Tensor, torch.Tensor] | None,
@@ -111,7 +115,7 @@ def _multi_tensor_celo_adam(
     (not with ``param_scale_mult``: each tensor's step then reads its own mean; ``dispatch`` knows)."""
     m = torch.cat([st["mom"][..., -1].reshape(-1) for st in states])
     v = torch.cat([st["rms"][..., -1].reshape(-1) for st in states])
-    steps = adam_step(params[0], m.unsqueeze(-1), v.unsqueeze(-1), lr, corr, cfg)
+    steps = adam_step(params[0], m.unsqueeze(-1), v.unsqueeze(-1), lr, corr, cfg, WHOLE)  # element-wise only
     sizes = [p.numel() for p in params]
     for p, s, group_lr in zip(params, torch.split(steps, sizes), lrs, strict=True):
         _apply(p, s.reshape(p.shape), group_lr)

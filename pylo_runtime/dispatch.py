@@ -400,11 +400,11 @@ def _has_shards(opt: Any) -> bool:
     """Whether some params are DTensors that the step will run rank-locally (FSDP2 ``Shard`` placement)."""
     if not getattr(opt, "shard_local", False):
         return False
-    from . import distributed as _dist
+    from .distributed import fsdp
 
     for g in opt.param_groups:
         for p in g["params"]:
-            if _dist.is_dtensor(p) and _dist.shard_spec(p, p) is not None:
+            if fsdp.is_dtensor(p) and fsdp.shard_spec(p, p) is not None:
                 return True
     return False
 

@@ -1,7 +1,8 @@
 """Feature construction shared by the learned-optimizer families: small pure torch functions.
 
 Each mirrors one helper of the JAX reference (learned_optimization's hyper_v2 / common, Celo) op for op,
-so that float32 results agree to rounding. Reductions are plain torch ops over the whole tensor.
+so that float32 results agree to rounding. Reductions over a tensor go through its reducer
+(``distributed.reducer``: plain torch ops for a whole tensor, all-reduced for an FSDP2 shard).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import distributed as _dist
+from .distributed.reducer import TensorReducer
 
 #: Time scales of the tanh "fraction of training" embedding (hyper_v2._fractional_tanh_embed).
 TANH_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
@@ -29,22 +30,24 @@ def clip_log_abs(v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return torch.clamp(mag, -5.0, 5.0) * 0.5
 
 
-def second_moment_normalizer(x: torch.Tensor, dims: Sequence[int], eps: float = 1e-5) -> torch.Tensor:
+def second_moment_normalizer(
+    x: torch.Tensor, dims: Sequence[int], red: TensorReducer, eps: float = 1e-5
+) -> torch.Tensor:
     """``x * rsqrt(eps + mean(x**2 over dims))``; ``dims`` must be non-empty (reshape 0-d inputs to (1,)).
 
-    The mean is ``distributed.tensor_mean``: over all shards of an FSDP2 parameter stepped rank-locally.
+    The mean is ``red``'s: over all shards of an FSDP2 parameter stepped rank-locally.
     """
-    return x * torch.rsqrt(eps + _dist.tensor_mean(torch.square(x), tuple(dims), keepdim=True))
+    return x * torch.rsqrt(eps + red.mean(torch.square(x), tuple(dims), keepdim=True))
 
 
 def second_moment_normalizers(
-    xs: Sequence[torch.Tensor], dims: Sequence[int], eps: float = 1e-5
+    xs: Sequence[torch.Tensor], dims: Sequence[int], red: TensorReducer, eps: float = 1e-5
 ) -> list[torch.Tensor]:
     """``second_moment_normalizer`` of each of ``xs``; an FSDP2 shard's means take one all-reduce for all."""
     dims = tuple(dims)
-    if _dist.current_shard() is None:  # a whole tensor: exactly second_moment_normalizer, input by input
-        return [second_moment_normalizer(x, dims, eps) for x in xs]
-    means = _dist.tensor_means([torch.square(x) for x in xs], dims, keepdim=True)
+    if not red.is_shard:  # a whole tensor: exactly second_moment_normalizer, input by input
+        return [second_moment_normalizer(x, dims, red, eps) for x in xs]
+    means = red.means([torch.square(x) for x in xs], dims, keepdim=True)
     return [x * torch.rsqrt(eps + m) for x, m in zip(xs, means, strict=True)]
 
 

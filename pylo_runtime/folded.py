@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed as _dist
+from .distributed.reducer import TensorReducer
 
 #: Elements per MLP chunk (activations of 2 x 32 floats each stay in a 1 MiB L2).
 CHUNK = 8192
@@ -22,10 +22,12 @@ def rms_scale(sumsq: torch.Tensor, n: int) -> torch.Tensor:
     return torch.rsqrt(1e-5 + sumsq / n)
 
 
-def shard_rms_scale(x: torch.Tensor, shape: tuple[int, ...], dropped: int | None = None) -> torch.Tensor:
-    """``rms_scale`` of ``x`` (``shape``: leading axes the tensor's, less ``dropped``), over all the shards
-    of an FSDP2 tensor stepped rank-locally (one all-reduce per call)."""
-    return rms_scale(*_dist.column_sums(sumsq(x), shape, dropped))
+def shard_rms_scale(
+    x: torch.Tensor, shape: tuple[int, ...], red: TensorReducer, dropped: int | None = None
+) -> torch.Tensor:
+    """``rms_scale`` of ``x`` (``shape``: leading axes the tensor's, less ``dropped``), over the whole tensor
+    (``red``: all the shards of an FSDP2 tensor stepped rank-locally, one all-reduce per call)."""
+    return rms_scale(*red.column_sums(sumsq(x), shape, dropped))
 
 
 def sumsq(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -43,12 +45,12 @@ def sumsq(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     return acc
 
 
-def first_layer_shares(v_row, v_col, w_row, w_col, bias, fdims) -> tuple[torch.Tensor, torch.Tensor]:
+def first_layer_shares(v_row, v_col, w_row, w_col, bias, fdims, red) -> tuple[torch.Tensor, torch.Tensor]:
     """The first layer's share of a factored tensor's row features ``[v_row, rsqrt(v_row + 1e-8)]`` and
     column features (each normalised over the tensor), bias in the row share: ``(per row, per column)``."""
     d1, d0 = fdims
     rowf = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
     colf = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-    a_row = rowf @ (shard_rms_scale(rowf, rowf.shape, d0).unsqueeze(1) * w_row) + bias
-    a_col = colf @ (shard_rms_scale(colf, colf.shape, d1).unsqueeze(1) * w_col)
+    a_row = rowf @ (shard_rms_scale(rowf, rowf.shape, red, d0).unsqueeze(1) * w_row) + bias
+    a_col = colf @ (shard_rms_scale(colf, colf.shape, red, d1).unsqueeze(1) * w_col)
     return a_row, a_col

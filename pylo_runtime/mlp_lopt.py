@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import distributed as _dist
 from . import specs
 from .adafac import mlp_matmul, second_moment_normalize, tanh_embedding, update_momentum
 from .base import LearnedOptimizer, ParamsT, write_param
+from .distributed.reducer import TensorReducer
 
 #: Every constructor argument of ``MLPLOpt`` with its default: the family spec's.
 DEFAULTS = specs.mlp_lopt.DEFAULTS
@@ -53,11 +53,11 @@ class MLPLOpt(LearnedOptimizer):
     def _init_global(self, device: torch.device) -> dict[str, Any]:
         return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}
 
-    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
         shape = tuple(p.shape) or (1,)  # the reference reshapes 0-d params to (1,)
         state["mom"] = torch.zeros(shape + (len(DECAYS),), dtype=torch.float32, device=p.device)
 
-    def _update(self, params, grads, lrs, loss, global_state, *, path) -> None:
+    def _update(self, params, grads, lrs, loss, global_state, *, path, reducers, across) -> None:
         device = params[0].device
         cache = self.__dict__.setdefault("_cache", {})
         if device not in cache:
@@ -72,14 +72,16 @@ class MLPLOpt(LearnedOptimizer):
         foreach = path == "foreach"  # one MLP over the rows of all tensors
 
         prepared = []
-        for p, g in zip(params, grads, strict=True):
+        for p, g, red in zip(params, grads, reducers, strict=True):
             st = self.state[p]
             shape = tuple(p.shape) or (1,)
             pf = p.detach().to(torch.float32).reshape(shape)
             g = g.reshape(shape)
             st["mom"] = update_momentum(st["mom"], g, decays)
-            with _dist.on_tensor(p):  # an FSDP2 shard: the normaliser is all-reduced over its group
-                x = second_moment_normalize(torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["mom"]], dim=-1))
+            # An FSDP2 shard: the normaliser is all-reduced over its group (``red``).
+            x = second_moment_normalize(
+                torch.cat([g.unsqueeze(-1), pf.unsqueeze(-1), st["mom"]], dim=-1), red
+            )
             x = torch.cat([x, time_feat.expand(shape + time_feat.shape)], dim=-1)
             prepared.append((pf, x))
         if foreach:

@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import distributed as _dist
 from . import specs
 from .adafac import SmallFCLOpt
 from .base import ParamsT
+from .distributed.reducer import ALL_TENSORS, WHOLE, TensorReducer, TensorsReducer
 
 #: Every constructor argument of ``MuAdafacMLPLOpt`` with its default: the family spec's. ``mup_lrs`` is
 #: stored by the reference but unused: the scales come from the model's state at each step.
@@ -64,26 +64,27 @@ class MuLO(SmallFCLOpt):
         return [by_id[id(p)] for p in params]
 
     def _prepare_grads(
-        self, grads: list[torch.Tensor], params: list[torch.Tensor] | None = None
+        self, grads: list[torch.Tensor], reducers: list[TensorReducer], across: TensorsReducer
     ) -> list[torch.Tensor]:
         if self.config["clip_grad"]:
-            grads = clip_by_global_norm(grads, 1.0, params)
+            grads = clip_by_global_norm(grads, 1.0, reducers, across)
         return [torch.nan_to_num(g) for g in grads]
 
 
 def clip_by_global_norm(
-    grads: list[torch.Tensor], max_norm: float, params: list[torch.Tensor] | None = None
+    grads: list[torch.Tensor],
+    max_norm: float,
+    reducers: list[TensorReducer] | None = None,
+    across: TensorsReducer = ALL_TENSORS,
 ) -> list[torch.Tensor]:
     """optax's ``clip_by_global_norm``: ``g / norm * max_norm`` when the global norm is ``>= max_norm``.
 
-    ``params`` (the tensors of ``grads``) tells which grads are FSDP2 shards, whose squares are summed over
-    all their shards; without it every grad is taken as whole.
+    ``reducers[i]`` sums the squares of ``grads[i]`` (over all its shards for an FSDP2 shard; default: every
+    grad whole); ``across`` sums over tensors (over all ranks' tensors under ``ShardedOptimizer``).
     """
-    sums = []
-    for p, g in zip(grads if params is None else params, grads, strict=True):
-        with _dist.on_tensor(p):
-            sums.append(_dist.tensor_sum(g * g))
-    norm = torch.sqrt(_dist.tensors_sum(sum(sums)))  # all ranks' tensors
+    reducers = reducers or [WHOLE] * len(grads)
+    sums = [red.sum(g * g) for g, red in zip(grads, reducers, strict=True)]
+    norm = torch.sqrt(across.sum(sum(sums)))
     keep = norm < max_norm
     return [torch.where(keep, g, (g / norm) * max_norm) for g in grads]
 

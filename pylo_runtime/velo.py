@@ -22,9 +22,9 @@ import torch
 
 from . import accumulators as acc
 from . import dispatch, folded, specs
-from . import distributed as _dist
 from . import features as feat
 from .base import LearnedOptimizer, ParamsT, write_param
+from .distributed.reducer import WHOLE, TensorReducer, TensorsReducer
 from .kernels.cpu import passes
 
 # The family spec (torch-free, shared with the converter): options, config validation and theta names.
@@ -41,11 +41,11 @@ BUGGED_LOSS_HORIZON = 10
 
 # ----------------------------------------------------------------------------------------------------
 # Per-tensor LSTM features and the LSTM (hyper_v2.lstm_features_for_tensor / _rnn_forward).
-def _mean_leading(x: torch.Tensor, n_lead: int, keepdim: bool) -> torch.Tensor:
+def _mean_leading(x: torch.Tensor, n_lead: int, keepdim: bool, red: TensorReducer) -> torch.Tensor:
     """Mean over the first ``n_lead`` axes; over none (0-d params) the identity, as jnp.mean(axis=[])."""
     if n_lead == 0:
         return x
-    return _dist.tensor_mean(x, tuple(range(n_lead)), keepdim=keepdim)
+    return red.mean(x, tuple(range(n_lead)), keepdim=keepdim)
 
 
 def lstm_features_for_tensor(
@@ -56,16 +56,18 @@ def lstm_features_for_tensor(
     loss_features: torch.Tensor,
     rank_feature: torch.Tensor,
     cfg: VeLOConfig,
+    red: TensorReducer,
 ) -> torch.Tensor:
-    """The LSTM input row of one tensor, from the PREVIOUS step's momentum ``m`` and second moment ``rms``."""
-    norm_mult = torch.rsqrt(torch.clamp(_dist.tensor_mean(p * p), min=1e-9))
+    """The LSTM input row of one tensor, from the PREVIOUS step's momentum ``m`` and second moment ``rms``
+    (``red``: reductions over the tensor, all its shards for an FSDP2 shard)."""
+    norm_mult = torch.rsqrt(torch.clamp(red.mean(p * p), min=1e-9))
     m = m * norm_mult
     rms = rms * norm_mult
     n_lead = p.dim()
-    mean_m = _mean_leading(m, n_lead, keepdim=True)
-    var_m = _mean_leading(torch.square(m - mean_m), n_lead, keepdim=False)
-    mean_rms = _mean_leading(rms, n_lead, keepdim=True)
-    var_rms = _mean_leading(torch.square(rms - mean_m), n_lead, keepdim=False)  # sic: centred on mean_m
+    mean_m = _mean_leading(m, n_lead, True, red)
+    var_m = _mean_leading(torch.square(m - mean_m), n_lead, False, red)
+    mean_rms = _mean_leading(rms, n_lead, True, red)
+    var_rms = _mean_leading(torch.square(rms - mean_m), n_lead, False, red)  # sic: centred on mean_m
     parts = [
         fraction_left,
         loss_features,
@@ -85,12 +87,14 @@ def rnn_forward(
     hidden: torch.Tensor,
     cell: torch.Tensor,
     cfg: VeLOConfig,
+    across: TensorsReducer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mix layers + one LSTM step + heads on all tensors' rows ``x`` (T, F): ``(controls, lr_mult, h, c)``."""
+    """Mix layers + one LSTM step + heads on all tensors' rows ``x`` (T, F): ``(controls, lr_mult, h, c)``;
+    ``across``: the mix layer's max over tensors (over all ranks' tensors under ``ShardedOptimizer``)."""
     if cfg.mix_layers:
         # The reference also evaluates rnn.mix_unused (haiku "linear") and overwrites the result.
         mix = torch.relu(x @ theta["rnn.mix.w"] + theta["rnn.mix.b"])
-        v = _dist.tensors_max(torch.amax(mix, dim=0, keepdim=True))  # max over TENSORS (of all ranks)
+        v = across.max(torch.amax(mix, dim=0, keepdim=True))  # max over TENSORS
         x = x @ theta["rnn.in.w"] + theta["rnn.in.b"] + v
     gated = torch.cat([x, hidden], dim=-1) @ theta["rnn.lstm.w"] + theta["rnn.lstm.b"]
     i, g, f, o = torch.chunk(gated, 4, dim=-1)
@@ -122,9 +126,12 @@ def ff_inputs(
     v_row: torch.Tensor,
     v_col: torch.Tensor,
     v_full: torch.Tensor,
-    cfg: VeLOConfig,
+    cfg: Any,
+    red: TensorReducer,
 ) -> list[torch.Tensor]:
-    """The per-element MLP inputs (each ``p.shape + (width,)``), before normalisation; ``p`` has rank >= 1."""
+    """The per-element MLP inputs (each ``p.shape + (width,)``), before normalisation; ``p`` has rank >= 1.
+
+    HyperV2's ``_ff_mod`` inputs, which Celo inherits (``cfg``: anything with the ``with_*`` switches)."""
     inps: list[torch.Tensor] = []
     if cfg.with_g:
         inps.append(g.unsqueeze(-1))
@@ -148,7 +155,7 @@ def ff_inputs(
     if cfg.with_rms_only_norm_g:
         inps.append(g.unsqueeze(-1) * rsqrt)
     if cfg.adafactor_accumulator:
-        fdims = feat.factored_dims(_dist.global_shape(g.shape))
+        fdims = feat.factored_dims(red.global_shape(g.shape))
         if fdims is not None:
             d1, d0 = fdims
             full = (*g.shape, v_row.shape[-1])
@@ -159,7 +166,7 @@ def ff_inputs(
             if cfg.with_fac_rsqrt:
                 inps += [torch.rsqrt(row_feat + 1e-8), torch.rsqrt(col_feat + 1e-8)]
             if cfg.with_fac_mom_mult:
-                row_factor, col_factor = acc.row_col_factors(v_row, v_col, fdims)
+                row_factor, col_factor = acc.row_col_factors(v_row, v_col, fdims, red)
                 inps.append(m * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1))
         else:  # rank <= 1: the reference appends each of these twice
             if cfg.with_fac_rms:
@@ -181,10 +188,11 @@ def ff_step(
     lr_mult: torch.Tensor,
     n_first: int,
     cfg: VeLOConfig,
+    red: TensorReducer,
 ) -> torch.Tensor:
     """The step (``p_new = p - step``) of one tensor of rank >= 1 from its MLP inputs and weights."""
     dims = tuple(range(p.dim()))
-    normed = feat.second_moment_normalizers(inps, dims)
+    normed = feat.second_moment_normalizers(inps, dims, red)
     o = normed[0] @ weights[0]
     for x, w in zip(normed[1:], weights[1:n_first], strict=True):
         o = o + x @ w
@@ -195,7 +203,7 @@ def ff_step(
             o = torch.relu(o)
     scale = None
     if cfg.param_scale_mult:
-        scale = param_scale(_dist.tensor_mean(torch.square(p)), _dist.global_numel(p), cfg)
+        scale = param_scale(red.mean(torch.square(p)), red.numel(p), cfg)
     return output_step(o[..., 0], o[..., 1], scale, lr_mult, rms[..., -1], cfg)
 
 
@@ -248,6 +256,7 @@ def velo_tensor_update(
     ff_theta: Sequence[torch.Tensor],
     decays: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cfg: VeLOConfig,
+    red: TensorReducer,
 ) -> tuple[torch.Tensor, ...]:
     """One tensor's accumulators and step: ``(m, rms, v_row, v_col, v_full, step)``, all float32, pure.
 
@@ -256,8 +265,8 @@ def velo_tensor_update(
     mom_d, rms_d, fac_d = decays
     m = acc.momentum_update(m, g, mom_d)
     rms = acc.rms_update(rms, g, rms_d)
-    fdims = feat.factored_dims(_dist.global_shape(g.shape))
-    v_row, v_col, v_full, fac_g = acc.factored_update(v_row, v_col, v_full, g, fac_d, fdims)
+    fdims = feat.factored_dims(red.global_shape(g.shape))
+    v_row, v_col, v_full, fac_g = acc.factored_update(v_row, v_col, v_full, g, fac_d, fdims, red)
 
     n_w = len(ff_theta) - (cfg.ff_hidden_layers + 1)
     params = interpolate_ff(control, ff_theta)
@@ -267,11 +276,11 @@ def velo_tensor_update(
     shape = p.shape
     if p.dim() == 0:  # the reference reshapes scalars to (1,) so each feature is normalised on its own
         pp, gg, mm, rr, ff, vf = (x.unsqueeze(0) for x in (p, g, m, rms, fac_g, v_full))
-        inps = ff_inputs(pp, gg, mm, rr, ff, v_row, v_col, vf, cfg)
-        step = ff_step(pp, inps, rr, weights, biases, lr_mult, n_first, cfg).reshape(shape)
+        inps = ff_inputs(pp, gg, mm, rr, ff, v_row, v_col, vf, cfg, red)
+        step = ff_step(pp, inps, rr, weights, biases, lr_mult, n_first, cfg, red).reshape(shape)
     else:
-        inps = ff_inputs(p, g, m, rms, fac_g, v_row, v_col, v_full, cfg)
-        step = ff_step(p, inps, rms, weights, biases, lr_mult, n_first, cfg)
+        inps = ff_inputs(p, g, m, rms, fac_g, v_row, v_col, v_full, cfg, red)
+        step = ff_step(p, inps, rms, weights, biases, lr_mult, n_first, cfg, red)
     return m, rms, v_row, v_col, v_full, step
 
 
@@ -312,13 +321,13 @@ class VeLO(LearnedOptimizer):
             "loss_buffer": acc.loss_buffer_init(horizon, device=device),
         }
 
-    def _init_param(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_param(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
         cfg = self.cfg
         f32 = dict(dtype=torch.float32, device=p.device)
         shape = tuple(p.shape)
         state["mom"] = torch.zeros(*shape, len(cfg.mom_decays), **f32)
         state["rms"] = torch.zeros(*shape, len(cfg.rms_decays), **f32)
-        fdims = feat.factored_dims(_dist.global_shape(shape))  # FSDP2 shard: local state, global dims
+        fdims = feat.factored_dims(red.global_shape(shape))  # FSDP2 shard: local state, global dims
         rows, cols, full = acc.factored_state_shapes(shape, fdims, len(cfg.fac_decays))
         state["fac_row"] = torch.zeros(rows, **f32)
         state["fac_col"] = torch.zeros(cols, **f32)
@@ -336,6 +345,8 @@ class VeLO(LearnedOptimizer):
         global_state: dict[str, Any],
         *,
         path: str,
+        reducers: list[TensorReducer],
+        across: TensorsReducer,
     ) -> None:
         device = params[0].device
         theta = self._theta_on(device)
@@ -353,6 +364,7 @@ class VeLO(LearnedOptimizer):
                 / torch.tensor(float(self.inner_num_steps), dtype=torch.float32, device=device)
             ),
             decays=self._decays_on(device),
+            across=across,
         )
         grads = [torch.clamp(g, -GRAD_CLIP, GRAD_CLIP) for g in grads]
         states = [self.state[p] for p in params]
@@ -360,8 +372,9 @@ class VeLO(LearnedOptimizer):
         def impl(name: str) -> Any:
             return functools.partial(_implementation(name), ctx=ctx)
 
-        path = dispatch.verified(self, path, _kernel_samples(path, params), impl, params, grads, lrs, states)
-        impl(path)(params, grads, lrs, states)
+        samples = _kernel_samples(path, params)
+        path = dispatch.verified(self, path, samples, impl, params, grads, lrs, states, reducers)
+        impl(path)(params, grads, lrs, states, reducers)
         global_state["iteration"] = global_state["iteration"] + 1
 
     def _decays_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,7 +389,8 @@ class VeLO(LearnedOptimizer):
 
 
 def _implementation(path: str):
-    """The function that runs ``path`` (``dispatch`` chose it): a drop-in for ``_single_tensor_velo``."""
+    """The function that runs ``path`` (``dispatch`` chose it), a drop-in for ``_single_tensor_velo``:
+    ``(params, grads, lrs, states, reducers, ctx)``."""
     if path == "reference":
         return _single_tensor_velo
     if path == "foreach-vmap":
@@ -414,6 +428,7 @@ class _StepContext:
     loss_features: torch.Tensor
     fraction_left: torch.Tensor
     decays: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    across: TensorsReducer  # the LSTM mix layer's max over tensors
 
     def ff_theta(self) -> list[torch.Tensor]:
         weights, biases = ff_layer_names(self.cfg)
@@ -428,7 +443,7 @@ def _run_lstm(
     x = torch.stack([r.to(dev) for r in rows])
     hidden = torch.stack([s["lstm_hidden"].to(dev) for s in states])
     cell = torch.stack([s["lstm_cell"].to(dev) for s in states])
-    controls, lr_mult, h, c = rnn_forward(ctx.theta, x, hidden, cell, ctx.cfg)
+    controls, lr_mult, h, c = rnn_forward(ctx.theta, x, hidden, cell, ctx.cfg, ctx.across)
     cfg = ctx.cfg
     if not cfg.use_bugged_next_lstm_state:
         hidden, cell = h, c
@@ -455,49 +470,50 @@ def _single_tensor_velo(
     grads: list[torch.Tensor],
     lrs: list[float],
     states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
     ctx: _StepContext,
 ) -> None:
     """Reference path: the per-tensor functions one tensor at a time (the LSTM on all at once).
 
-    The path FSDP2 shards take: inside ``distributed.on_tensor(p)`` every mean over a shard is all-reduced.
+    A path FSDP2 shards take: ``reducers[i]`` reduces over all the shards of ``params[i]``.
     """
     cfg = ctx.cfg
     rows = []
-    for p, s in zip(params, states, strict=True):
+    for p, s, red in zip(params, states, reducers, strict=True):
         pf = p.detach().to(torch.float32)
         dev = pf.device
-        with _dist.on_tensor(p):
-            rows.append(
-                lstm_features_for_tensor(
-                    pf,
-                    s["mom"],
-                    s["rms"],
-                    ctx.fraction_left.to(dev),
-                    ctx.loss_features.to(dev),
-                    _rank_feature(_dist.global_shape(p.shape), dev),
-                    cfg,
-                )
-            )
-    controls, lr_mult = _run_lstm(rows, states, ctx)
-    ff_theta = ctx.ff_theta()
-    for i, (p, g, lr, s) in enumerate(zip(params, grads, lrs, states, strict=True)):
-        dev = p.device
-        pf = p.detach().to(torch.float32)
-        with _dist.on_tensor(p):
-            m, rms, v_row, v_col, v_full, step = velo_tensor_update(
+        rows.append(
+            lstm_features_for_tensor(
                 pf,
-                g,
                 s["mom"],
                 s["rms"],
-                s["fac_row"],
-                s["fac_col"],
-                s["fac_full"],
-                controls[i].to(dev),
-                lr_mult[i].to(dev),
-                [t.to(dev) for t in ff_theta],
-                tuple(d.to(dev) for d in ctx.decays),
+                ctx.fraction_left.to(dev),
+                ctx.loss_features.to(dev),
+                _rank_feature(red.global_shape(p.shape), dev),
                 cfg,
+                red,
             )
+        )
+    controls, lr_mult = _run_lstm(rows, states, ctx)
+    ff_theta = ctx.ff_theta()
+    for i, (p, g, lr, s, red) in enumerate(zip(params, grads, lrs, states, reducers, strict=True)):
+        dev = p.device
+        pf = p.detach().to(torch.float32)
+        m, rms, v_row, v_col, v_full, step = velo_tensor_update(
+            pf,
+            g,
+            s["mom"],
+            s["rms"],
+            s["fac_row"],
+            s["fac_col"],
+            s["fac_full"],
+            controls[i].to(dev),
+            lr_mult[i].to(dev),
+            [t.to(dev) for t in ff_theta],
+            tuple(d.to(dev) for d in ctx.decays),
+            cfg,
+            red,
+        )
         s["mom"], s["rms"], s["fac_row"], s["fac_col"], s["fac_full"] = m, rms, v_row, v_col, v_full
         _apply_step(p, step, lr)
 
@@ -523,9 +539,11 @@ def _vmap_velo(
     grads: list[torch.Tensor],
     lrs: list[float],
     states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
     ctx: _StepContext,
 ) -> None:
-    """Batched path: tensors of equal shape stacked and run through the same pure functions under vmap."""
+    """Batched path: tensors of equal shape stacked and run through the same pure functions under vmap
+    (whole tensors only: ``dispatch`` keeps FSDP2 shards off it, their all-reduces cannot run under vmap)."""
     cfg = ctx.cfg
     groups = _groups(params)
     rows: list[torch.Tensor | None] = [None] * len(params)
@@ -539,7 +557,12 @@ def _vmap_velo(
         fl, lf = ctx.fraction_left.to(dev), ctx.loss_features.to(dev)
         rank = _rank_feature(p0.shape, dev)
         feats_fn = functools.partial(
-            lstm_features_for_tensor, fraction_left=fl, loss_features=lf, rank_feature=rank, cfg=cfg
+            lstm_features_for_tensor,
+            fraction_left=fl,
+            loss_features=lf,
+            rank_feature=rank,
+            cfg=cfg,
+            red=WHOLE,
         )
         feats = torch.func.vmap(feats_fn)(pf, m, rms)
         for j, i in enumerate(idx):
@@ -557,7 +580,7 @@ def _vmap_velo(
         th = [t.to(dev) for t in ff_theta]
         decays = tuple(d.to(dev) for d in ctx.decays)
 
-        one = functools.partial(velo_tensor_update, ff_theta=th, decays=decays, cfg=cfg)
+        one = functools.partial(velo_tensor_update, ff_theta=th, decays=decays, cfg=cfg, red=WHOLE)
         out = torch.func.vmap(one)(
             pf, g, m, rms, v_row, v_col, v_full, controls.index_select(0, sel).to(dev), lr_mult[sel].to(dev)
         )
@@ -664,10 +687,10 @@ def _mlp_chunks(e_of, w_e, bias_of, shape, weights, out) -> None:
         torch.addmm(b2, h, w2, out=out[c0:c1])
 
 
-def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Tensor:
+def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg, red: TensorReducer) -> torch.Tensor:
     """Update one tensor's accumulators in ``st``; return its MLP output (n, 3). ``pf`` has rank >= 1.
 
-    Inside ``distributed.on_tensor``, an FSDP2 shard's statistics are reduced over its shard group.
+    ``red``: an FSDP2 shard's statistics are reduced over its shard group.
     """
     mom_d, rms_d, fac_d = decays
     shape = tuple(pf.shape)
@@ -675,33 +698,33 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg) -> torch.Ten
     m = acc.momentum_update(st["mom"], g, mom_d)
     rms = acc.rms_update(st["rms"], g, rms_d)
     st["mom"], st["rms"] = m, rms
-    fdims = feat.factored_dims(_dist.global_shape(shape))
+    fdims = feat.factored_dims(red.global_shape(shape))
     out = torch.empty(n, 3, dtype=torch.float32, device=pf.device)
     layers = ((w1, b1), (w2, b2))
     if fdims is None:
         v_row, v_col, v_full, fac_g = acc.factored_update(
-            st["fac_row"], st["fac_col"], st["fac_full"], g, fac_d, None
+            st["fac_row"], st["fac_col"], st["fac_full"], g, fac_d, None, red
         )
         st["fac_full"] = v_full
         x = torch.cat(
-            [t.reshape(n, -1) for t in ff_inputs(pf, g, m, rms, fac_g, v_row, v_col, v_full, cfg)], 1
+            [t.reshape(n, -1) for t in ff_inputs(pf, g, m, rms, fac_g, v_row, v_col, v_full, cfg, red)], 1
         )
-        w = folded.shard_rms_scale(x, shape + (x.shape[1],)).unsqueeze(1) * w0
+        w = folded.shard_rms_scale(x, shape + (x.shape[1],), red).unsqueeze(1) * w0
         bias = lambda r0, r1, c, h: b0.expand(c, h).clone()  # noqa: E731
         _mlp_chunks(lambda r0, r1, c0, c1: x[c0:c1], w, bias, (n,), layers, out)
         return out
     d1, d0 = fdims
     gsq = g * g + 1e-30
-    mean_d0, mean_d1 = _dist.tensor_mean(gsq, d0), _dist.tensor_mean(gsq, d1)
+    mean_d0, mean_d1 = red.mean(gsq, d0), red.mean(gsq, d1)
     st["fac_row"], st["fac_col"] = acc.factored_rolling(st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d)
-    row_factor, col_factor = acc.row_col_factors(st["fac_row"], st["fac_col"], fdims)
+    row_factor, col_factor = acc.row_col_factors(st["fac_row"], st["fac_col"], fdims, red)
     rf_u, cf_u = row_factor.unsqueeze(d0), col_factor.unsqueeze(d1)
     # The 18 per-element features, written once by one concatenation (strided column writes cost more).
     e = _elem_chunk(
         pf, g, m, rms, rf_u, cf_u, 0, shape[0], torch.empty(n * 18, dtype=torch.float32, device=pf.device)
     )
-    w_e = folded.shard_rms_scale(e, shape + (18,)).unsqueeze(1) * w0[_ELEM]
-    a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w0[_ROW], w0[_COL], b0, fdims)
+    w_e = folded.shard_rms_scale(e, shape + (18,), red).unsqueeze(1) * w0[_ELEM]
+    a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w0[_ROW], w0[_COL], b0, fdims, red)
     a_row, a_col = a_row.unsqueeze(d0), a_col.unsqueeze(d1)
 
     def bias_of(r0: int, r1: int, c: int, hidden: int) -> torch.Tensor:
@@ -726,7 +749,7 @@ def _c_pass1(pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) ->
     s["fac_row"], s["fac_col"] = acc.factored_rolling(
         s["fac_row"], s["fac_col"], mean[fdims[1]], mean[fdims[0]], fac_d
     )
-    row_factor, col_factor = acc.row_col_factors(s["fac_row"], s["fac_col"], fdims)
+    row_factor, col_factor = acc.row_col_factors(s["fac_row"], s["fac_col"], fdims, WHOLE)
     fa, fb = passes.by_axis(row_factor, col_factor, fdims[1], shape)
     sumsq, stats = passes.velo_pass1(pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d)
     return {"fa": fa, "fb": fb, "sumsq": sumsq, "stats": stats, "fdims": fdims, "g": g}
@@ -755,7 +778,9 @@ def _c_pass2(p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
     shape = tuple(pf.shape)
     n = pf.numel()
     w_e = folded.rms_scale(pre["sumsq"], n).unsqueeze(1) * w0[_ELEM]
-    shares = folded.first_layer_shares(s["fac_row"], s["fac_col"], w0[_ROW], w0[_COL], b0, pre["fdims"])
+    shares = folded.first_layer_shares(
+        s["fac_row"], s["fac_col"], w0[_ROW], w0[_COL], b0, pre["fdims"], WHOLE
+    )
     a0, a1 = passes.by_axis(*shares, pre["fdims"][1], shape)
     pscale = -1.0  # lopt_cpu.c: no param scale
     if cfg.param_scale_mult:
@@ -766,27 +791,27 @@ def _c_pass2(p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
         write_param(p, pf.reshape(p.shape))
 
 
-def _multi_tensor_velo(params, grads, lrs, states, ctx, *, c_passes: bool = False) -> None:
+def _multi_tensor_velo(params, grads, lrs, states, reducers, ctx, *, c_passes: bool = False) -> None:
     """The foreach path (torch ops, any device), and with ``c_passes`` the fused CPU path: a drop-in for
     ``_single_tensor_velo`` (grads clipped), the reference math reorganised as the comment above says."""
     cfg = ctx.cfg
     rows = []
     pfs, stats = [], []
-    for p, g, s in zip(params, grads, states, strict=True):
+    for p, g, s, red in zip(params, grads, states, reducers, strict=True):
         pf = p.detach().to(torch.float32)
-        with _dist.on_tensor(p):  # an FSDP2 shard: the means over it are all-reduced
-            rank = _rank_feature(_dist.global_shape(p.shape), pf.device)
-            st = None
-            if c_passes and pf.numel() >= NATIVE_MIN and passes.usable(pf, [s["mom"], s["rms"]]):
-                mom_d, rms_d, fac_d = ctx.decays
-                st = _c_pass1(pf, g.to(torch.float32).contiguous(), s, fac_d, mom_d, rms_d)
-                rows.append(_lstm_row_from_stats(st["stats"], pf.numel(), ctx, rank))
-            else:
-                rows.append(
-                    lstm_features_for_tensor(
-                        pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg
-                    )
+        # (An FSDP2 shard: ``red`` all-reduces the means over it.)
+        rank = _rank_feature(red.global_shape(p.shape), pf.device)
+        st = None
+        if c_passes and pf.numel() >= NATIVE_MIN and passes.usable(pf, [s["mom"], s["rms"]]):
+            mom_d, rms_d, fac_d = ctx.decays
+            st = _c_pass1(pf, g.to(torch.float32).contiguous(), s, fac_d, mom_d, rms_d)
+            rows.append(_lstm_row_from_stats(st["stats"], pf.numel(), ctx, rank))
+        else:
+            rows.append(
+                lstm_features_for_tensor(
+                    pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg, red
                 )
+            )
         pfs.append(pf)
         stats.append(st)
     controls, lr_mult = _run_lstm(rows, states, ctx)
@@ -796,7 +821,7 @@ def _multi_tensor_velo(params, grads, lrs, states, ctx, *, c_passes: bool = Fals
     w0_all = torch.cat(mixed[:n_first], dim=1)  # (T, 30, hidden)
     w1_all, w2_all = mixed[n_first], mixed[n_first + 1]
     b0_all, b1_all, b2_all = mixed[len(w_names) :]
-    for i, (p, pf, g, lr, s) in enumerate(zip(params, pfs, grads, lrs, states, strict=True)):
+    for i, (p, pf, g, lr, s, red) in enumerate(zip(params, pfs, grads, lrs, states, reducers, strict=True)):
         if stats[i] is not None:
             mlp = (w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i])
             _c_pass2(p, pf, s, stats[i], mlp, float(lr_mult[i]), float(lr), ctx)
@@ -806,14 +831,13 @@ def _multi_tensor_velo(params, grads, lrs, states, ctx, *, c_passes: bool = Fals
         if pf.dim() == 0:  # the reference reshapes scalars to (1,): every feature normalised on its own
             st = {k: (v.unsqueeze(0) if k in ("mom", "rms", "fac_full") else v) for k, v in st.items()}
         x = pf.reshape(shape)
-        with _dist.on_tensor(p):
-            o = _tensor_mlp_out(
-                x, g.reshape(shape), st, w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i],
-                ctx.decays, cfg,
-            )  # fmt: skip
-            scale = None
-            if cfg.param_scale_mult:
-                scale = param_scale(_dist.tensor_mean(torch.square(x)), _dist.global_numel(x), cfg)
+        o = _tensor_mlp_out(
+            x, g.reshape(shape), st, w0_all[i], b0_all[i], w1_all[i], b1_all[i], w2_all[i], b2_all[i],
+            ctx.decays, cfg, red,
+        )  # fmt: skip
+        scale = None
+        if cfg.param_scale_mult:
+            scale = param_scale(red.mean(torch.square(x)), red.numel(x), cfg)
         if pf.dim() == 0:
             st = {k: (v.squeeze(0) if k in ("mom", "rms", "fac_full") else v) for k, v in st.items()}
         for k in ("mom", "rms", "fac_row", "fac_col", "fac_full"):
@@ -823,7 +847,7 @@ def _multi_tensor_velo(params, grads, lrs, states, ctx, *, c_passes: bool = Fals
         write_param(p, pf - step if lr == 1.0 else pf - lr * step)
 
 
-def _triton_velo(params, grads, lrs, states, ctx) -> None:
+def _triton_velo(params, grads, lrs, states, reducers, ctx) -> None:
     """The fused CUDA path: a drop-in for ``_single_tensor_velo`` (grads clipped). LSTM, weight mixing and
     the factored accumulators in torch; the element-wise rest in the Triton kernels (``kernels.triton.velo``,
     the math of ``velo_tensor_update``)."""
@@ -838,7 +862,9 @@ def _triton_velo(params, grads, lrs, states, ctx) -> None:
         pf = p.detach().to(torch.float32)
         rank = _rank_feature(p.shape, device)
         rows.append(
-            lstm_features_for_tensor(pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg)
+            lstm_features_for_tensor(
+                pf, s["mom"], s["rms"], ctx.fraction_left, ctx.loss_features, rank, cfg, WHOLE
+            )
         )
     controls, lr_mult = _run_lstm(rows, states, ctx)
     w_names, b_names = ff_layer_names(cfg)
@@ -872,7 +898,7 @@ def _triton_velo(params, grads, lrs, states, ctx) -> None:
             s["fac_row"], s["fac_col"] = acc.factored_rolling(
                 s["fac_row"], s["fac_col"], mean_d0, mean_d1, fac_d
             )
-            rf, cf = acc.row_col_factors(s["fac_row"], s["fac_col"], fd)
+            rf, cf = acc.row_col_factors(s["fac_row"], s["fac_col"], fd, WHOLE)
             aux = aux_rows(s["fac_row"], s["fac_col"], rf, cf)
         for k in ("mom", "rms", "fac_full"):
             if not s[k].is_contiguous():

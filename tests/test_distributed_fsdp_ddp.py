@@ -51,7 +51,7 @@ class _Gathers:
     """Counts ``distributed.gather_param`` calls, or makes them raise (the rank-local path never gathers)."""
 
     def __init__(self, allow: bool) -> None:
-        import pylo_runtime.distributed as dist_mod
+        import pylo_runtime.distributed.fsdp as dist_mod
 
         self.mod, self.real, self.allow, self.calls = dist_mod, dist_mod.gather_param, allow, 0
 

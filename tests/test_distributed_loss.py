@@ -127,7 +127,7 @@ def _nan_shard_runs(family: str, base: Net, data, mesh, rank: int) -> dict:
 def _sharded_nan_runs(family: str, base: Net, data, rank: int) -> dict:
     """ShardedOptimizer over DDP: a NaN in lin.weight's gradient (stepped by ONE rank) at step 1."""
     import pylo_runtime
-    from pylo_runtime.sharded import ShardedOptimizer
+    from pylo_runtime.distributed.sharded import ShardedOptimizer
 
     out = {}
     for label, drop in (("poisoned", None), ("dropped", 1)):

@@ -3,8 +3,8 @@
 Each rank steps only the tensors it owns (balanced by size, so it holds only their state and does only their
 share of the work), then every tensor is broadcast from its owner. An FSDP2 (DTensor) parameter is
 all-gathered on every rank, stepped whole by its owner, broadcast, and each rank keeps its shard. The few
-statistics a family takes over several tensors (VeLO's mix-layer max, muLO's global gradient norm) are
-all-reduced through ``distributed.tensors_max`` / ``tensors_sum``, so the result equals the unsharded step.
+statistics a family takes over several tensors (VeLO's mix-layer max, muLO's global gradient norm) go
+through the step's ``reducer.GroupTensors`` (all-reduced), so the result equals the unsharded step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import distributed as _dist
-from .base import LearnedOptimizer
+from ..base import LearnedOptimizer
+from . import fsdp
+from .reducer import GroupTensors
 
 
 def assign_owners(sizes: list[int], world: int) -> list[int]:
@@ -100,8 +101,8 @@ class ShardedOptimizer:
         try:
             for (p, group), owner in zip(live, owners, strict=True):
                 value, g = p, p.grad
-                if _dist.is_dtensor(p):  # FSDP2: every rank joins the all-gather, the owner steps the copy
-                    value, g = _dist.gather_param(p, p.grad.detach())
+                if fsdp.is_dtensor(p):  # FSDP2: every rank joins the all-gather, the owner steps the copy
+                    value, g = fsdp.gather_param(p, p.grad.detach())
                     if owner == self.rank:
                         value.grad = g
                         i = next(i for i, q in enumerate(group["params"]) if q is p)
@@ -125,13 +126,11 @@ class ShardedOptimizer:
                 return closure_loss
             if wd_loss is not None:
                 loss = LearnedOptimizer._as_loss(loss, wd_loss.device) + wd_loss
-            _dist._TENSOR_GROUP.append(self.group)
-            opt._inputs.checked_outside = True
+            opt._inputs.checked_outside = True  # the loss and nonfinite= were decided here, over every tensor
             try:
-                opt.step(loss=loss)
+                opt.step(loss=loss, across=GroupTensors(self.group))  # reductions over tensors: all ranks
             finally:
                 opt._inputs.checked_outside = False
-                _dist._TENSOR_GROUP.pop()
         finally:
             for p, g in hidden:
                 p.grad = g
@@ -142,7 +141,7 @@ class ShardedOptimizer:
         self._broadcast(targets, owners)
         for (p, _), value in zip(live, targets, strict=True):
             if value is not p:
-                _dist.scatter_back(p, value)
+                fsdp.scatter_back(p, value)
         return closure_loss
 
     def _broadcast(self, params: list[torch.Tensor], owners: list[int]) -> None:
