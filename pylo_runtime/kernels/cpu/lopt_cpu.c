@@ -416,40 +416,90 @@ static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const 
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Exported: whole tensors, split over threads (see the top of the file). */
-void sfc_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,
-               const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
-               double *sums) {
+/* Exported: whole tensors, split over threads (see the top of the file). Each checks its arguments and
+ * returns LOPT_OK, or an error code without touching memory (kernels/cpu/build.py ERRORS says what each
+ * means): the passes read 3 momentum decays (interleaved), 1 rms decay and 3 Adafactor decays per element,
+ * row / column factor arrays of 3, and hidden layers up to MAXH wide. */
+enum { LOPT_OK = 0, LOPT_ENULL = -1, LOPT_ESIZE = -2, LOPT_ESLOTS = -3, LOPT_EHIDDEN = -4, LOPT_EDECAYS = -5 };
+
+static int check_shape(int64_t n, int nslots, int64_t ncol) {
+    if (n < 0 || ncol < 1 || n % ncol != 0) return LOPT_ESIZE;
+    if (nslots < 1) return LOPT_ESLOTS;
+    return LOPT_OK;
+}
+
+static int check_decays(int nmom, int nrms, int nfac) {
+    return nmom == 3 && nrms == 1 && nfac == 3 ? LOPT_OK : LOPT_EDECAYS;
+}
+
+/* Return LOPT_ENULL if any of the pointers is NULL. */
+#define REQUIRE(...)                                                                                    \
+    do {                                                                                                \
+        const void *req_[] = {__VA_ARGS__};                                                             \
+        for (size_t k_ = 0; k_ < sizeof req_ / sizeof req_[0]; k_++)                                    \
+            if (!req_[k_]) return LOPT_ENULL;                                                           \
+    } while (0)
+#define TRY(expr)                                                                                       \
+    do {                                                                                                \
+        const int rc_ = (expr);                                                                         \
+        if (rc_ != LOPT_OK) return rc_;                                                                 \
+    } while (0)
+
+int sfc_pass1(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, const float *p, const float *g,
+              float *m, float *rms, const float *fa, const float *fb, const float *md, const float *mc, float rd,
+              float rc, double *sums) {
+    TRY(check_shape(n, nslots, ncol));
+    TRY(check_decays(nmom, nrms, nfac));
+    REQUIRE(p, g, m, rms, fa, fb, md, mc, sums);
     PARALLEL_RANGES(n, nslots, pass1(sfc_features, 16, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
                                      sums + 16 * j, NULL));
+    return LOPT_OK;
 }
 
-void sfc_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const float *g, const float *m,
-               const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
-               const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
-               float exp_mult, float step_mult, float scale, float lr, float *out) {
+int sfc_pass2(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, int H, const float *p,
+              const float *g, const float *m, const float *rms, const float *fa, const float *fb,
+              const float *we, const float *a0, const float *a1t, const float *w2, const float *b2,
+              const float *w3, const float *b3, float exp_mult, float step_mult, float scale, float lr,
+              float *out) {
+    TRY(check_shape(n, nslots, ncol));
+    TRY(check_decays(nmom, nrms, nfac));
+    if (H < 1 || H > MAXH) return LOPT_EHIDDEN;
+    REQUIRE(p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, out);
     PARALLEL_RANGES(n, nslots, sfc_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
                                                w3, b3, exp_mult, step_mult, scale, lr, out));
+    return LOPT_OK;
 }
 
-void gsq_sums(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, double *cols) {
-    const int64_t nrow = ncol ? n / ncol : 0;
+int gsq_sums(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, double *cols) {
+    TRY(check_shape(n, nslots, ncol));
+    REQUIRE(g, rows, cols);
+    const int64_t nrow = n / ncol;
     PARALLEL_RANGES(n, nslots, gsq_range(i0, i1, ncol, g, rows + nrow * j, cols + ncol * j));
+    return LOPT_OK;
 }
 
-void velo_pass1(int64_t n, int nslots, int64_t ncol, const float *p, const float *g, float *m, float *rms,
-                const float *fa, const float *fb, const float *md, const float *mc, float rd, float rc,
-                double *sums, double *stats) {
+int velo_pass1(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, const float *p,
+               const float *g, float *m, float *rms, const float *fa, const float *fb, const float *md,
+               const float *mc, float rd, float rc, double *sums, double *stats) {
+    TRY(check_shape(n, nslots, ncol));
+    TRY(check_decays(nmom, nrms, nfac));
+    REQUIRE(p, g, m, rms, fa, fb, md, mc, sums, stats);
     PARALLEL_RANGES(n, nslots, pass1(velo_features, 18, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
                                      sums + 18 * j, stats + 9 * j));
+    return LOPT_OK;
 }
 
-void velo_pass2(int64_t n, int nslots, int64_t ncol, int H, const float *p, const float *g, const float *m,
-                const float *rms, const float *fa, const float *fb, const float *we, const float *a0,
-                const float *a1t, const float *w2, const float *b2, const float *w3, const float *b3,
-                float exp_mult, float step_mult, float pscale, float lr_mult, int precond, float lr,
-                float *out) {
+int velo_pass2(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, int H, const float *p,
+               const float *g, const float *m, const float *rms, const float *fa, const float *fb,
+               const float *we, const float *a0, const float *a1t, const float *w2, const float *b2,
+               const float *w3, const float *b3, float exp_mult, float step_mult, float pscale, float lr_mult,
+               int precond, float lr, float *out) {
+    TRY(check_shape(n, nslots, ncol));
+    TRY(check_decays(nmom, nrms, nfac));
+    if (H < 1 || H > MAXH) return LOPT_EHIDDEN;
+    REQUIRE(p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, out);
     PARALLEL_RANGES(n, nslots, velo_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
                                                 w3, b3, exp_mult, step_mult, pscale, lr_mult, precond, lr,
                                                 out));
+    return LOPT_OK;
 }

@@ -29,6 +29,18 @@ def _lib() -> Any:
     return lib
 
 
+def _call(name: str, *args: Any) -> None:
+    """Run C entry point ``name``; its status code other than 0 becomes a RuntimeError naming the problem."""
+    rc = getattr(_lib(), name)(*args)
+    if rc != 0:
+        raise RuntimeError(f"lopt_cpu.{name} refused its arguments: {build.ERRORS.get(rc, f'status {rc}')}")
+
+
+def _counts(mom: torch.Tensor, rms: torch.Tensor, fa: torch.Tensor) -> tuple[int, int, int]:
+    """The momentum, rms and Adafactor decay counts of a tensor's state (the passes check them)."""
+    return mom.shape[-1], rms.shape[-1] if rms.dim() > 1 else 1, fa.shape[-1]
+
+
 def ptr(t: torch.Tensor) -> Any:
     """A float* (float32) or double* (float64) to a contiguous tensor's data."""
     if not t.is_contiguous():
@@ -65,7 +77,7 @@ def gsq_means(g: torch.Tensor) -> dict[int, torch.Tensor]:
     (nrow, ncol), k = g.shape, slots()
     rows = torch.zeros(k, nrow, dtype=torch.float64)
     cols = torch.zeros(k, ncol, dtype=torch.float64)
-    _lib().gsq_sums(g.numel(), k, ncol, ptr(g), ptr(rows), ptr(cols))
+    _call("gsq_sums", g.numel(), k, ncol, ptr(g), ptr(rows), ptr(cols))
     return {0: (cols.sum(0) / nrow).float(), 1: (rows.sum(0) / ncol).float()}
 
 
@@ -77,12 +89,12 @@ def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, r
     ptrs = [ptr(t) for t in (pf, g, mom, rms, fa, fb, mom_d.contiguous(), mc)]
     k = slots()
     sums = torch.zeros(k, nfeat, dtype=torch.float64)
-    fn = getattr(_lib(), name)
+    counts = _counts(mom, rms, fa)
     if not nstats:
-        fn(n, k, ncol, *ptrs, rd_f, rc_f, ptr(sums))
+        _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums))
         return sums.sum(0).to(torch.float32), None
     stats = torch.zeros(k, nstats, dtype=torch.float64)
-    fn(n, k, ncol, *ptrs, rd_f, rc_f, ptr(sums), ptr(stats))
+    _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums), ptr(stats))
     return sums.sum(0).to(torch.float32), stats.sum(0)
 
 
@@ -100,11 +112,9 @@ def velo_pass1(pf, g, mom, rms, fa, fb, mom_d, rms_d) -> tuple[torch.Tensor, tor
 
 def _pass2(name: str, pf, g, mom, rms, fa, fb, we, a0, a1, layers, *scalars: Any) -> None:
     n, ncol, hidden = pf.numel(), pf.shape[1], we.shape[1]
-    if hidden > MAXH:
-        raise ValueError(f"native passes take hidden layers up to {MAXH} wide, not {hidden}")
     keep = [t.contiguous() for t in (we, a0, a1.t(), *layers)]  # alive until the passes end
     ptrs = [ptr(t) for t in (pf, g, mom, rms, fa, fb, *keep)]
-    getattr(_lib(), name)(n, slots(), ncol, hidden, *ptrs, *scalars, ptr(pf))
+    _call(name, n, slots(), ncol, *_counts(mom, rms, fa), hidden, *ptrs, *scalars, ptr(pf))
 
 
 def sfc_pass2(pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr) -> None:
