@@ -265,9 +265,20 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def full_config(family: str, config: Mapping[str, Any]) -> dict[str, Any]:
+def declared(architecture: str) -> Family:
+    """The declared implementations of ``architecture``; a new family must be declared in FAMILIES."""
+    try:
+        return FAMILIES[architecture]
+    except KeyError:
+        raise ValueError(
+            f"architecture {architecture!r} is not declared in pylo_runtime.dispatch.FAMILIES (its reference "
+            "and foreach paths, what its fast paths cover): add it there (docs/architecture.md)"
+        ) from None
+
+
+def full_config(architecture: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` over the family's reference defaults (what the coverage rules read)."""
-    module, name = FAMILIES[family].defaults.split(":")
+    module, name = declared(architecture).defaults.split(":")
     return {**getattr(importlib.import_module(module), name), **dict(config)}
 
 
@@ -358,7 +369,7 @@ def decide(
     env: Env | None = None,
 ) -> Decision:
     """The implementation for one request (``config``: full, see :func:`full_config`), or the refusal."""
-    fam = FAMILIES[family]
+    fam = declared(family)
     env = env or Env()
     if foreach and fused:
         return Decision(None, ("fused=True and foreach=True cannot both be set (as in torch.optim)",))

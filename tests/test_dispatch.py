@@ -119,6 +119,11 @@ def test_every_family_answers_fused_true_the_same_way(monkeypatch):
         build("velo", {"ff_hidden_size": 512}, make_params([(3, 4)]), fused=True)
 
 
+def test_an_undeclared_family_is_told_where_to_declare_itself():
+    with pytest.raises(ValueError, match="not declared in pylo_runtime.dispatch.FAMILIES"):
+        dispatch.decide("celo2", {}, "cpu", foreach=None, fused=None)
+
+
 def test_table_prints_and_names_every_reason():
     text = dispatch.format_table()
     for e in ENTRIES:
