@@ -141,6 +141,14 @@ def test_table_prints_and_names_every_reason():
     assert "RuntimeWarning" not in proc.stderr
 
 
+def test_architecture_doc_shows_the_current_table():
+    """docs/architecture.md carries the table the code prints (python -m pylo_runtime.dispatch)."""
+    doc = (HERE.parent / "docs" / "architecture.md").read_text()
+    start = doc.index("<!-- dispatch-table")
+    block = doc[doc.index("\n", start) + 1 : doc.index("<!-- end dispatch-table -->")]
+    assert block.strip() == dispatch.format_table().strip()
+
+
 def test_cuda_and_shard_rows_use_the_kernels_the_cpu_rows_run():
     """Rows not runnable here: CUDA fuses exactly where the interpreter does; shards never fuse."""
     rows = {(e.family, e.options, e.where, e.request): e.decision for e in ENTRIES}
