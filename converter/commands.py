@@ -88,7 +88,7 @@ def _known_sha(src: str, fallback: str | None = None) -> str | None:
 def _conversion_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options every conversion subcommand takes."""
     options = [
-        click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .safetensors file."),
+        click.option("-o", "--output", metavar="FILE", help="Output .safetensors file."),
         click.option("--force", is_flag=True, help="Overwrite an existing output file."),
         click.option(
             "--set",
@@ -100,7 +100,7 @@ def _conversion_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--config",
             "config_file",
-            type=click.Path(dir_okay=False),
+            metavar="FILE.gin",
             help="A .gin file with bindings (or an operative config with run_train.lopt).",
         ),
         click.option(
@@ -127,7 +127,26 @@ def _report(path: Path, source: str) -> None:
     )
 
 
+class _OneLineGroup(click.Group):
+    """Usage errors as one stderr line too (click prints a usage block), same exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
+            _fail(f"{where}{e.format_message()}{hint}", e.exit_code)
+        except click.Abort:
+            _fail("aborted", EXIT_FAILURE)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 @click.group(
+    cls=_OneLineGroup,
     context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 110, "max_content_width": 110},
     epilog="\b\nExamples:\n  lopt-convert velo\n  lopt-convert celo -o celo.safetensors\n"
     "  lopt-convert auto --source hf://amoudgl/celo/theta.state -o celo.safetensors\n"
@@ -255,7 +274,7 @@ def lo_pretrained(name: str, output: str | None, force: bool, sets: tuple[str, .
 
 
 @main.command(epilog="\b\nExample:\n  lopt-convert inspect checkpoints/celo.safetensors --json")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_errors_to_exit_codes
 def inspect(file: str, as_json: bool) -> None:
@@ -267,7 +286,7 @@ def inspect(file: str, as_json: bool) -> None:
 @main.command(
     epilog="\b\nExample:\n  lopt-convert verify checkpoints/celo.safetensors --source hf://amoudgl/celo/theta.state"
 )
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @click.option("--source", metavar="SRC", help="The original checkpoint (default: the recorded source_uri).")
 @click.option(
     "--fetch-recorded-source",

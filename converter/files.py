@@ -50,8 +50,9 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, default_file_mode())
         yield tmp
+        # after the caller wrote it: some writers (safetensors' save_file) recreate the file as 0600
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

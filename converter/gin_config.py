@@ -101,7 +101,9 @@ def _parse(text: str, source: str) -> tuple[list[_Binding], dict[str, Any]]:
             # ImportStatement and BlockDeclaration need no action: nothing is imported or registered.
     except SyntaxError as e:
         line = f"line {e.lineno}: " if e.lineno else ""
-        raise ConversionError(source, f"{line}gin syntax error: {e.msg}") from None
+        msg = " ".join(str(e.msg).split())
+        msg = msg if len(msg) <= 200 else msg[:200] + "..."
+        raise ConversionError(source, f"{line}gin syntax error: {msg}") from None
     except tokenize.TokenError as e:
         raise ConversionError(source, f"gin syntax error: {e.args[0]}") from None
     except RecursionError:
