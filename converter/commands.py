@@ -232,6 +232,8 @@ def auto(source: str, output: str | None, force: bool, sets: tuple[str, ...], co
     limit = sources.max_source_bytes(max_source_size)
     if output is not None:
         files.check_output(output, force=force)
+    else:  # the file name comes from the architecture found; its folder can be checked now
+        files.check_folder(_default_output("x").parent)
     spec, provenance = convert.load_source(
         source, sets=list(sets), config_file=config_file, allow_pickle=allow_pickle,
         expected_sha256=_known_sha(source), refresh=refresh, max_bytes=limit,

@@ -96,16 +96,24 @@ def check_output(output: str | Path | None, *, force: bool) -> Path:
             )
         if not force:
             raise ConversionError(out, "already exists; pass --force to overwrite")
-    folder = _nearest_existing(out.parent if str(out.parent) else Path("."))
-    if not folder.is_dir():
-        raise ConversionError(out, f"cannot create it: {folder} is not a folder")
+    check_folder(out.parent, name=out)
+    return out
+
+
+def check_folder(folder: str | Path, *, name: str | Path | None = None) -> None:
+    """Refuse an output folder (created later if missing) that cannot hold a new file: an existing part
+    of it is not a folder, or a probe file cannot be created in its nearest existing ancestor."""
+    folder = Path(folder) if str(folder) else Path(".")
+    shown = name if name is not None else folder
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise ConversionError(shown, f"cannot create it: {existing} is not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".lopt-convert.", suffix=".probe", dir=existing)
     except OSError as e:
-        raise ConversionError(out, f"cannot write into {folder} ({e.strerror})") from None
+        raise ConversionError(shown, f"cannot write into {existing} ({e.strerror})") from None
     os.close(fd)
     os.unlink(probe)
-    return out
 
 
 SOURCE_LIMIT_HINT = " (raise it with --max-source-size or LOPT_BRIDGE_MAX_SOURCE_SIZE)"
@@ -131,7 +139,8 @@ def read_regular_file(
                 )
             if st.st_size > max_bytes:
                 raise ConversionError(path, f"is {st.st_size} bytes, over the {max_bytes}-byte limit{hint}")
-            data = f.read(max_bytes + 1)
+            # st_size + 1, not max_bytes + 1: read(n) allocates n bytes before reading
+            data = f.read(min(st.st_size, max_bytes) + 1)
     except ConversionError:
         raise
     except FileNotFoundError:

@@ -25,6 +25,7 @@ import collections
 import io
 import pickle
 import pickletools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -141,6 +142,19 @@ def _make_allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
             budget.add_bytes(len(data))
         return _SCALAR(dtype, data)
 
+    def dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+        """``numpy.dtype`` as numpy pickles it, ``dtype('f4', False, True)``: a short type code, two bools."""
+        if not (
+            isinstance(spec, str) and len(spec) <= 8 and isinstance(align, bool) and isinstance(copy, bool)
+        ):
+            raise PickleLimit(f"numpy.dtype called with {type(spec).__name__} arguments, not a type code")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy's deprecation warnings would be a second stderr line
+            try:
+                return np.dtype(spec, align, copy)
+            except (TypeError, ValueError, Warning) as e:
+                raise PickleLimit(f"numpy.dtype({spec!r}) is not a dtype ({type(e).__name__})") from None
+
     def counted(make: Callable[..., Any]) -> Callable[..., Any]:
         def build(*args: Any) -> Any:
             value = make(*args)
@@ -156,7 +170,7 @@ def _make_allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
         ("numpy.core.multiarray", "scalar"): scalar,
         ("numpy._core.multiarray", "scalar"): scalar,
         ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): dtype,
         ("collections", "OrderedDict"): counted(collections.OrderedDict),
         ("builtins", "dict"): counted(dict),
         ("builtins", "list"): counted(list),
