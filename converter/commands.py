@@ -136,6 +136,9 @@ class _OneLineGroup(click.Group):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare ``lopt-convert``: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
             ctx = getattr(e, "ctx", None)
             where = f"{ctx.command_path}: " if ctx is not None else ""
             hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""

@@ -143,7 +143,7 @@ def _builders() -> dict[str, Callable[[Path], Case]]:
         [str(_converted_with(d, ff_hidden_layers=10**9))],
         {2},
     )
-    out["metadata: config nested 100000 deep"] = lambda d: (
+    out["metadata: config value nested 900 deep (inspect)"] = lambda d: (
         "cli",
         ["inspect", str(_converted_with(d, x=json.loads("[" * 900 + "]" * 900)))],
         {0},

@@ -265,3 +265,12 @@ def test_verify_with_crafted_transforms_and_config(tmp_path):
     bad = _with_meta(tmp_path, config=json.dumps({**cfg, "ff_hidden_layers": 10**9}))
     r = run("verify", bad, "--source", VELO_DIR)
     assert r.exit_code == 1 and "ff_hidden_layers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_are_one_line_and_help_stays_help():
+    refused(run("auto"), "Missing option '--source'")
+    refused(run("no-such-command"), "No such command")
+    refused(run("velo", "--max-source-size", "lots"), "--max-source-size", "not a size")
+    bare = run()
+    assert "Commands:" in bare.output and "auto" in bare.output  # a bare command still shows the help
+    assert run("--help").exit_code == 0 and run("--version").exit_code == 0
