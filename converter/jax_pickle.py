@@ -8,8 +8,11 @@ through this reader. Callers still gate it behind ``--allow-pickle``.
 
 Limits (a small hostile pickle must not cost memory or time; each breach is a ``PickleLimit``, one line):
   - before unpickling, ``pickletools`` walks the opcodes: at most ``MAX_OPS`` of them, memo indices below
-    ``MAX_MEMO`` (CPython sizes its memo table by the largest index: a 10-byte pickle could ask for 32 GB),
-    every length field within the data;
+    ``MAX_MEMO`` (CPython's C unpickler sizes its memo table by the largest index: a 10-byte pickle could
+    ask for 32 GB), every length field within the data;
+  - unpickling uses the pure-Python unpickler so that BUILD can be checked: only numpy's own state for a
+    plain numeric dtype, and (version 1, shape, plain dtype, bool, bytes of exactly the right length) for an
+    array (a crafted dtype state makes numpy read float bytes as object pointers: a segfault);
   - container constructors called from the pickle (``list(x)``, ``dict(x)``, ...) may create at most
     ``MAX_ELEMENTS`` elements in total, and array/scalar data may total at most the pickle's own size plus
     1 MiB (numpy copies the bytes it is given, so shared byte strings could otherwise multiply);
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import pickletools
 import warnings
@@ -31,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-MAX_OPS = 1_000_000
+MAX_OPS = 200_000
 MAX_MEMO = 1_000_000
 MAX_DEPTH = 64
 MAX_NODES = 100_000
@@ -106,17 +110,19 @@ def _make_allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
     """(module, name) -> object, each bound to this load's budget. jax 0.4's and numpy 1.x / 2.x spellings."""
 
     class _GuardedArray(np.ndarray):
-        """An ndarray whose ``__setstate__`` (pickle BUILD) charges its data to the budget first."""
+        """An ndarray whose ``__setstate__`` (pickle BUILD) checks the state numpy would write and charges
+        its data to the budget first."""
 
         def __setstate__(self, state: Any) -> None:
-            if not isinstance(state, tuple) or len(state) not in (4, 5):
-                raise PickleLimit("an array's pickled state is not ([version,] shape, dtype, fortran, data)")
-            shape, dtype, _, raw = state[-4:]
+            if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+                raise PickleLimit("an array's pickled state is not (1, shape, dtype, fortran, data)")
+            _, shape, dtype, fortran, raw = state
             _check_shape(shape)
-            if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS or dtype.fields:
-                raise PickleLimit(f"array dtype {dtype!r} is not numeric")
-            if not isinstance(raw, (bytes, bytearray)):
-                raise PickleLimit("array data is not a byte string")
+            _check_plain_dtype(dtype)
+            if not isinstance(fortran, bool) or not isinstance(raw, bytes):
+                raise PickleLimit("an array's pickled state has a malformed order flag or data field")
+            if len(raw) != math.prod(shape) * dtype.itemsize:
+                raise PickleLimit(f"array data is {len(raw)} bytes, shape {shape} {dtype} needs more or less")
             budget.add_bytes(len(raw))
             super().__setstate__(state)
 
@@ -136,10 +142,10 @@ def _make_allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
         return value
 
     def scalar(dtype: Any, data: Any = None) -> Any:
-        if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS or dtype.itemsize > 16:
-            raise PickleLimit(f"numpy scalar of dtype {dtype!r} is not a number")
-        if isinstance(data, (bytes, bytearray)):
-            budget.add_bytes(len(data))
+        _check_plain_dtype(dtype)
+        if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+            raise PickleLimit(f"numpy scalar data is not {dtype.itemsize} bytes")
+        budget.add_bytes(len(data))
         return _SCALAR(dtype, data)
 
     def dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
@@ -151,9 +157,11 @@ def _make_allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # numpy's deprecation warnings would be a second stderr line
             try:
-                return np.dtype(spec, align, copy)
+                made = np.dtype(spec, align, copy)
             except (TypeError, ValueError, Warning) as e:
                 raise PickleLimit(f"numpy.dtype({spec!r}) is not a dtype ({type(e).__name__})") from None
+        _check_plain_dtype(made)
+        return made
 
     def counted(make: Callable[..., Any]) -> Callable[..., Any]:
         def build(*args: Any) -> Any:
@@ -178,6 +186,19 @@ def _make_allowed(budget: _Budget) -> dict[tuple[str, str], Any]:
     }
 
 
+#: The only dtype state numpy writes for a plain numeric dtype (``dtype.__reduce__()[2]``), by byte order.
+_DTYPE_STATES = {(3, order, None, None, None, -1, -1, 0) for order in "<>|="}
+
+
+def _check_plain_dtype(dtype: Any) -> None:
+    """A plain numeric dtype, exactly as numpy builds it from its type code (no fields, subarrays, or
+    flags: a float dtype flagged as holding objects makes numpy read its bytes as pointers)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS:
+        raise PickleLimit(f"dtype {dtype!r} is not numeric")
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.flags != np.dtype(dtype.str).flags:
+        raise PickleLimit(f"dtype {dtype!r} is not a plain numeric dtype")
+
+
 def _check_shape(shape: Any) -> None:
     if not isinstance(shape, tuple) or len(shape) > 32:
         raise PickleLimit(f"array shape {shape!r} is not a tuple of at most 32 sizes")
@@ -186,10 +207,33 @@ def _check_shape(shape: Any) -> None:
             raise PickleLimit(f"array shape {shape!r} holds an invalid size")
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """The pure-Python unpickler, so that BUILD (``__setstate__``) can be checked: the C one would let a
+    pickle set any state on a numpy dtype, and a dtype state can make numpy treat float bytes as object
+    pointers (found by fuzzing: a segfault). Only our guarded arrays and plain dtypes may be BUILT."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
     def __init__(self, file: io.BytesIO, allowed: dict[tuple[str, str], Any]) -> None:
         super().__init__(file)
         self._allowed = allowed
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            _check_plain_dtype(inst)
+            if not isinstance(state, tuple) or state not in _DTYPE_STATES:
+                raise PickleLimit(f"the pickle sets dtype state {str(state)[:80]}, not numpy's own form")
+            inst.__setstate__(state)
+        elif isinstance(inst, np.ndarray) and type(inst).__name__ == "_GuardedArray":
+            inst.__setstate__(state)
+        else:
+            raise PickleLimit(
+                f"the pickle sets the state of a {type(inst).__name__}, which this reader refuses"
+            )
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         try:

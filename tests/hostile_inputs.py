@@ -95,13 +95,34 @@ def _arrays_sharing_bytes(arr: np.ndarray, copies: int) -> bytes:
     return pickle.dumps([Shared() for _ in range(copies)], protocol=4)
 
 
+def _dtype_flagged_as_objects() -> bytes:
+    """A float64 dtype whose pickled state sets NPY_ITEM_REFCOUNT, then an array of 'A' bytes in it: numpy
+    reads 0x4141414141414141 as object pointers (memory corruption / segfault with the C unpickler).
+    Found by the long fuzz run of the convert target; rebuilt by hand (the process died with the input)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+
+    class Dtype:
+        def __reduce__(self):
+            return (np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 1))
+
+    class Array:
+        def __reduce__(self):
+            return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (2,), Dtype(), False, b"A" * 16))
+
+    return pickle.dumps({"a": Array()}, protocol=4)
+
+
 PICKLE_CASES = {
+    "dtype flagged as holding objects": (_dtype_flagged_as_objects, "not numpy's own form"),
     "shared bomb (363 bytes)": (lambda: _shared_bomb(57), "shared references"),
     "self-referencing list": (_self_referencing, "cyclic"),
     "memo index 2**31": (_memo_bomb, "memo index"),
     "BINBYTES of 2 GiB": (_length_bomb, "not a valid pickle"),
     "list() copies": (_copy_amplifier, "container elements"),
-    "shared array bytes": (lambda: _arrays_sharing_bytes(np.zeros(16384, np.float32), 20000), "more bytes"),
+    "shared array bytes": (lambda: _arrays_sharing_bytes(np.zeros(16384, np.float32), 5000), "more bytes"),
     "os.system": (lambda: pickle.dumps(os.system), "posix.system"),
     "numpy.ndarray((2**24,)) called": (
         lambda: b"\x80\x04\x8c\x05numpy\x8c\x07ndarray\x93J\x00\x00\x00\x01\x85\x85R.",

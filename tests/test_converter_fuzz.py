@@ -6,8 +6,9 @@ fresh hypothesis searches until its share is spent, and the test prints how many
 local run: ``LOPT_FUZZ_SECONDS=1800 python -m pytest tests/test_converter_fuzz.py -s``. A failing input is
 saved (the shortest per exception site) to ``$LOPT_FUZZ_CRASH_DIR`` (default: the test's temp folder) as
 ``<target>-<sha8>.<ext>``; copy it into tests/data/fuzz_corpus/, where ``test_fuzz_corpus_replays`` runs
-every file through its target forever after. Warnings count as findings (a warning is a second stderr
-line). ``LOPT_FUZZ_KEEP_GOING=1`` keeps searching after a finding to collect several.
+every file through its target forever after. The input being run is also written to
+``last-<target>.<ext>`` there first, so a segfault leaves it behind. Warnings count as findings (a
+warning is a second stderr line). ``LOPT_FUZZ_KEEP_GOING=1`` keeps searching after a finding.
 """
 
 from __future__ import annotations
@@ -243,6 +244,8 @@ def fuzz(name: str, seconds: float, tmp: Path, crash_dir: Path) -> int:
     target, strategy = TARGETS[name], STRATEGIES[name]
     crashes: dict[str, bytes] = {}
     count = 0
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    last = crash_dir / f"last-{name}.{EXT[name]}"
 
     @settings(
         max_examples=200,
@@ -255,6 +258,7 @@ def fuzz(name: str, seconds: float, tmp: Path, crash_dir: Path) -> int:
     def one(data: bytes) -> None:
         nonlocal count
         count += 1
+        last.write_bytes(data)  # survives a segfault, which no except clause catches
         try:
             target(data, tmp)
         except ConversionError:
