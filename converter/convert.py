@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import architectures, flax_msgpack, gin_config, jax_pickle, sources, writer
+from . import architectures, files, flax_msgpack, gin_config, jax_pickle, sources, writer
 from .architectures.base import Architecture, ArchSpec, apply_transform, lookup
 from .errors import ConversionError
 
@@ -66,37 +66,22 @@ def is_pickle(data: bytes) -> bool:
     return len(data) >= 2 and data[0] == 0x80 and data[1] in _PICKLE_PROTOCOLS
 
 
-def _from_pickle(obj: Any) -> Any:
-    """Pickled trees as flax would store them: maps with string keys, numpy arrays as leaves."""
-    if isinstance(obj, Mapping):
-        return {str(k): _from_pickle(v) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return {k: _from_pickle(getattr(obj, k)) for k in obj._fields}
-    if isinstance(obj, (list, tuple)):
-        return {str(i): _from_pickle(v) for i, v in enumerate(obj)}
-    if isinstance(obj, (np.ndarray, np.generic, str, bytes, int, float, complex, bool, type(None))):
-        return obj
-    if hasattr(obj, "__array__"):
-        return np.asarray(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: _from_pickle(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    return obj
-
-
 def _load_pickle(path: Path, data: bytes) -> dict[str, Any]:
     try:
         # Only reached with an explicit --allow-pickle; even then only numpy / jax-array globals are allowed,
-        # and jax arrays are rebuilt as numpy without importing jax (converter/jax_pickle.py).
+        # jax arrays are rebuilt as numpy without importing jax, and depth, object count, shared references
+        # and array bytes are bounded (converter/jax_pickle.py).
         obj = jax_pickle.loads(data)
-    except jax_pickle.UnsupportedPickle as e:
+    except (jax_pickle.UnsupportedPickle, jax_pickle.PickleLimit) as e:
         raise ConversionError(path, str(e)) from None
     except ModuleNotFoundError as e:
         raise ConversionError(
             path, f"the pickle needs module {e.name!r}, which the converter does not import"
         ) from None
     except Exception as e:  # unpickling can fail in arbitrary ways
-        raise ConversionError(path, f"cannot unpickle ({type(e).__name__}: {e})") from None
-    tree = _from_pickle(obj)
+        msg = " ".join(str(e).split())[:200]
+        raise ConversionError(path, f"cannot unpickle ({type(e).__name__}: {msg})") from None
+    tree = jax_pickle.to_tree(obj)
     if not isinstance(tree, dict):
         raise ConversionError(path, f"the pickle holds a {type(obj).__name__}, not a tree of arrays")
     return tree
@@ -137,19 +122,19 @@ def read_source(
     expected_sha256: str | None = None,
     progress: bool | None = None,
     need_config: bool = True,
+    refresh: bool = False,
+    max_bytes: int | None = None,
 ) -> LoadedSource:
     """Fetch (if remote) and decode ``source``; fetch ``config.gin`` beside it for ``lo_params_gin``.
 
     ``need_config=False`` skips the config.gin (verify uses the config recorded in the output).
+    ``refresh`` re-asks servers for cached downloads; ``max_bytes`` caps the source size
+    (default ``sources.max_source_bytes()``).
     """
+    limit = sources.max_source_bytes() if max_bytes is None else max_bytes
     uri = _weights_uri(source)
-    path = sources.fetch(uri, sha256=expected_sha256, progress=progress)
-    if path.is_dir():
-        raise ConversionError(path, "is a directory, expected a checkpoint file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConversionError(path, f"cannot read ({e.strerror})") from None
+    path = sources.fetch(uri, sha256=expected_sha256, progress=progress, refresh=refresh, max_bytes=limit)
+    data = files.read_regular_file(path, max_bytes=limit, what="checkpoint file")
     sha = hashlib.sha256(data).hexdigest()
     shown = uri if sources.is_remote(uri) else str(path.resolve())
     notes: dict[tuple[str, ...], str] = {}
@@ -169,7 +154,7 @@ def read_source(
     if fmt == "lo_params_gin" and config_file is None and need_config:
         gin_uri = sources.sibling(uri, "config.gin")
         if sources.is_remote(gin_uri):
-            config_path = sources.fetch(gin_uri, progress=progress)
+            config_path = sources.fetch(gin_uri, progress=progress, refresh=refresh, max_bytes=limit)
         else:
             config_path = Path(gin_uri)
             if not config_path.is_file():
@@ -231,12 +216,11 @@ def _class_prefixed(key: str, arch: Architecture) -> str:
 def _config_file_bindings(path: str, arch_hint: str | None) -> tuple[str | None, dict[str, Any]]:
     """(class name or None, bindings) from a user ``--config`` file."""
     p = Path(path)
+    data = files.read_regular_file(p, max_bytes=gin_config.MAX_GIN_BYTES, what="gin file", hint="")
     try:
-        text = p.read_text("utf-8")
-    except FileNotFoundError:
-        raise ConversionError(p, "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConversionError(p, f"cannot read as text ({e})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConversionError(p, "cannot read as text (not UTF-8)") from None
     if "run_train.lopt" in text:
         opt = gin_config.parse_optimizer(text, source=str(p), known_classes=architectures.gin_names())
         return opt.selector, opt.bindings
@@ -327,6 +311,32 @@ def _with_provenance_paths(spec: ArchSpec, loaded: LoadedSource) -> ArchSpec:
     return ArchSpec(spec.name, spec.config, spec.tensors, paths)
 
 
+def build(arch: Architecture, theta: Mapping[str, Any], bindings: dict[str, Any], *, source: str) -> ArchSpec:
+    """``arch.build`` with any error a malformed tree or config can raise turned into one ConversionError
+    line (the architecture modules validate what they know; this is the net under them)."""
+    try:
+        return arch.build(theta, bindings, source=source)
+    except ConversionError:
+        raise
+    except RecursionError:
+        raise ConversionError(source, f"theta or config nests too deeply for {arch.name}") from None
+    except MemoryError:
+        raise ConversionError(source, f"the config asks {arch.name} for more memory than there is") from None
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        ZeroDivisionError,
+    ) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise ConversionError(
+            source, f"theta or config does not fit {arch.name} ({type(e).__name__}: {msg})"
+        ) from None
+
+
 def load_source(
     source: str,
     *,
@@ -337,6 +347,8 @@ def load_source(
     expected_sha256: str | None = None,
     progress: bool | None = None,
     fallback_sets: Sequence[str] = (),
+    refresh: bool = False,
+    max_bytes: int | None = None,
 ) -> tuple[ArchSpec, writer.Provenance]:
     """Read ``source`` and build its validated ArchSpec plus the provenance to record.
 
@@ -349,6 +361,8 @@ def load_source(
         allow_pickle=allow_pickle,
         expected_sha256=expected_sha256,
         progress=progress,
+        refresh=refresh,
+        max_bytes=max_bytes,
     )
     if fallback_sets and loaded.format != "lo_params_gin":
         sets = {**parse_sets(list(fallback_sets), source="registry sets"), **parse_sets(sets)}
@@ -356,7 +370,7 @@ def load_source(
     theta = loaded.theta
     if not isinstance(theta, Mapping):
         raise ConversionError(loaded.path, f"theta is a {type(theta).__name__}, not a tree of arrays")
-    spec = p.architecture.build(theta, p.bindings, source=str(loaded.path))
+    spec = build(p.architecture, theta, p.bindings, source=str(loaded.path))
     spec = _with_provenance_paths(spec, loaded)
     return spec, writer.Provenance(loaded.uri, loaded.sha256, loaded.format)
 
@@ -374,14 +388,14 @@ def convert_source(
     expected_sha256: str | None = None,
     progress: bool | None = None,
     fallback_sets: Sequence[str] = (),
+    refresh: bool = False,
+    max_bytes: int | None = None,
 ) -> Path:
     """Convert ``source`` into ``output`` (.safetensors); returns the output path.
 
     Raises ConversionError (bad input; nothing written) or sources.DownloadError (network).
     """
-    output = Path(output)
-    if output.exists() and not force:  # fail before any download or decode
-        raise ConversionError(output, "already exists; pass --force to overwrite")
+    output = files.check_output(output, force=force)  # fail before any download or decode
     spec, provenance = load_source(
         source,
         architecture=architecture,
@@ -391,6 +405,8 @@ def convert_source(
         expected_sha256=expected_sha256,
         progress=progress,
         fallback_sets=fallback_sets,
+        refresh=refresh,
+        max_bytes=max_bytes,
     )
     return writer.write(spec, output, provenance, force=force, allow_nonfinite=allow_nonfinite)
 
@@ -408,6 +424,8 @@ def verify(
     *,
     allow_pickle: bool = False,
     progress: bool | None = None,
+    refresh: bool = False,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Re-read ``source`` and check ``output`` against it bit for bit; return a summary.
 
@@ -416,7 +434,10 @@ def verify(
     gives the same tensor names, bits and config. Raises VerifyError listing what differs.
     """
     conv = writer.read(output)
-    loaded = read_source(source, allow_pickle=allow_pickle, progress=progress, need_config=False)
+    loaded = read_source(
+        source, allow_pickle=allow_pickle, progress=progress, need_config=False, refresh=refresh,
+        max_bytes=max_bytes,
+    )  # fmt: skip
     problems: list[str] = []
     if loaded.format != conv.metadata.get("source_format"):
         problems.append(
@@ -438,8 +459,8 @@ def verify(
             continue
         try:
             want = apply_transform(leaf, entry.get("transform"))
-        except ValueError:
-            differ.append(f"{name} (unknown transform {entry.get('transform')!r})")
+        except (ValueError, TypeError, IndexError, OverflowError):
+            differ.append(f"{name} (transform {str(entry.get('transform'))[:60]!r} does not apply)")
             continue
         if not _same_bits(arr, want):
             differ.append(f"{name} (!= {entry['path']})")
@@ -448,8 +469,11 @@ def verify(
     # (2) rebuild through the architecture module with the recorded config.
     try:
         arch = architectures.by_name(conv.architecture, source=str(output))
+        theta = loaded.theta
+        if not isinstance(theta, Mapping):
+            raise ConversionError(loaded.path, f"theta is a {type(theta).__name__}, not a tree of arrays")
         rebuilt = _with_provenance_paths(
-            arch.build(loaded.theta, dict(conv.config), source=str(loaded.path)), loaded
+            build(arch, theta, dict(conv.config), source=str(loaded.path)), loaded
         )
     except ConversionError as e:
         problems.append(f"rebuilding as {conv.architecture} failed: {e.problem}")

@@ -30,6 +30,11 @@ EXT_NATIVE_COMPLEX = 2
 EXT_NPSCALAR = 3
 CHUNKED_MARKER = "__msgpack_chunked_array__"
 
+#: Limits on what a file may declare (a checkpoint tree is a few levels deep with hundreds of leaves).
+MAX_DEPTH = 64
+MAX_NODES = 200_000
+MAX_NDIM = 32
+
 #: Note recorded (via ``decode(..., notes=...)``) for each leaf widened from bfloat16.
 BFLOAT16_NOTE = "bfloat16->float32 (exact)"
 
@@ -70,18 +75,32 @@ def _fail(source: str, path: tuple[str, ...], problem: str) -> ConversionError:
     return ConversionError(source, f"{where}{problem}")
 
 
+def _check_shape(shape: Any, itemsize: int, source: str, path: tuple[str, ...], what: str) -> None:
+    """Refuse shapes numpy cannot hold: not a list of non-negative ints, more than ``MAX_NDIM`` dims, or
+    a size that overflows even when another dimension is 0 (``[0, 2**62]``)."""
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise _fail(source, path, f"{what} shape {_short(shape)} is not a list of non-negative integers")
+    if len(shape) > MAX_NDIM:
+        raise _fail(source, path, f"{what} has {len(shape)} dimensions (at most {MAX_NDIM})")
+    if math.prod(max(d, 1) for d in shape) * max(itemsize, 1) >= 2**62:
+        raise _fail(source, path, f"{what} shape {_short(shape)} is impossibly large")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(tuple(value)) if isinstance(value, list) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _decode_ndarray(data: bytes, source: str, path: tuple[str, ...], notes: dict | None) -> np.ndarray:
     try:
         header = msgpack.unpackb(data, raw=True)
-    except (ValueError, msgpack.UnpackException) as e:
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise _fail(source, path, f"array record is not valid msgpack ({e})") from None
     if not (isinstance(header, (list, tuple)) and len(header) == 3):
         raise _fail(source, path, "array record is not a (shape, dtype, bytes) triple")
     shape, dtype_name, buffer = header
-    if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise _fail(source, path, f"array shape {shape!r} is not a list of non-negative integers")
     if not isinstance(dtype_name, bytes) or not isinstance(buffer, bytes):
         raise _fail(source, path, "array record has a malformed dtype name or data field")
     name = dtype_name.decode("ascii", errors="replace")
@@ -91,7 +110,8 @@ def _decode_ndarray(data: bytes, source: str, path: tuple[str, ...], notes: dict
     elif name in _DTYPES:
         dtype = _DTYPES[name]
     else:
-        raise _fail(source, path, f"unsupported array dtype {name!r}")
+        raise _fail(source, path, f"unsupported array dtype {name[:40]!r}")
+    _check_shape(shape, dtype.itemsize, source, path, "array")
     count = math.prod(shape)
     expected = count * dtype.itemsize
     if len(buffer) != expected:
@@ -122,7 +142,7 @@ def _decode_ext(ext: _Ext, source: str, path: tuple[str, ...], notes: dict | Non
     if ext.code == EXT_NATIVE_COMPLEX:
         try:
             pair = msgpack.unpackb(ext.data)
-        except (ValueError, msgpack.UnpackException) as e:
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise _fail(source, path, f"complex record is not valid msgpack ({e})") from None
         if not (
             isinstance(pair, (list, tuple))
@@ -130,28 +150,35 @@ def _decode_ext(ext: _Ext, source: str, path: tuple[str, ...], notes: dict | Non
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
         ):
             raise _fail(source, path, "complex record is not a (real, imag) pair")
-        return complex(pair[0], pair[1])
+        try:
+            return complex(pair[0], pair[1])
+        except OverflowError:
+            raise _fail(source, path, "complex record holds a number too large for a float") from None
     raise _fail(source, path, f"unknown msgpack extension type {ext.code} (flax uses 1, 2 and 3)")
 
 
-def _unchunk(node: Mapping, source: str, path: tuple[str, ...], notes: dict | None) -> np.ndarray:
+def _unchunk(
+    node: Mapping, source: str, path: tuple[str, ...], notes: dict | None, counter: list[int]
+) -> np.ndarray:
     shape_map, chunk_map = node.get("shape"), node.get("chunks")
     if set(node) != {CHUNKED_MARKER, "shape", "chunks"} or not isinstance(shape_map, Mapping):
         raise _fail(source, path, "chunked array record lacks 'shape' or 'chunks'")
     if not isinstance(chunk_map, Mapping) or not chunk_map:
         raise _fail(source, path, "chunked array record has no chunks")
+    if len(shape_map) > MAX_NDIM:
+        raise _fail(source, path, f"chunked array has {len(shape_map)} dimensions (at most {MAX_NDIM})")
     try:
         shape = tuple(shape_map[str(i)] for i in range(len(shape_map)))
+        _check_shape(shape, 1, source, path, "chunked array")
         chunk_keys = [str(i) for i in range(len(chunk_map))]
-        chunks = [_walk(chunk_map[k], source, (*path, "chunks", k), notes) for k in chunk_keys]
+        chunks = [_walk(chunk_map[k], source, (*path, "chunks", k), notes, counter) for k in chunk_keys]
     except KeyError as e:
         raise _fail(source, path, f"chunked array record is missing index {e}") from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise _fail(source, path, f"chunked array shape {shape!r} is not a list of non-negative integers")
     if not all(isinstance(c, np.ndarray) and c.ndim == 1 for c in chunks):
         raise _fail(source, path, "chunked array chunks are not 1-D arrays")
     if len({c.dtype for c in chunks}) != 1:
         raise _fail(source, path, "chunked array chunks have different dtypes")
+    _check_shape(shape, chunks[0].dtype.itemsize, source, path, "chunked array")
     flat = np.concatenate(chunks)
     if flat.size != math.prod(shape):
         relation = "larger than" if math.prod(shape) > flat.size else "smaller than"
@@ -164,20 +191,38 @@ def _unchunk(node: Mapping, source: str, path: tuple[str, ...], notes: dict | No
     return flat.reshape(shape)
 
 
-def _walk(node: Any, source: str, path: tuple[str, ...], notes: dict | None) -> Any:
+def _map_key(key: Any, source: str, path: tuple[str, ...]) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return key.decode("utf-8", errors="replace")
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    kind = "an extension value" if isinstance(key, _Ext) else f"a {type(key).__name__}"
+    raise _fail(source, path, f"a map key is {kind}; flax state dicts have string keys")
+
+
+def _walk(node: Any, source: str, path: tuple[str, ...], notes: dict | None, counter: list[int]) -> Any:
+    counter[0] += 1
+    if counter[0] > MAX_NODES:
+        raise ConversionError(source, f"the tree has more than {MAX_NODES} nodes (a checkpoint has hundreds)")
     if isinstance(node, _Ext):
         return _decode_ext(node, source, path, notes)
+    if isinstance(node, (list, tuple, Mapping)) and len(path) >= MAX_DEPTH:
+        raise _fail(source, path[:3] + ("...",), f"the tree nests deeper than {MAX_DEPTH} levels")
     if isinstance(node, (list, tuple)):
+        if len(node) > MAX_NODES:
+            raise _fail(source, path, f"a list of {len(node)} items (more than the {MAX_NODES}-node limit)")
         node = {str(i): v for i, v in enumerate(node)}
     if isinstance(node, Mapping):
         if CHUNKED_MARKER in node:
-            return _unchunk(node, source, path, notes)
+            return _unchunk(node, source, path, notes, counter)
         out: dict[str, Any] = {}
         for key, value in node.items():
-            skey = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
+            skey = _map_key(key, source, path)
             if skey in out:
-                raise _fail(source, path, f"duplicate map key {skey!r}")
-            out[skey] = _walk(value, source, (*path, skey), notes)
+                raise _fail(source, path, f"duplicate map key {skey[:80]!r}")
+            out[skey] = _walk(value, source, (*path, skey), notes, counter)
         return out
     return node
 
@@ -204,6 +249,10 @@ def decode(data: bytes, *, source: str, notes: dict | None = None) -> dict[str, 
         raise ConversionError(source, "not a flax msgpack file (invalid msgpack type byte)") from None
     except UnicodeDecodeError:
         raise ConversionError(source, "not a flax msgpack file (a string is not valid UTF-8)") from None
+    except TypeError:  # msgpack cannot hash a list or map used as a map key
+        raise ConversionError(
+            source, "not a flax state dict (a map key is a list or map; flax keys are strings)"
+        ) from None
     except ValueError as e:
         if "incomplete input" in str(e):
             raise ConversionError(
@@ -213,7 +262,7 @@ def decode(data: bytes, *, source: str, notes: dict | None = None) -> dict[str, 
     if not isinstance(raw, Mapping):
         kind = "an array" if isinstance(raw, _Ext) else type(raw).__name__
         raise ConversionError(source, f"not a flax state dict: the msgpack top level is {kind}, not a map")
-    return _walk(raw, source, (), notes)
+    return _walk(raw, source, (), notes, [0])
 
 
 def load(path: str | Path, *, notes: dict | None = None) -> dict[str, Any]:

@@ -17,7 +17,13 @@ from typing import Any
 
 from gin import config_parser
 
+from . import files
 from .errors import ConversionError
+
+#: Limits: a config.gin is a few kB of flat bindings.
+MAX_GIN_BYTES = 4 << 20
+MAX_DEPTH = 64
+MAX_RESOLVED = 100_000
 
 
 @dataclass(frozen=True)
@@ -95,25 +101,43 @@ def _parse(text: str, source: str) -> tuple[list[_Binding], dict[str, Any]]:
             # ImportStatement and BlockDeclaration need no action: nothing is imported or registered.
     except SyntaxError as e:
         line = f"line {e.lineno}: " if e.lineno else ""
-        raise ConversionError(source, f"{line}gin syntax error: {e.msg}") from None
+        msg = " ".join(str(e.msg).split())
+        msg = msg if len(msg) <= 200 else msg[:200] + "..."
+        raise ConversionError(source, f"{line}gin syntax error: {msg}") from None
     except tokenize.TokenError as e:
         raise ConversionError(source, f"gin syntax error: {e.args[0]}") from None
+    except RecursionError:
+        raise ConversionError(source, "gin values nest too deeply") from None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        # gin's parser evaluates literals with ast.literal_eval, which raises these on odd literals
+        # (an int of over 4300 digits, an unhashable dict key, ...)
+        msg = " ".join(str(e).split())[:200]
+        raise ConversionError(source, f"gin value not understood ({type(e).__name__}: {msg})") from None
     return bindings, macros
 
 
-def _resolve(value: Any, macros: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> Any:
+def _resolve(value: Any, macros: dict[str, Any], source: str, seen: tuple[str, ...] = (),
+             budget: list[int] | None = None, depth: int = 0) -> Any:  # fmt: skip
+    """``value`` with macros replaced; refuses self-reference, nesting deeper than ``MAX_DEPTH`` and
+    expansions past ``MAX_RESOLVED`` values (macros that repeat macros grow exponentially)."""
+    budget = [0] if budget is None else budget
+    budget[0] += 1
+    if budget[0] > MAX_RESOLVED:
+        raise ConversionError(source, f"gin values expand to more than {MAX_RESOLVED} items (nested macros)")
+    if depth > MAX_DEPTH:
+        raise ConversionError(source, f"gin values nest deeper than {MAX_DEPTH} levels")
     if isinstance(value, _Macro):
         if value.name in seen:
             raise ConversionError(source, f"macro %{value.name} refers to itself")
         if value.name not in macros:
             raise ConversionError(source, f"macro %{value.name} is used but never defined")
-        return _resolve(macros[value.name], macros, source, (*seen, value.name))
+        return _resolve(macros[value.name], macros, source, (*seen, value.name), budget, depth + 1)
     if isinstance(value, list):
-        return [_resolve(v, macros, source, seen) for v in value]
+        return [_resolve(v, macros, source, seen, budget, depth + 1) for v in value]
     if isinstance(value, tuple):
-        return tuple(_resolve(v, macros, source, seen) for v in value)
+        return tuple(_resolve(v, macros, source, seen, budget, depth + 1) for v in value)
     if isinstance(value, dict):
-        return {k: _resolve(v, macros, source, seen) for k, v in value.items()}
+        return {k: _resolve(v, macros, source, seen, budget, depth + 1) for k, v in value.items()}
     return value
 
 
@@ -177,16 +201,13 @@ def parse_optimizer(text: str, *, source: str, known_classes: Iterable[str] | No
 def load_optimizer_config(path: str | Path, *, known_classes: Iterable[str] | None = None) -> GinOptimizer:
     """Read ``config.gin`` at ``path`` and return its learned optimizer (see ``parse_optimizer``)."""
     path = Path(path)
+    if not path.exists():
+        raise ConversionError(path, "no such file (the gin config that names the learned optimizer)")
+    data = files.read_regular_file(path, max_bytes=MAX_GIN_BYTES, what="gin config", hint="")
     try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConversionError(
-            path, "no such file (the gin config that names the learned optimizer)"
-        ) from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConversionError(path, "not a gin config (not UTF-8 text)") from None
-    except OSError as e:
-        raise ConversionError(path, f"cannot read ({e.strerror})") from None
     return parse_optimizer(text, source=str(path), known_classes=known_classes)
 
 

@@ -62,9 +62,20 @@ class Registry:
         )
 
     def sha256_for(self, uri: str) -> str | None:
-        """The known sha256 of a weights URI, if the registry has it."""
+        """The known sha256 of a weights URI, if the registry has it (URIs compared in normalised form,
+        so ``hf://o/r/f`` and ``hf://o/r@main/f`` are the same)."""
+        from .sources import is_remote, normalise
+
+        if not is_remote(uri):
+            return None
+        wanted = normalise(uri)
         for entry in self.entries:
-            if entry.uris and entry.uris[0] == uri and entry.sha256:
+            if (
+                entry.uris
+                and entry.sha256
+                and is_remote(entry.uris[0])
+                and normalise(entry.uris[0]) == wanted
+            ):
                 return entry.sha256
         return None
 

@@ -7,15 +7,13 @@ goes to a temp file in the output's folder, which is renamed over the output onl
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, files
 from .architectures.base import ArchSpec
 from .errors import ConversionError
 
@@ -103,26 +101,18 @@ def write(
     """Write ``spec`` to ``output`` atomically; refuse an existing output unless ``force``."""
     from safetensors.numpy import save_file
 
-    output = Path(output)
+    output = files.check_output(output, force=force)
     source = provenance.source_uri
-    if output.exists() and not force:
-        raise ConversionError(output, "already exists; pass --force to overwrite")
-    if output.is_dir():
-        raise ConversionError(output, "is a directory; give a .safetensors file name")
     check_tensors(spec, source=source, allow_nonfinite=allow_nonfinite)
     meta = metadata(spec, provenance, source=source)
     # ascontiguousarray turns 0-d arrays into shape (1,): reshape back so scalars stay scalars.
     tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in spec.tensors.items()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with files.atomic_path(output) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except OSError as e:
+        raise ConversionError(output, f"cannot write ({e.strerror or e})") from None
     return output
 
 
@@ -143,8 +133,10 @@ def read(path: str | Path) -> Converted:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConversionError(path, "no such file")
+    if not path.is_file():
+        raise ConversionError(path, "is not a regular file")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
@@ -162,11 +154,35 @@ def read(path: str | Path) -> Converted:
     try:
         config = json.loads(meta["config"])
         source_paths = json.loads(meta.get("source_paths", "{}"))
-    except (KeyError, json.JSONDecodeError) as e:
+    except (KeyError, json.JSONDecodeError, RecursionError) as e:
         raise ConversionError(
-            path, f"metadata 'config' or 'source_paths' missing or not JSON ({e})"
+            path, f"metadata 'config' or 'source_paths' missing or not JSON ({type(e).__name__})"
         ) from None
+    _check_metadata(path, config, source_paths)
     return Converted(path, meta.get("architecture", ""), config, tensors, source_paths, meta)
+
+
+def _check_metadata(path: Path, config: Any, source_paths: Any) -> None:
+    """Refuse metadata a crafted file could hold: non-object JSON, source paths that are not
+    ``{"path": str, "keys": [str, ...], "transform": str | None}``."""
+    if not isinstance(config, dict):
+        raise ConversionError(path, f"metadata 'config' is a JSON {type(config).__name__}, not an object")
+    if not isinstance(source_paths, dict):
+        raise ConversionError(
+            path, f"metadata 'source_paths' is a JSON {type(source_paths).__name__}, not an object"
+        )
+    for name, entry in source_paths.items():
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("keys", []), list)
+            and all(isinstance(k, str) for k in entry.get("keys", []))
+            and isinstance(entry.get("transform"), (str, type(None)))
+        )
+        if not ok:
+            raise ConversionError(
+                path, f"metadata 'source_paths' entry {name[:80]!r} is not {{path, keys, transform}}"
+            )
 
 
 def describe(conv: Converted) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from converter.files import current_umask
+
 from .tasks import Task
 
 META = "meta.json"
@@ -175,7 +177,7 @@ def write_fixture(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tmp.chmod(0o755)
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a fixture folder is shared like any other
         meta = {"fixture_version": FIXTURE_VERSION, **meta}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         np.savez_compressed(tmp / TRAJECTORY, **arrays)

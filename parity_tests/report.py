@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from converter.files import atomic_path, atomic_write_bytes
 
 from .compare import CaseResult
 
@@ -67,14 +67,8 @@ def summary(results: Sequence[CaseResult]) -> str:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Temp file + rename, with the umask's mode (mkstemp alone leaves 0600: teammates could not read it)."""
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def write_report(
@@ -139,12 +133,9 @@ def write_plot(results: Sequence[CaseResult], path: Path) -> str:
     ax.set_title("Parity against the JAX reference")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".errors.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path.name

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from http_support import fake_hub, file_server, free_port, serve
 
 from converter import sources, writer
 from converter.architectures.base import ArchSpec, apply_transform
@@ -106,35 +105,27 @@ def test_bfloat16_source_is_widened_exactly_and_recorded(tmp_path):
 # --------------------------------------------------------------------------------------- downloads via CLI
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
-    """A loopback 'GCS + Hugging Face' serving the small VeLO run and a theta.state."""
+    """A loopback GCS serving the small VeLO run, and a fake Hugging Face hub serving a theta.state."""
+    import huggingface_hub.constants as hf_constants
+
     root = tmp_path / "www"
     run = root / "gresearch" / "learned_optimization" / "pretrained_lopts"
     run = run / "aug12_continue_on_bigger_2xbs_200kstep_bigproblem_v2_5620"
     run.mkdir(parents=True)
     for name in ("params", "config.gin"):
         (run / name).write_bytes((DATA / "velo_small" / name).read_bytes())
-    hf = root / "amoudgl" / "velo-4000" / "resolve" / "main"
-    hf.mkdir(parents=True)
-    (hf / "theta.state").write_bytes((DATA / "velo_small_bf16.theta.state").read_bytes())
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a, **k: _Quiet(*a, directory=str(root), **k)
-    )
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    monkeypatch.setattr(sources, "GCS_ENDPOINT", url)
-    monkeypatch.setattr(sources, "HF_ENDPOINT", url)
+    theta = (DATA / "velo_small_bf16.theta.state").read_bytes()
+    hub = fake_hub({("amoudgl/velo-4000", "theta.state"): theta})
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("LOPT_BRIDGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    yield url
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(file_server(root)[1]) as gcs, serve(hub) as hf:
+        monkeypatch.setattr(sources, "GCS_ENDPOINT", gcs)
+        monkeypatch.setattr(sources, "HF_ENDPOINT", hf)
+        yield gcs
 
 
 def test_velo_default_downloads_params_and_config(bucket, tmp_path):
@@ -145,8 +136,10 @@ def test_velo_default_downloads_params_and_config(bucket, tmp_path):
     assert meta["source_uri"].startswith("gs://gresearch/") and meta["source_format"] == "lo_params_gin"
     assert meta["source_sha256"] == hashlib.sha256((DATA / "velo_small" / "params").read_bytes()).hexdigest()
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    assert cached == ["config.gin", "params"]
-    v = CliRunner().invoke(main, ["verify", str(out)])  # re-reads the recorded gs:// source (cache hit)
+    assert cached == [sources.META_NAME, sources.META_NAME, "config.gin", "params"]
+    v = CliRunner().invoke(main, ["verify", str(out)])  # a recorded remote source needs the user's consent
+    assert v.exit_code == 2 and "--fetch-recorded-source" in v.stderr and meta["source_uri"] in v.stderr
+    v = CliRunner().invoke(main, ["verify", str(out), "--fetch-recorded-source"])  # (a cache hit)
     assert v.exit_code == 0, v.output
 
 
@@ -164,12 +157,10 @@ def test_registry_sha256_is_enforced(bucket, tmp_path):
 
 
 def test_offline_is_exit_code_1(tmp_path, monkeypatch):
-    import socket
+    import huggingface_hub.constants as hf_constants
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(sources, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(sources, "HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("LOPT_BRIDGE_CACHE", str(tmp_path / "cache"))
     r = CliRunner().invoke(main, ["celo", "-o", str(tmp_path / "c.safetensors")])
     assert r.exit_code == 1

@@ -220,8 +220,6 @@ def record_classifier(
 ):
     """Write the JAX loss curves (celo / celo_adam x mlp / cnn) with provenance as a small JSON fixture."""
     import json
-    import os
-    import tempfile
 
     from parity_tests.record import harness_commit, package_versions
 
@@ -261,10 +259,9 @@ def record_classifier(
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, out)
+    from converter.files import atomic_write_bytes
+
+    atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
     return out
 
 
