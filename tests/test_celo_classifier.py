@@ -105,6 +105,16 @@ def test_celo_adam_cnn_is_chaotic(converted, monkeypatch):
     assert rel.max() > RELATIVE_TOLERANCE
 
 
+def test_example_writes_into_a_git_ignored_folder_by_default():
+    sys.path.insert(0, str(repo_root() / "examples"))
+    try:
+        import train_classifier
+    finally:
+        sys.path.pop(0)
+    assert train_classifier.DEFAULT_OUT.is_relative_to(repo_root() / "examples" / "out")
+    assert "/examples/out/" in (repo_root() / ".gitignore").read_text().splitlines()
+
+
 def test_example_runs_and_writes_its_outputs(tmp_path, converted):
     sys.path.insert(0, str(repo_root() / "examples"))
     try:
