@@ -221,8 +221,9 @@ def run(
         sys.exit(1)
 
 
-#: Rough seconds per fixture (2 busy cores, float32, reset + open-loop replay) when no earlier report says.
-ROUGH_SECONDS_PER_CASE = 15.0
+#: Rough seconds per fixture (float32, reset + open-loop replay) when no earlier report says: 7.5-11 s
+#: measured on a 2-core machine shared with other jobs (load 7), 16 cases in 2-3 min.
+ROUGH_SECONDS_PER_CASE = 8.0
 
 
 def _fixture_digest(path: Path) -> str:
