@@ -66,9 +66,17 @@ def summary(results: Sequence[CaseResult]) -> str:
     return f"{len(results) - len(skipped)} case(s) passed{skip}"
 
 
+def _readable(fd: int) -> None:
+    """Give a mkstemp file (0600) the mode a plain open() gives: 0666 less the umask (reports are shared)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def _atomic_write(path: Path, data: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        _readable(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -131,6 +139,7 @@ def write_plot(results: Sequence[CaseResult], path: Path) -> str:
     if fig is None:
         return "skipped (no case was run)"
     fd, tmp = tempfile.mkstemp(prefix=".errors.", suffix=".png", dir=path.parent)
+    _readable(fd)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,10 @@ def test_report_files_and_table(tmp_path):
     md = (out / "report.md").read_text()
     assert "| good |" in md and "FAIL" in md
     assert (out / "errors.png").stat().st_size > 1000
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("report.md", "report.json", "errors.png"):  # readable like any file the user writes
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 class _NumpySGDReference:
