@@ -7,6 +7,7 @@ goes to a temp file in the output's folder, which is renamed over the output onl
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,18 @@ def _check_metadata(path: Path, config: Any, source_paths: Any) -> None:
             )
 
 
+def natural_key(name: str) -> list[str | int]:
+    """Sort key that orders digit runs by value: ``ff.w0.2`` before ``ff.w0.10``."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
 def describe(conv: Converted) -> dict[str, Any]:
-    """A JSON-ready summary for ``lopt-convert inspect``: architecture, config, tensors, provenance."""
+    """A JSON-ready summary for ``lopt-convert inspect``: architecture, config, tensors (natural name order),
+    provenance."""
     tensors = []
     total = 0
-    for name, arr in conv.tensors.items():
+    for name in sorted(conv.tensors, key=natural_key):
+        arr = conv.tensors[name]
         total += arr.size
         origin = conv.source_paths.get(name, {})
         tensors.append(

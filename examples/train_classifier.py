@@ -1,7 +1,8 @@
 """Train an MLP and a small CNN on scikit-learn's 8x8 digits with the converted Celo and Celo-Adam, AdamW at a
 tuned learning rate, and the Celo architecture with random weights; write loss curves and a results table.
 
-    python examples/train_classifier.py --out classifier-results      # default mode: well under 2 minutes
+    python examples/train_classifier.py          # well under 2 minutes; writes examples/out/classifier/
+    python examples/train_classifier.py --out DIR   # or into DIR
 
 Checkpoints: ``--celo`` / ``--celo-adam`` point at files from ``lopt-convert celo`` / ``lopt-convert
 celo-adam``; without them the published ``theta.state`` files in ``--weights-dir`` are converted first.
@@ -22,6 +23,8 @@ from parity_tests.digits import train_torch as train
 from pylo_runtime import Celo, load_optimizer, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+#: Where results go unless --out says otherwise: examples/out/ is git-ignored.
+DEFAULT_OUT = REPO / "examples" / "out" / "classifier"
 ADAMW_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
@@ -58,7 +61,7 @@ def converted(path: str | None, name: str, weights_dir: Path, out: Path) -> str:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("classifier-results"))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     ap.add_argument("--celo", help="converted Celo .safetensors (lopt-convert celo)")
     ap.add_argument("--celo-adam", help="converted Celo-Adam .safetensors (lopt-convert celo-adam)")
     ap.add_argument("--weights-dir", type=Path, default=REPO.parent / "shared" / "checkpoints")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 @click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 110, "max_content_width": 110},
     epilog="""\b
 Examples:
   lopt-parity run                                  # replay every committed fixture, write parity-report/
@@ -34,7 +37,7 @@ Examples:
   PYTHONPATH=/path/to/learned_optimization lopt-parity record velo --case velo_default \\
       --out parity_tests/fixtures/velo_default
   PYTHONPATH=/path/to/learned_optimization lopt-parity run --live --family velo
-"""
+""",
 )
 def main() -> None:
     """Parity of lopt-bridge's PyTorch optimizers against the JAX reference, step by step.
@@ -193,6 +196,7 @@ def run(
     from .report import format_table, summary, write_report
 
     results: list[CaseResult] = []
+    extra: dict[str, Any] = {}
     if live:
         results = _run_live(families, cases, steps)
     else:
@@ -202,18 +206,84 @@ def run(
             click.echo(f"no parity fixtures under {root} yet: nothing to check (record some with "
                        "`lopt-parity record`)")  # fmt: skip
             return
-        for dtype in dtypes or ("float32",):
-            for path in found:
-                results.append(_check_one(path, dtype, open_loop=not no_open_loop))
+        jobs = [(path, dtype) for dtype in dtypes or ("float32",) for path in found]
+        results, seconds = _run_fixtures(jobs, root, out, open_loop=not no_open_loop)
+        extra = {"fixtures": {p.name: _fixture_digest(p) for p in found}, "seconds": seconds}
+    click.echo("")
     click.echo(format_table(results))
     for r in results:
         for note in r.notes:
             click.echo(f"  {r.case}: {note}")
-    report = write_report(results, out)
+    report = write_report(results, out, extra=extra)
     click.echo(summary(results))
     click.echo(f"report: {report / 'report.md'}")
     if not results or not all(r.ok for r in results):
         sys.exit(1)
+
+
+#: Rough seconds per fixture (float32, reset + open-loop replay) when no earlier report says: 7.5-11 s
+#: measured on a 2-core machine shared with other jobs (load 7), 16 cases in 2-3 min.
+ROUGH_SECONDS_PER_CASE = 8.0
+
+
+def _fixture_digest(path: Path) -> str:
+    """sha256 of a fixture's meta.json (it records every array's sha256): which recording a report checked."""
+    return hashlib.sha256((path / "meta.json").read_bytes()).hexdigest()
+
+
+def _estimate(jobs: list[tuple[Path, str]], out: Path, open_loop: bool) -> str:
+    """Roughly how long: the per-case times of the last report in ``out`` if it has them, else a rule."""
+    try:
+        previous = json.loads((out / "report.json").read_text()).get("seconds", {})
+    except (OSError, ValueError, AttributeError):
+        previous = {}
+    known = [float(previous[f"{p.name}/{d}"]) for p, d in jobs if f"{p.name}/{d}" in previous]
+    if len(known) == len(jobs):
+        return f"about {_duration(sum(known))} (the last run in {out})"
+    per_case = ROUGH_SECONDS_PER_CASE * (1.0 if open_loop else 0.5)
+    return f"roughly {_duration(per_case * len(jobs))} on 2 cores"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _run_fixtures(
+    jobs: list[tuple[Path, str]], root: Path, out: Path, *, open_loop: bool
+) -> tuple[list[CaseResult], dict[str, float]]:
+    """Check each (fixture, dtype), printing one line per case as it finishes under a progress bar."""
+    from tqdm import tqdm
+
+    click.echo(
+        f"lopt-parity run: {len(jobs)} case(s) from {root}, open-loop drift {'on' if open_loop else 'off'}; "
+        f"{_estimate(jobs, out, open_loop)}"
+    )
+    results: list[CaseResult] = []
+    seconds: dict[str, float] = {}
+    width = max(len(p.name) for p, _ in jobs)
+    with tqdm(total=len(jobs), unit="case", file=sys.stderr, disable=None, leave=False) as bar:
+        for i, (path, dtype) in enumerate(jobs, 1):
+            bar.set_postfix_str(path.name)
+            start = time.perf_counter()
+            r = _check_one(path, dtype, open_loop)
+            seconds[f"{path.name}/{dtype}"] = round(time.perf_counter() - start, 2)
+            results.append(r)
+            line = _case_line(r, seconds[f"{path.name}/{dtype}"], width)
+            bar.write(f"[{i:>{len(str(len(jobs)))}}/{len(jobs)}] {line}", file=sys.stdout)
+            bar.update()
+    return results, seconds
+
+
+def _case_line(r: CaseResult, seconds: float | None, width: int) -> str:
+    """One finished case: verdict, error against its tolerance, drift, time."""
+    if r.skipped:
+        return f"{r.case:<{width}}  SKIP  {r.skipped}"
+    verdict = "PASS" if r.passed else "FAIL"
+    drift = "" if r.max_drift is None else f", open-loop drift {r.max_drift:.2e}"
+    detail = f"max rel update err {r.max_error:.2e} (tol {r.tolerance:g}, {r.dtype}){drift}"
+    if r.mode == "error":
+        detail = "; ".join(r.notes)
+    return f"{r.case:<{width}}  {verdict}  {detail}" + ("" if seconds is None else f"  {seconds:.1f} s")
 
 
 def _recorder_families() -> list[str]:
@@ -223,7 +293,10 @@ def _recorder_families() -> list[str]:
 def _run_live(families: tuple[str, ...], cases: tuple[str, ...], steps: int) -> list[CaseResult]:
     """One subprocess per family (celo and learned_optimization cannot share a process)."""
     results: list[CaseResult] = []
-    for family in families or tuple(_recorder_families()):
+    todo = families or tuple(_recorder_families())
+    click.echo(f"lopt-parity run --live: {len(todo)} family subprocess(es) ({', '.join(todo)}), JAX and "
+               "PyTorch side by side; minutes per family")  # fmt: skip
+    for family in todo:
         with tempfile.TemporaryDirectory(prefix="lopt-parity-live-") as tmp:
             out = Path(tmp) / "results.json"
             cmd = [sys.executable, "-m", "parity_tests.commands", "live-family", family, "--json", str(out),
@@ -235,8 +308,11 @@ def _run_live(families: tuple[str, ...], cases: tuple[str, ...], steps: int) -> 
                     _error_result(family, f"live run failed (exit {proc.returncode}); see messages above")
                 )
                 continue
-            for d in json.loads(out.read_text()):
-                results.append(_result_from_dict(d))
+            done = [_result_from_dict(d) for d in json.loads(out.read_text())]
+            width = max((len(r.case) for r in done), default=1)
+            for r in done:
+                click.echo(f"[{family}] {_case_line(r, None, width)}")
+            results.extend(done)
     return results
 
 

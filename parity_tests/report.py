@@ -108,8 +108,12 @@ def write_report(
     return out
 
 
+#: The symlog axis is linear below this (exact zeros sit on their own "0" tick), logarithmic above it.
+ZERO_BAND = 1e-9
+
+
 def write_plot(results: Sequence[CaseResult], path: Path) -> str:
-    """Plot max-over-tensors error per step for every case (log scale); returns the file name or why not."""
+    """Write ``plot_figure``'s figure to ``path``; returns the file name or why there is no plot."""
     try:
         import matplotlib
 
@@ -117,25 +121,68 @@ def write_plot(results: Sequence[CaseResult], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "skipped (matplotlib is not installed; pip install matplotlib)"
-    results = [r for r in results if not r.skipped and r.errors.size]
-    if not results:
+    fig = plot_figure(results)
+    if fig is None:
         return "skipped (no case was run)"
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    floor = 1e-12  # log axis: exact zeros are drawn at the floor
-    for r in results:
-        y = [max(float(v), floor) if math.isfinite(float(v)) else 1.0 for v in r.per_step()]
-        ax.semilogy(range(len(y)), y, label=f"{r.case} ({r.dtype})", linewidth=1.2)
-    tols = sorted({r.tolerance for r in results})
-    for tol in tols:
-        ax.axhline(tol, color="k", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("max rel. update error (after 1 ulp)")
-    ax.set_title("Parity against the JAX reference")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     try:
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path.name
+
+
+def plot_figure(results: Sequence[CaseResult]) -> Any:
+    """Max-over-tensors error per step, one panel per architecture (a matplotlib Figure; None if none ran).
+
+    The y axis is symmetric-log: exact zeros (an update equal up to one ulp) are drawn at 0, not clamped to a
+    floor; a non-finite error is drawn as a red x on the top edge.
+    """
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in results if not r.skipped and r.errors.size]
+    if not ran:
+        return None
+    archs = sorted({r.architecture for r in ran})
+    ncols = min(3, len(archs))
+    nrows = math.ceil(len(archs) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.4 * nrows), squeeze=False)
+    finite = [float(v) for r in ran for v in r.per_step() if math.isfinite(float(v))]
+    # One decade of headroom above the largest error or tolerance, so the tolerance line is never the frame.
+    top = 10 ** (math.floor(math.log10(max([*finite, *(r.tolerance for r in ran), ZERO_BAND]))) + 1)
+    for ax, arch in zip(axes.flat, archs, strict=False):
+        mine = [r for r in ran if r.architecture == arch]
+        for r in mine:
+            y = [float(v) for v in r.per_step()]
+            ax.plot(
+                range(len(y)), [v if math.isfinite(v) else math.nan for v in y], marker="o", markersize=2.5,
+                linewidth=0.9, label=f"{r.case}" + ("" if r.dtype == "float32" else f" ({r.dtype})"),
+            )  # fmt: skip
+            bad = [t for t, v in enumerate(y) if not math.isfinite(v)]
+            if bad:
+                ax.plot(bad, [top] * len(bad), "x", color="red", markersize=7, clip_on=False,
+                        label=f"{r.case}: not finite")  # fmt: skip
+        for tol in sorted({r.tolerance for r in mine}):
+            ax.axhline(tol, color="k", linestyle="--", linewidth=0.8, label=f"tolerance {tol:g}")
+        skipped = [r.case for r in results if r.skipped and r.architecture == arch]
+        title = f"{arch} (family {mine[0].family})" + (f"; skipped {', '.join(skipped)}" if skipped else "")
+        ax.set_title(title, fontsize=10)
+        ax.set_yscale("symlog", linthresh=ZERO_BAND, linscale=0.4)
+        ax.set_ylim(-0.2 * ZERO_BAND, top)
+        decades = range(round(math.log10(ZERO_BAND)), round(math.log10(top)) + 1)
+        ax.set_yticks([0.0, *(10.0**k for k in decades)])
+        ax.set_yticklabels(["0", *(f"1e{k}" for k in decades)], fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(True, which="major", axis="y", linewidth=0.3, alpha=0.5)
+        ax.set_xlabel("step", fontsize=9)
+        ax.set_ylabel("max rel. update error", fontsize=9)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    for ax in list(axes.flat)[len(archs) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        "Parity against the JAX reference: per step, max over tensors of |u_ours - u_ref| / |u_ref| "
+        "(one ulp allowed; 0 = equal)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig

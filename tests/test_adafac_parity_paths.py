@@ -17,6 +17,7 @@ from pylo_runtime import load_optimizer
 FIX = repo_root() / "parity_tests" / "fixtures"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "foreach", "steps"),
     [("small_fc_lopt_pylo", False, 20), ("small_fc_lopt_large", True, 6), ("mlp_lopt_default", False, 20)],
@@ -42,6 +43,7 @@ def test_reference_paths_replay_fixture(case, foreach, steps, tmp_path):
 RESOLVED = repo_root() / "tests" / "data" / "resolved"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["small_fc_lopt_resolved", "mlp_lopt_resolved"])
 def test_fixtures_with_large_steps_resolve_1e5(case, tmp_path):
     # Random-theta steps with the default step_mult are ~1e-3 of the parameters, so the one-ulp allowance

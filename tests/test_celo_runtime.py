@@ -42,18 +42,17 @@ def _build(case: str, params, **options):
 #: The batched path (the default) replays every fixture in tests/test_parity_fixtures.py (lopt-parity run);
 #: here the reference single-tensor path on the real weights and the interpolated-controls case, plus the
 #: batched path on one case so this file checks both paths on its own.
+#: The single-tensor replays of the three bigger cases are `slow` (4-15 s each on a busy 2-core machine).
 PARITY_RUNS = [
-    ("celo_real", False),
-    ("celo_adam_real", False),
-    ("celo_random_inits3", False),
-    ("celo_random", True),
-    ("celo_adam_random", True),
+    pytest.param("celo_real", False, id="celo_real-single", marks=pytest.mark.slow),
+    pytest.param("celo_adam_real", False, id="celo_adam_real-single", marks=pytest.mark.slow),
+    pytest.param("celo_random_inits3", False, id="celo_random_inits3-single", marks=pytest.mark.slow),
+    pytest.param("celo_random", True, id="celo_random-multi"),
+    pytest.param("celo_adam_random", True, id="celo_adam_random-multi"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "foreach"), PARITY_RUNS, ids=[f"{c}-{'multi' if f else 'single'}" for c, f in PARITY_RUNS]
-)
+@pytest.mark.parametrize(("case", "foreach"), PARITY_RUNS)
 def test_fixture_parity(case, foreach):
     res = check_fixture(
         FIXTURES / case,

@@ -166,3 +166,15 @@ def test_offline_is_exit_code_1(tmp_path, monkeypatch):
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "offline or host unreachable" in lines[0] and "hf://amoudgl/celo" in lines[0]
+
+
+def test_inspect_lists_tensors_in_natural_order(tmp_path):
+    """``ff.w0.2`` before ``ff.w0.10`` (safetensors stores names in plain string order)."""
+    names = ["ff.w0.10", "ff.w0.2", "ff.b1", "ff.w0.1", "lstm.w_ih", "ff.w10.0", "ff.w2.0"]
+    tensors = {k: np.ones(2, np.float32) for k in names}
+    out = writer.write(_spec(**tensors), tmp_path / "n.safetensors", PROV)
+    expected = ["ff.b1", "ff.w0.1", "ff.w0.2", "ff.w0.10", "ff.w2.0", "ff.w10.0", "lstm.w_ih"]
+    assert [t["name"] for t in writer.describe(writer.read(out))["tensors"]] == expected
+    text = CliRunner().invoke(main, ["inspect", str(out)]).output
+    listed = [ln.split()[0] for ln in text.splitlines() if ln.startswith(("  ff.", "  lstm."))]
+    assert listed == expected

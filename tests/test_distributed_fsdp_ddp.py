@@ -18,6 +18,8 @@ import torch
 
 from tests.distributed_support import FAMILIES, Net, batches, make_optimizer, max_rel_diff, run_ranks
 
+pytestmark = pytest.mark.slow  # every test reads the 2-rank runs of the module-scoped `results` fixture
+
 STEPS = 10
 ROWS = 8  # per rank
 #: Extra rank-local FSDP2 runs: (family, optimizer options).

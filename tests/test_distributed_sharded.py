@@ -82,6 +82,7 @@ def results() -> list[dict]:
     return run_ranks(_worker, world=2)
 
 
+@pytest.mark.slow  # the 2-rank runs of `results`
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_step_equals_unsharded(results, family):
     # 1e-5: the bound; only the order of the loss / norm sums differs from the unsharded step.
@@ -89,12 +90,14 @@ def test_sharded_step_equals_unsharded(results, family):
         assert r[f"diff/{family}"] <= 1e-5, r
 
 
+@pytest.mark.slow  # the 2-rank runs of `results`
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_step_over_fsdp2_equals_unsharded(results, family):
     for r in results:
         assert r[f"fsdp_diff/{family}"] <= 1e-5, r
 
 
+@pytest.mark.slow  # the 2-rank runs of `results`
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["stepped", "fsdp_stepped"])
 def test_each_rank_steps_a_disjoint_part(results, family, mode):
@@ -103,6 +106,7 @@ def test_each_rank_steps_a_disjoint_part(results, family, mode):
     assert a | b == {"lin.weight", "lin.bias", "kernel", "row", "scale"}
 
 
+@pytest.mark.slow  # the 2-rank runs of `results`
 def test_fewer_tensors_than_ranks_falls_back_to_stepping_all(results):
     for r in results:
         assert r["one_tensor"] <= 1e-5, r

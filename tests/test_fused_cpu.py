@@ -143,6 +143,7 @@ def test_lr_multiplier_and_none_grads():
     assert len(ob.state[pb[0]]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native_passes", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("family", ["small_fc_lopt", "velo"])
 def test_open_loop_drift_2000_steps(family, native_passes, monkeypatch):

@@ -158,6 +158,7 @@ def test_add_param_group_initialises_state_lazily(family):
 COMPILE_CASES = [("small_fc_lopt", {}), ("velo", {"foreach": False})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, options", COMPILE_CASES, ids=[c[0] for c in COMPILE_CASES])
 def test_compiled_training_step(family, options):
     from torch._dynamo.utils import counters

@@ -81,7 +81,7 @@ def test_library_builds_and_shares_torchs_openmp():
         assert ours == theirs, "the native library loaded its own libgomp, not torch's"
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("hidden", [32, 4])
 def test_small_fc_lopt_native_matches_reference(low_thresholds, calls, threads, hidden):
     n = torch.get_num_threads()
@@ -109,7 +109,7 @@ def test_mulo_native_uses_scales_and_lr(low_thresholds, calls):
     assert calls.count("sfc_pass2") == 3 * len(SHAPES)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "config",
     [
@@ -206,6 +206,7 @@ FIXTURES = [
 OUTSIDE_FAST_PATH = {"small_fc_lopt_separate", "velo_ablate"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.name for p in FIXTURES])
 def test_native_replays_jax_fixtures(path, low_thresholds, calls, tmp_path):
     """Every committed VeLO / small_fc_lopt / muLO JAX recording, its 2-D tensors through the C passes:

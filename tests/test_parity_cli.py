@@ -15,9 +15,32 @@ from tests.test_parity_compare import _sgd_fixture
 def test_help_has_examples():
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0 and "Examples:" in res.output and "lopt-parity run" in res.output
+    assert CliRunner().invoke(main, ["-h"]).output == res.output  # -h as in lopt-convert
     for sub in ("record", "check", "run"):
         res = CliRunner().invoke(main, [sub, "--help"])
         assert res.exit_code == 0 and "Example" in res.output, sub
+        assert CliRunner().invoke(main, [sub, "-h"]).output == res.output, sub
+
+
+def test_run_reports_each_case_as_it_finishes(tmp_path):
+    fixtures = tmp_path / "fixtures"
+    _sgd_fixture(fixtures)
+    (fixtures / "sgd").rename(fixtures / "sgd_a")
+    _sgd_fixture(fixtures)  # two cases, both FAIL (our runtime has no "sgd" architecture)
+    args = ["run", "--fixtures", str(fixtures), "--out", str(tmp_path / "r"), "--no-open-loop"]
+    res = CliRunner().invoke(main, args)
+    lines = res.output.splitlines()
+    assert lines[0].startswith("lopt-parity run: 2 case(s) from") and "roughly" in lines[0], lines[0]
+    assert lines[1].startswith("[1/2] sgd ") and "FAIL" in lines[1] and lines[1].endswith(" s"), lines[1]
+    assert lines[2].startswith("[2/2] sgd_a ") and "FAIL" in lines[2], lines[2]
+    assert lines.index("") < next(i for i, ln in enumerate(lines) if ln.startswith("case "))  # then the table
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert set(report["seconds"]) == {"sgd/float32", "sgd_a/float32"}
+    assert set(report["fixtures"]) == {"sgd", "sgd_a"}
+    assert all(len(digest) == 64 for digest in report["fixtures"].values())
+    # The next run estimates its time from this report's per-case times.
+    res = CliRunner().invoke(main, args)
+    assert f"(the last run in {tmp_path / 'r'})" in res.output.splitlines()[0]
 
 
 def test_run_without_fixtures_is_not_a_failure(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,10 @@ def test_report_files_and_table(tmp_path):
     md = (out / "report.md").read_text()
     assert "| good |" in md and "FAIL" in md
     assert (out / "errors.png").stat().st_size > 1000
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("report.md", "report.json", "errors.png"):  # readable like any file the user writes
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 class _NumpySGDReference:
@@ -209,3 +214,30 @@ def test_report_without_matplotlib_skips_the_plot_with_a_message(tmp_path, monke
     out = write_report([good], tmp_path / "rep")
     assert not (out / "errors.png").exists()
     assert "matplotlib is not installed" in (out / "report.md").read_text()
+
+
+def test_plot_has_one_panel_per_architecture_and_draws_zero_errors_at_zero():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from parity_tests.report import plot_figure
+
+    exact = CaseResult("exact", "velo", "velo", ["x"], np.array([[0.0], [2e-7], [0.0]]))
+    broken = CaseResult("broken", "velo", "velo", ["x"], np.array([[1e-7], [np.inf], [3e-5]]))
+    other = CaseResult("other", "adafac", "small_fc_lopt", ["x"], np.array([[1e-6], [1e-6]]))
+    skipped = CaseResult("real", "celo", "celo", ["-"], np.zeros((0, 0)), skipped="weights absent")
+    fig = plot_figure([exact, broken, other, skipped])
+    try:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title().split()[0] for ax in panels] == ["small_fc_lopt", "velo"]
+        velo = panels[1]
+        assert velo.get_yscale() == "symlog" and velo.get_ylim()[0] < 0.0 <= velo.get_ylim()[1]
+        lines = {ln.get_label(): ln for ln in velo.get_lines()}
+        assert list(lines["exact"].get_ydata()) == [0.0, 2e-7, 0.0]  # zeros are zeros, not a floor
+        assert lines["broken: not finite"].get_xdata().tolist() == [1]  # marked, not drawn as a value
+        assert {"exact", "broken", "tolerance 1e-05"} <= {t.get_text() for t in velo.get_legend().get_texts()}
+        assert velo.get_ylim()[1] > 3e-5  # the tolerance line and the worst error are inside the frame
+    finally:
+        plt.close(fig)
