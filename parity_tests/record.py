@@ -36,6 +36,7 @@ PROVENANCE_PACKAGES = (
     "gin-config",
     "numpy",
     "tensorflow",
+    "tensorflow-cpu",
 )
 
 

@@ -129,7 +129,12 @@ def save_lo_checkpoint(
 
         opt = opt_from_checkpoint.opt_from_checkpoint(str(path))
         for k, v in config.items():
-            if np.any(np.asarray(getattr(opt.lopt, f"_{k}")) != np.asarray(v)):
+            # AdafacMLPLOpt / MLPLOpt keep their arguments as ``_name``, RNNMLPLOpt / NNAdam as ``name``.
+            got = np.asarray(
+                getattr(opt.lopt, f"_{k}") if hasattr(opt.lopt, f"_{k}") else getattr(opt.lopt, k)
+            )
+            # (RNNMLPLOpt keeps its decays as a float32 jnp array: compare in the stored dtype)
+            if np.any(got != np.asarray(v, dtype=got.dtype if got.dtype.kind == "f" else None)):
                 raise RuntimeError(f"opt_from_checkpoint did not apply {class_name}.{k} = {v!r}")
         how = (
             "checkpoints.save_state('params', gradient_learner.ParameterCheckpoint(theta, 'parity', 0)); "
