@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ FORMAT_NAME = "lopt-bridge"
 FORMAT_VERSION = "1"
 
 _FLOAT_KINDS = ("f",)
+#: Same as pylo_runtime.checkpoint.OPTIONAL_META_KEYS: metadata some sources add (PyLO: every repo read).
+OPTIONAL_META_KEYS = ("pylo_sources",)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class Provenance:
 
     source_uri: str
     source_sha256: str
-    source_format: str  # "lo_params_gin" | "lo_no_config" | "theta_state" | "pickle"
+    source_format: str  # "lo_params_gin" | "lo_no_config" | "theta_state" | "pickle" | "pylo"
+    #: Further metadata keys (``pylo_runtime.checkpoint.OPTIONAL_META_KEYS``), e.g. ``pylo_sources``.
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _json_default(value: Any) -> Any:
@@ -78,7 +82,7 @@ def check_tensors(spec: ArchSpec, *, source: str, allow_nonfinite: bool = False)
 
 def metadata(spec: ArchSpec, provenance: Provenance, *, source: str) -> dict[str, str]:
     """The string metadata header for ``spec`` (keys of pylo_runtime.checkpoint.META_KEYS)."""
-    return {
+    meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "architecture": spec.name,
@@ -89,6 +93,10 @@ def metadata(spec: ArchSpec, provenance: Provenance, *, source: str) -> dict[str
         "converter_version": __version__,
         "source_paths": json.dumps({k: spec.source_paths[k] for k in spec.tensors}, sort_keys=True),
     }
+    clash = sorted(set(meta) & set(provenance.extra))
+    if clash:
+        raise RuntimeError(f"provenance extra keys {clash} would overwrite the standard metadata")
+    return {**meta, **provenance.extra}
 
 
 def write(
@@ -219,6 +227,7 @@ def describe(conv: Converted) -> dict[str, Any]:
         "provenance": {
             k: conv.metadata.get(k)
             for k in ("source_uri", "source_sha256", "source_format", "converter_version", "format_version")
+            + tuple(k for k in OPTIONAL_META_KEYS if k in conv.metadata)
         },
     }
 

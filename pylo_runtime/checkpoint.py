@@ -24,9 +24,13 @@ META_KEYS = (
     "config",  # JSON: every constructor argument of the reference class, defaults filled in
     "source_uri",  # where the source came from (path, https, gs://, hf://)
     "source_sha256",  # sha256 of the source file (the params / .checkpoint / theta.state bytes)
-    "source_format",  # "lo_params_gin" | "lo_no_config" | "theta_state" | "pickle"
+    "source_format",  # "lo_params_gin" | "lo_no_config" | "theta_state" | "pickle" | "pylo"
     "converter_version",
     "source_paths",  # JSON: output tensor name -> {"path": ..., "keys": [...], "transform": ...}
+)
+#: Metadata keys written for some sources only.
+OPTIONAL_META_KEYS = (
+    "pylo_sources",  # JSON list, source_format "pylo": per PyLO repo its source, model class, sha256s, config
 )
 
 

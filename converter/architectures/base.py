@@ -63,8 +63,12 @@ class Architecture(Protocol):
 #:   None / ""                     the tensor is the source leaf as is
 #:   "transpose:1,0"               ``np.transpose(leaf, (1, 0))`` (any axes permutation)
 #:   "reshape:4,-1"                ``np.reshape(leaf, (4, -1))`` (same bytes, new shape)
+#:   "slice:2,0,3"                 ``leaf[:, :, 0:3]`` (axis, start, stop: PyLO's VeLOMLP packs w0__i)
 #:   "bfloat16->float32 (exact)"   recorded by the converter itself: flax_msgpack widens bf16 on decode
-TRANSFORM_HELP = "None | 'transpose:AXES' | 'reshape:DIMS' | 'bfloat16->float32 (exact)', joined with '; '"
+TRANSFORM_HELP = (
+    "None | 'transpose:AXES' | 'reshape:DIMS' | 'slice:AXIS,START,STOP' | 'bfloat16->float32 (exact)', "
+    "joined with '; '"
+)
 
 
 def apply_transform(leaf: Any, transform: str | None) -> np.ndarray:
@@ -79,6 +83,11 @@ def apply_transform(leaf: Any, transform: str | None) -> np.ndarray:
             arr = np.transpose(arr, numbers)
         elif op == "reshape":
             arr = np.reshape(arr, numbers)
+        elif op == "slice" and len(numbers) == 3 and 0 <= numbers[0] < arr.ndim:
+            axis, start, stop = numbers
+            if not 0 <= start <= stop <= arr.shape[axis]:
+                raise ValueError(f"transform {step!r} is outside axis {axis} of length {arr.shape[axis]}")
+            arr = arr[(slice(None),) * axis + (slice(start, stop),)]
         else:
             raise ValueError(f"unknown transform {step!r} (known: {TRANSFORM_HELP})")
     return np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes 0-d arrays (1,)
