@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from . import __version__, convert, files, registry, sources, writer
+from . import __version__, convert, files, pylo_format, registry, sources, writer
 from .errors import ConversionError
 
 EXIT_BAD_INPUT = 2
@@ -153,6 +153,8 @@ class _OneLineGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 110, "max_content_width": 110},
     epilog="\b\nExamples:\n  lopt-convert velo\n  lopt-convert celo -o celo.safetensors\n"
     "  lopt-convert auto --source hf://amoudgl/celo/theta.state -o celo.safetensors\n"
+    "  lopt-convert pylo --source hf://Pauljanson002/VeLO_RNN --source hf://Pauljanson002/VeLO_MLP\n"
+    "  lopt-convert export-pylo checkpoints/velo.safetensors -o pylo_velo\n"
     "  lopt-convert inspect checkpoints/velo.safetensors",
 )
 @click.version_option(__version__, prog_name="lopt-convert")
@@ -164,7 +166,8 @@ def _registry_command(entry: registry.Entry) -> click.Command:
     example = f"lopt-convert {entry.name}" if entry.source else f"lopt-convert {entry.name} --source PATH"
     if entry.format == "pickle":
         example += " --allow-pickle"
-    help_text = f"{entry.title}.\n\nDefault source: {entry.source or '(none published: give --source)'}"
+    default = " + ".join(entry.uris) if entry.format == "pylo" else entry.source
+    help_text = f"{entry.title}.\n\nDefault source: {default or '(none published: give --source)'}"
     if not entry.supported:
         help_text = f"(not supported) {entry.title}.\n\n{entry.note}"
 
@@ -175,19 +178,33 @@ def _registry_command(entry: registry.Entry) -> click.Command:
         epilog=f"\b\nExample:\n  {example}",
     )
     @click.option(
-        "--source", metavar="SRC", help="Path, https://, gs:// or hf:// URI (default: the registry's)."
+        "--source",
+        "source",
+        multiple=True,
+        metavar="SRC",
+        help="Path, https://, gs:// or hf:// URI (default: the registry's); PyLO repos: one --source each.",
     )
     @_conversion_options
     @_errors_to_exit_codes
-    def command(source: str | None, output: str | None, force: bool, sets: tuple[str, ...],
+    def command(source: tuple[str, ...], output: str | None, force: bool, sets: tuple[str, ...],
                 config_file: str | None, allow_pickle: bool, allow_nonfinite: bool, refresh: bool,
                 max_source_size: str | None) -> None:  # fmt: skip
         if not entry.supported:
             raise ConversionError(entry.name, f"not supported: {entry.note}")
-        src = source or entry.source
-        if src is None:
+        srcs = list(source) or (list(entry.uris) if entry.format == "pylo" else [entry.source or ""])
+        if not srcs[0]:
             raise click.UsageError(f"{entry.name}: no published file; give --source PATH")
         limit = sources.max_source_bytes(max_source_size)
+        if all(pylo_format.is_pylo_source(s) for s in srcs):
+            out = _output_path(output, entry.name, force)
+            _convert_pylo(srcs, out, entry.architecture or None, sets, config_file, force, allow_nonfinite,
+                          refresh, limit)  # fmt: skip
+            return
+        if len(srcs) != 1:
+            raise click.UsageError(
+                f"{entry.name}: several --source are only for PyLO repos (hf://owner/repo)"
+            )
+        src = srcs[0]
         out = _output_path(output, entry.name, force)
         sha = entry.sha256 if src == entry.source else _known_sha(src)
         path = convert.convert_source(
@@ -209,6 +226,22 @@ def _registry_command(entry: registry.Entry) -> click.Command:
     return command
 
 
+def _convert_pylo(srcs: list[str], out: Path | None, architecture: str | None, sets: tuple[str, ...],
+                  config_file: str | None, force: bool, allow_nonfinite: bool, refresh: bool,
+                  limit: int) -> None:  # fmt: skip
+    """PyLO repos -> our file (``out`` None: ``checkpoints/<architecture>-pylo.safetensors``)."""
+    if config_file is not None:
+        raise click.UsageError("--config is for gin-configured checkpoints; PyLO repos take --set KEY=VALUE")
+    if out is None:  # the file name comes from the architecture found; its folder can be checked now
+        files.check_folder(_default_output("x").parent)
+    spec, provenance = pylo_format.load(
+        srcs, architecture=architecture, sets=convert.parse_sets(list(sets)), max_bytes=limit, refresh=refresh
+    )
+    out = out if out is not None else _output_path(None, f"{spec.name}-pylo", force)
+    path = writer.write(spec, out, provenance, force=force, allow_nonfinite=allow_nonfinite)
+    _report(path, provenance.source_uri)
+
+
 def _register_registry_commands() -> None:
     try:
         reg = registry.load()
@@ -220,30 +253,101 @@ def _register_registry_commands() -> None:
 
 
 @main.command(
-    epilog="\b\nExample:\n  lopt-convert auto --source ./my_run/params -o my_lopt.safetensors",
+    epilog="\b\nExamples:\n  lopt-convert auto --source ./my_run/params -o my_lopt.safetensors\n"
+    "  lopt-convert auto --source hf://btherien/mulo -o mulo.safetensors",
 )
-@click.option("--source", required=True, metavar="SRC", help="Path, https://, gs:// or hf:// URI.")
+@click.option(
+    "--source",
+    "source",
+    required=True,
+    multiple=True,
+    metavar="SRC",
+    help="Path, https://, gs:// or hf:// URI; PyLO repos (hf://owner/repo or a folder): one --source each.",
+)
 @_conversion_options
 @_errors_to_exit_codes
-def auto(source: str, output: str | None, force: bool, sets: tuple[str, ...], config_file: str | None,
-         allow_pickle: bool, allow_nonfinite: bool, refresh: bool,
+def auto(source: tuple[str, ...], output: str | None, force: bool, sets: tuple[str, ...],
+         config_file: str | None, allow_pickle: bool, allow_nonfinite: bool, refresh: bool,
          max_source_size: str | None) -> None:  # fmt: skip
     """Convert any supported checkpoint, detecting its architecture (config.gin, --set, or the tree).
 
-    A source the registry knows is checked against the registry's sha256, as its subcommand would.
+    PyLO's format (model.safetensors + config.json, a folder or hf://owner/repo) is recognised and its map
+    found from the tensors. A source the registry knows is checked against the registry's sha256, as its
+    subcommand would.
     """
     limit = sources.max_source_bytes(max_source_size)
+    srcs = list(source)
+    if all(pylo_format.is_pylo_source(s) for s in srcs):
+        out = files.check_output(output, force=force) if output is not None else None
+        _convert_pylo(srcs, out, None, sets, config_file, force, allow_nonfinite, refresh, limit)
+        return
+    if len(srcs) != 1:
+        raise click.UsageError("several --source are only for PyLO repos (hf://owner/repo or a folder)")
+    src = srcs[0]
     if output is not None:
         files.check_output(output, force=force)
     else:  # the file name comes from the architecture found; its folder can be checked now
         files.check_folder(_default_output("x").parent)
     spec, provenance = convert.load_source(
-        source, sets=list(sets), config_file=config_file, allow_pickle=allow_pickle,
-        expected_sha256=_known_sha(source), refresh=refresh, max_bytes=limit,
+        src, sets=list(sets), config_file=config_file, allow_pickle=allow_pickle,
+        expected_sha256=_known_sha(src), refresh=refresh, max_bytes=limit,
     )  # fmt: skip
     out = _output_path(output, spec.name, force)
     path = writer.write(spec, out, provenance, force=force, allow_nonfinite=allow_nonfinite)
-    _report(path, source)
+    _report(path, src)
+
+
+@main.command(
+    epilog="\b\nExamples:\n  lopt-convert pylo --source hf://Pauljanson002/VeLO_RNN "
+    "--source hf://Pauljanson002/VeLO_MLP\n  lopt-convert pylo --source ./my_pylo_folder -o mine.safetensors",
+)
+@click.option(
+    "--source",
+    "source",
+    required=True,
+    multiple=True,
+    metavar="REPO",
+    help="A PyLO repo: hf://owner/repo[@revision] or a folder with model.safetensors + config.json. "
+    "Repeat for optimizers stored in several repos (VeLO: VeLO_RNN and VeLO_MLP, in any order).",
+)
+@_conversion_options
+@_errors_to_exit_codes
+def pylo(source: tuple[str, ...], output: str | None, force: bool, sets: tuple[str, ...],
+         config_file: str | None, allow_pickle: bool, allow_nonfinite: bool, refresh: bool,
+         max_source_size: str | None) -> None:  # fmt: skip
+    """Convert learned-optimizer weights in PyLO's Hugging Face format (model.safetensors + config.json).
+
+    The architecture comes from the tensors (PyLO maps: docs/formats.md); --set KEY=VALUE changes an
+    option that PyLO passes as an optimizer argument (e.g. step_mult), --set architecture=NAME picks a map.
+    """
+    limit = sources.max_source_bytes(max_source_size)
+    out = files.check_output(output, force=force) if output is not None else None
+    _convert_pylo(list(source), out, None, sets, config_file, force, allow_nonfinite, refresh, limit)
+
+
+@main.command(
+    "export-pylo",
+    epilog="\b\nExample:\n  lopt-convert export-pylo checkpoints/velo.safetensors -o pylo_velo/\n"
+    "  # then in PyLO:\n"
+    "  #   VeLO_naive(params, hf_key_rnn='pylo_velo/VeLO_RNN', hf_key_mlp='pylo_velo/VeLO_MLP', lr=1.0)",
+)
+@click.argument("file")
+@click.option(
+    "-o", "--output", required=True, metavar="DIR", help="Folder to write one folder per PyLO repo into."
+)
+@click.option("--force", is_flag=True, help="Overwrite files already in the repo folders.")
+@_errors_to_exit_codes
+def export_pylo(file: str, output: str, force: bool) -> None:
+    """Write a converted FILE in PyLO's format (model.safetensors + config.json per repo) for PyLO.
+
+    Refused, with the reason, when PyLO has no port of the architecture (Celo, Celo-Adam) or cannot run this
+    checkpoint exactly (an option PyLO does not implement). pylo_optimizer.json beside the files records the
+    PyLO call with the arguments the checkpoint needs; `lopt-convert pylo` reads it back.
+    """
+    done = pylo_format.export(file, output, force=force)
+    folders = ", ".join(f"{f} ({c})" for f, c in zip(done.folders, done.model_classes, strict=True))
+    click.echo(f"wrote {folders} from {file} ({done.architecture})")
+    click.echo(f"run it in PyLO with: {done.call}")
 
 
 @main.command(
@@ -292,7 +396,13 @@ def inspect(file: str, as_json: bool) -> None:
     epilog="\b\nExample:\n  lopt-convert verify checkpoints/celo.safetensors --source hf://amoudgl/celo/theta.state"
 )
 @click.argument("file")
-@click.option("--source", metavar="SRC", help="The original checkpoint (default: the recorded source_uri).")
+@click.option(
+    "--source",
+    "source",
+    multiple=True,
+    metavar="SRC",
+    help="The original checkpoint (default: the recorded source_uri); PyLO repos: one --source each.",
+)
 @click.option(
     "--fetch-recorded-source",
     is_flag=True,
@@ -301,7 +411,7 @@ def inspect(file: str, as_json: bool) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow reading a pickle source.")
 @_source_options
 @_errors_to_exit_codes
-def verify(file: str, source: str | None, fetch_recorded_source: bool, allow_pickle: bool, refresh: bool,
+def verify(file: str, source: tuple[str, ...], fetch_recorded_source: bool, allow_pickle: bool, refresh: bool,
            max_source_size: str | None) -> None:  # fmt: skip
     """Re-read the source and check every tensor of FILE bit for bit (and the recorded transforms).
 
@@ -309,25 +419,43 @@ def verify(file: str, source: str | None, fetch_recorded_source: bool, allow_pic
     --fetch-recorded-source, because the metadata of a file you were sent can name any URL.
     """
     limit = sources.max_source_bytes(max_source_size)
-    src = source
-    if src is None:
-        recorded = writer.read(file).metadata.get("source_uri")
-        if not recorded:
-            raise click.UsageError("the file records no source_uri; give --source")
-        if sources.is_remote(recorded):
-            sources.parse_remote(recorded)  # a malformed recorded URL is refused before anything else
-            if not fetch_recorded_source:
-                raise ConversionError(
-                    file,
-                    f"records the remote source {recorded}; verify downloads a URL taken from a file only "
-                    "with --fetch-recorded-source (or give --source PATH_OR_URL)",
-                )
-        src = recorded
-    summary = convert.verify(file, src, allow_pickle=allow_pickle, refresh=refresh, max_bytes=limit)
+    conv = writer.read(file)
+    if conv.metadata.get("source_format") == pylo_format.SOURCE_FORMAT:
+        srcs = list(source) or pylo_format.recorded_sources(conv)
+        if not source:
+            for recorded in srcs:
+                _check_recorded(file, recorded, fetch_recorded_source)
+        summary = pylo_format.verify(file, srcs, max_bytes=limit, refresh=refresh)
+    else:
+        if len(source) > 1:
+            raise click.UsageError("several --source are only for files converted from PyLO repos")
+        src = source[0] if source else None
+        if src is None:
+            recorded = conv.metadata.get("source_uri")
+            if not recorded:
+                raise click.UsageError("the file records no source_uri; give --source")
+            _check_recorded(file, recorded, fetch_recorded_source)
+            src = recorded
+        summary = convert.verify(file, src, allow_pickle=allow_pickle, refresh=refresh, max_bytes=limit)
     click.echo(
         f"ok: {summary['file']} matches {summary['source']} bit for bit "
         f"({summary['architecture']}, {summary['tensors']} tensors, {summary['values']} values)"
     )
+
+
+def _check_recorded(file: str, recorded: str, fetch_recorded_source: bool) -> None:
+    """A remote source recorded in a file is fetched only with --fetch-recorded-source."""
+    if sources.is_remote(recorded):
+        if recorded.lower().startswith("hf://") and pylo_format.is_pylo_source(recorded):
+            pylo_format.locate(recorded)  # a malformed recorded repo is refused before anything else
+        else:
+            sources.parse_remote(recorded)  # a malformed recorded URL is refused before anything else
+        if not fetch_recorded_source:
+            raise ConversionError(
+                file,
+                f"records the remote source {recorded}; verify downloads a URL taken from a file only "
+                "with --fetch-recorded-source (or give --source PATH_OR_URL)",
+            )
 
 
 @main.command("list", epilog="\b\nExample:\n  lopt-convert list")
@@ -337,7 +465,8 @@ def list_checkpoints() -> None:
     width = max(len(e.name) for e in reg.entries)
     for e in reg.entries:
         flag = "" if e.supported else "  (not supported)"
-        click.echo(f"{e.name:<{width}}  {e.architecture:<13} {e.format:<14} {e.source or '-'}{flag}")
+        shown = " + ".join(e.uris) if e.format == "pylo" else e.source
+        click.echo(f"{e.name:<{width}}  {e.architecture:<13} {e.format:<14} {shown or '-'}{flag}")
     click.echo(f"... and {len(reg.lo_names)} learned_optimization runs: lopt-convert lo-pretrained NAME")
 
 

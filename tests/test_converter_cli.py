@@ -186,7 +186,7 @@ def test_bad_set_and_usage(tmp_path):
     r = run("velo", "--source", VELO_DIR, "-o", out, "--set", "no_such_argument=1")
     assert_bad_input(r, VELO_DIR / "params", "no_such_argument", out)
     assert run("auto", "-o", out).exit_code == 2  # --source is required
-    assert run("mulo").exit_code == 2  # nothing published: --source required
+    assert run("pylo", "-o", out).exit_code == 2  # --source is required
     assert_bad_input(run("velo-s"), "velo-s", "not supported")
 
 
