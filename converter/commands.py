@@ -159,7 +159,7 @@ class _OneLineGroup(click.Group):
 )
 @click.version_option(__version__, prog_name="lopt-convert")
 def main() -> None:
-    """Convert published learned-optimizer checkpoints (JAX/flax) to safetensors for lopt-bridge."""
+    """Convert published learned-optimizer checkpoints (JAX/flax, PyLO) to safetensors for lopt-bridge."""
 
 
 def _registry_command(entry: registry.Entry) -> click.Command:

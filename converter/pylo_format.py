@@ -401,8 +401,9 @@ def read_repo(
         )
     except ConversionError as e:
         if e.problem.startswith("no such file"):
-            legacy = " (PyLO's legacy pytorch_model.bin is a pickle and is not read)"
-            raise ConversionError(loc.name, f"holds no {MODEL_FILE}{legacy}") from None
+            hint = " (for another file in the repo write hf://owner/repo/FILE)" if loc.remote else ""
+            legacy = "; PyLO's legacy pytorch_model.bin is a pickle and is not read"
+            raise ConversionError(loc.name, f"holds no {MODEL_FILE}: not a PyLO repo{hint}{legacy}") from None
         raise
     tensors = parse_safetensors(data, loc.model)
     sha = hashlib.sha256(data).hexdigest()

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from http_support import fake_hub, serve
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from converter import pylo_format as pf
@@ -439,7 +441,7 @@ def test_registry_defaults_download_pylo_repos(hub, tmp_path):
 
 def test_hub_refusals(hub):
     cases = {
-        "hf://me/legacy": "holds no model.safetensors .*pytorch_model.bin is a pickle",
+        "hf://me/legacy": "holds no model.safetensors: not a PyLO repo .*hf://owner/repo/FILE.*pytorch_model.bin",
         "hf://nobody/nothing": "repository not found",
         "hf://DiamondXL/elo": "ELO .* has no lopt-bridge architecture",
         "hf://me/../x": "a PyLO repo is hf://owner/repo",
@@ -487,3 +489,29 @@ def test_maps_are_discovered_and_documented():
         pf.locate("hf://onlyowner")
     assert pf.is_pylo_source("hf://a/b") and pf.is_pylo_source("hf://a/b@v1/model.safetensors")
     assert not pf.is_pylo_source("hf://amoudgl/celo/theta.state") and not pf.is_pylo_source("gs://b/o")
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+_MULO_BYTES = (MULO[0] / "model.safetensors").read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzzed_safetensors_and_json_raise_only_conversion_errors(data):
+    """Random bytes, and PyLO's file with bytes flipped / cut, give an array dict or one ConversionError."""
+    blob = bytearray(_MULO_BYTES)
+    for _ in range(data.draw(st.integers(0, 8))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    blob = blob[: data.draw(st.integers(0, len(blob)))]
+    for raw in (bytes(blob), data.draw(st.binary(max_size=300))):
+        try:
+            out = pf.parse_safetensors(raw, "f")
+        except ConversionError as e:
+            assert "\n" not in str(e)
+        else:
+            assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in out.values())
+        try:
+            pf.parse_json_object(raw[8:200], "f", "config.json")
+        except ConversionError as e:
+            assert "\n" not in str(e)
