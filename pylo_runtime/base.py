@@ -17,6 +17,7 @@ import torch
 
 from . import step_inputs as _inputs
 from .checkpoint import read_checkpoint
+from .distributed import dcp as _dcp
 from .distributed import fsdp
 from .distributed.reducer import ALL_TENSORS, WHOLE, ShardReducer, TensorReducer, TensorsReducer
 from .specs import Config, SpecError
@@ -227,7 +228,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise":
             raise _inputs.NonFiniteError(f"{name}: non-finite step input: {detail}; nothing was changed")
         if GLOBAL not in self.state:
-            self.state[GLOBAL] = self._init_global(device)
+            self.state[GLOBAL] = self._new_global(device)
         global_state = self.state[GLOBAL]
         global_state["skipped_steps"] = int(global_state.get("skipped_steps", 0)) + 1
         if not inputs.warned_nonfinite:
@@ -237,7 +238,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{global_state['skipped_steps']} step(s) skipped so far; later skips are only counted in "
                 "optimizer.skipped_steps (nonfinite='raise' makes them errors)",
                 RuntimeWarning,
-                stacklevel=5,  # _loss_and_guard, step, torch.no_grad, torch's step hook wrapper, the caller
+                stacklevel=6,  # _loss_and_guard, _step, step, torch.no_grad, torch's step hook, the caller
             )
         return loss_t, True
 
@@ -334,6 +335,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         ``across``: how reductions over tensors reduce (``ShardedOptimizer`` passes its group's; default: this
         process steps every tensor)."""
+        # (is_compiling first: reading self.state here would make torch.compile guard on its keys' gradients.)
+        if not _inputs.is_compiling() and not self.state and _dcp.initialising_state():
+            self._init_state_for_checkpoint()  # DCP's zero-gradient, lr=0 step: make the state, step nothing
+            return None
+        if self.__dict__.get("_global_linked_to") is not None:  # after a DCP state_dict: the family never
+            self._unlink_global()  # sees the optimizer-wide state inside a parameter's state
+        return self._step(closure, loss, across)
+
+    def _step(self, closure: Callable[[], Any] | None, loss: Any, across: TensorsReducer | None) -> Any:
+        """``step``'s body: collect the tensors (FSDP2 stand-ins), the loss and the guard, the update."""
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -407,12 +418,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for extra in wd_loss:
                 loss_t = loss_t + extra.to(device)
 
-        if GLOBAL not in self.state:
-            self.state[GLOBAL] = self._init_global(device)
+        self._ensure_state(params, reducers, device)
         global_state = self.state[GLOBAL]
-        for p, red in zip(params, reducers, strict=True):
-            if len(self.state[p]) == 0:
-                self._init_param(p, self.state[p], red)
 
         if self.num_accumulate > 1:
             params, grads, lrs, loss_t = self._accumulate(params, grads, lrs, loss_t, global_state)
@@ -423,6 +430,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         path = dispatch.choose(self, device, shard=any(r.is_shard for r in reducers))
         self._update(params, grads, lrs, loss_t, global_state, path=path, reducers=reducers, across=across)
+
+    def _ensure_state(self, params: list[torch.Tensor], reducers: list[TensorReducer], device) -> None:
+        """The optimizer-wide state and each parameter's, where missing (created at the first step)."""
+        if GLOBAL not in self.state:
+            self.state[GLOBAL] = self._new_global(device)
+        for p, red in zip(params, reducers, strict=True):
+            if len(self.state[p]) == 0:
+                self._new_param_state(p, self.state[p], red)
+
+    def _new_global(self, device: torch.device) -> dict[str, Any]:
+        """``_init_global`` plus the base class's keys: every key exists from the first step on, so that a
+        fresh optimizer's state has the keys of a checkpoint (DCP loads by key and drops keys it lacks)."""
+        out = self._init_global(device)
+        out.setdefault("skipped_steps", 0)
+        if self.num_accumulate > 1:
+            out.setdefault("accum_count", 0)
+            if self.uses_loss:
+                out.setdefault("loss_accum", torch.zeros((), dtype=torch.float32, device=device))
+        return out
+
+    def _new_param_state(self, p: torch.Tensor, state: dict[str, Any], red: TensorReducer) -> None:
+        """``_init_param`` plus the gradient accumulation buffer (with ``max_training_steps``)."""
+        self._init_param(p, state, red)
+        if self.num_accumulate > 1:
+            state["grad_accum"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
     def _accumulate(self, params, grads, lrs, loss_t, global_state):
         """``GradientAccumulator``: sum gradients and losses, update with their mean every k-th call."""
@@ -445,31 +477,155 @@ class LearnedOptimizer(torch.optim.Optimizer):
             mean_grads.append(st["grad_accum"] / k)
             st["grad_accum"].zero_()
         mean_loss = None
-        if "loss_accum" in global_state:
-            mean_loss = global_state.pop("loss_accum") / k
+        if "loss_accum" in global_state:  # reset, not removed: the state keeps its keys (DCP loads by key)
+            acc = global_state["loss_accum"]
+            mean_loss = acc / k
+            global_state["loss_accum"] = torch.zeros_like(acc)
         return params, mean_grads, lrs, mean_loss
 
+    # ----------------------------------------------------------------------------------------------------
+    # State dicts: torch's format, keyed by parameters only, as torch.distributed.checkpoint needs
+    # (docs/distributed.md#checkpointing).
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with the optimizer-wide state (iteration, loss statistics, LSTM state,
+        ``skipped_steps``, ...) in the first trainable parameter's entry under ``"global"``, and each FSDP2
+        shard's per-element state as DTensors sharded like the parameter (resharding checkpoints)."""
+        if _dcp.called_from("_get_optim_state_dict"):
+            # DCP's set_optimizer_state_dict(flatten_optimizer_state_dict=True) rebuilds each parameter's
+            # entry from the keys the optimizer holds for it: keep the optimizer-wide state there until the
+            # next step.
+            self._link_global()
+        sd = super().state_dict()
+        state = sd["state"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        glob = state.pop(GLOBAL, None)
+        anchor = self._anchor()
+        if glob is not None:
+            if anchor is None:  # no trainable parameter (nothing DCP would save): as before
+                state[GLOBAL] = glob
+            else:
+                pid = next(i for i, p in enumerate(params) if p is anchor)
+                state[pid] = {**state.get(pid, {}), GLOBAL: glob}
+        for pid, p in enumerate(params):
+            if pid in state and fsdp.is_dtensor(p):
+                spec = _dcp.rank_local_spec(p, self.shard_local)
+                if spec is not None:
+                    state[pid] = _dcp.saved_state(p, state[pid], self._state_axes(p, spec))
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like torch's, but the optimizer-wide state is deep-copied so the source dict is never aliased."""
+        """Like torch's, for ``state_dict()``'s dicts (also DCP's) and those of c91f35a and before (a
+        top-level ``"global"`` entry, FSDP2 shards as each rank's plain local tensors). DTensors become this
+        rank's local state, a whole tensor saved by one process is cut to this rank's shard; the
+        optimizer-wide state is deep-copied, so the source dict is never aliased."""
         state_dict = dict(state_dict)
         state = dict(state_dict["state"])
-        if self.LEGACY_STATE_KEYS:
-            state = {
-                pid: {self.LEGACY_STATE_KEYS.get(k, k): v for k, v in st.items()} if pid != GLOBAL else st
-                for pid, st in state.items()
-            }
-        if GLOBAL in state:
-            state[GLOBAL] = _clone_tree(state[GLOBAL])
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            super().load_state_dict(state_dict)  # raises torch's error
+        glob = state.pop(GLOBAL, None) if GLOBAL not in saved_ids else None  # c91f35a and before
+        for pid in saved_ids:
+            st = state.get(pid)
+            if isinstance(st, Mapping) and GLOBAL in st:
+                st = dict(st)
+                nested = st.pop(GLOBAL)
+                if nested and glob is None:
+                    glob = nested
+                state[pid] = st
+        if glob is None and any(state.get(pid) for pid in saved_ids):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state dict has per-parameter state but no "
+                "optimizer-wide state (the 'global' entry of the first trainable parameter). With DCP's "
+                "set_optimizer_state_dict(..., flatten_optimizer_state_dict=True), call "
+                "get_optimizer_state_dict on this optimizer first (it makes the dict dcp.load fills)"
+            )
+        for pid, p in zip(saved_ids, params, strict=True):
+            st = state.get(pid)
+            if not st:
+                state.pop(pid, None)
+                continue
+            if self.LEGACY_STATE_KEYS:
+                st = {self.LEGACY_STATE_KEYS.get(k, k): v for k, v in st.items()}
+            state[pid] = self._local_state(p, st)
         state_dict["state"] = state
         super().load_state_dict(state_dict)
         # torch casts floating state to each param's dtype; ours is float32 for bf16/fp16 params too, so put
         # the saved tensors back (copied, never aliased) with their own dtype, on the param's device.
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params, strict=True):
             for k, v in state.get(pid, {}).items():
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.to(device=p.device, copy=True)
+        if glob is not None:
+            self.state[GLOBAL] = _clone_tree(glob)
+
+    def _local_state(self, p: torch.Tensor, st: Mapping[str, Any]) -> dict[str, Any]:
+        """Loaded state of ``p`` as the step keeps it (``distributed.dcp.local_state``)."""
+        spec = _dcp.rank_local_spec(p, self.shard_local) if fsdp.is_dtensor(p) else None
+        axes = self._state_axes(p, spec) if spec is not None else {}
+        return _dcp.local_state(p, st, spec, axes, self._param_name(p))
+
+    def _state_axes(self, p: torch.Tensor, spec: Any) -> dict[str, tuple[int | None, tuple[int, ...]]]:
+        """How each state tensor of FSDP2 shard ``p`` is sharded (``distributed.dcp.state_axes``), cached."""
+        return _dcp.state_axes(self._new_param_state, p, spec, self.__dict__.setdefault("_dcp_axes", {}))
+
+    def _anchor(self) -> torch.Tensor | None:
+        """The parameter whose state entry carries the optimizer-wide state: the first trainable one (DCP
+        keeps the state of trainable parameters only)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    return p
+        return None
+
+    def _link_global(self) -> None:
+        """Put the optimizer-wide state (the same dict, as LBFGS keeps its own) into the anchor's entry."""
+        anchor = self._anchor()
+        if anchor is not None and GLOBAL in self.state:
+            self._unlink_global()
+            self.state[anchor][GLOBAL] = self.state[GLOBAL]
+            self.__dict__["_global_linked_to"] = anchor
+
+    def _unlink_global(self) -> None:
+        """Take the optimizer-wide state out of the anchor's entry again (at the next step)."""
+        p = self.__dict__.pop("_global_linked_to", None)
+        if p is not None and p in self.state and GLOBAL in self.state[p]:
+            st = self.state[p]
+            del st[GLOBAL]
+            if not st:
+                del self.state[p]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's (unpickling, deepcopy), remembering where the optimizer-wide state's alias is, if any."""
+        super().__setstate__(state)
+        for p, st in self.state.items():
+            if isinstance(p, torch.Tensor) and isinstance(st, dict) and GLOBAL in st:
+                self.__dict__["_global_linked_to"] = p
+
+    def _init_state_for_checkpoint(self) -> None:
+        """What DCP's zero-gradient, ``lr=0`` step asks for: the state of every parameter with a gradient and
+        the optimizer-wide state, as the first step would make them; nothing is updated, nothing advances."""
+        found: list[tuple[torch.Tensor, torch.Tensor, TensorReducer]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                view, red = p, WHOLE
+                if fsdp.is_dtensor(p):
+                    spec = fsdp.shard_spec(p, p.grad) if self.shard_local else None
+                    if spec is not None:
+                        view, red = p.to_local(), ShardReducer(spec)
+                    else:  # stepped whole: whole-shaped state (only the shape is read)
+                        view = torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device)
+                found.append((p, view, red))
+        if not found:
+            return
+        if GLOBAL not in self.state:
+            self.state[GLOBAL] = self._new_global(found[0][1].device)
+        for p, view, red in found:
+            if len(self.state[p]) == 0:
+                self._new_param_state(view, self.state[p], red)
+        self._link_global()
 
 
 def _clone_tree(x: Any) -> Any:

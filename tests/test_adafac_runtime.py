@@ -99,12 +99,15 @@ def test_state_dict_resume_is_bit_exact():
 
 
 def old_names(state_dict: dict, renames: dict[str, str]) -> dict:
-    """A state_dict as releases before the one state naming saved it (``renames``: today's -> old)."""
+    """A state_dict as releases before the one state naming saved it (``renames``: today's -> old), with
+    the optimizer-wide state at the top level as they kept it."""
     sd = copy.deepcopy(state_dict)
-    sd["state"] = {
-        pid: st if pid == "global" else {renames.get(k, k): v for k, v in st.items()}
-        for pid, st in sd["state"].items()
-    }
+    state = {}
+    for pid, st in sd["state"].items():
+        if "global" in st:
+            state["global"] = st.pop("global")
+        state[pid] = {renames.get(k, k): v for k, v in st.items()}
+    sd["state"] = state
     return sd
 
 

@@ -278,7 +278,7 @@ def test_grad_scaler_skip_is_agreed_across_ranks(results):
 
 
 def test_fsdp2_rank_local_state_dict_resume_is_exact(results):
-    # Each rank's state is its own shard's: saving and loading it per rank must resume bit for bit.
-    # (torch.distributed.checkpoint's get_optimizer_state_dict is not supported: see the README.)
+    # Each rank's state_dict() holds its own shard's state: saving and loading it per rank must resume bit for
+    # bit. (torch.distributed.checkpoint, resharding included: tests/test_checkpoint_dcp.py.)
     for r in results:
         assert r["resume"] == {"velo": 0.0, "small_fc_lopt": 0.0}, r["resume"]

@@ -59,7 +59,8 @@ def _assert_same_tree(a, b, path="state") -> None:
 
 def _state_without_counter(opt) -> dict:
     sd = copy.deepcopy(opt.state_dict())
-    sd["state"].get("global", {}).pop("skipped_steps", None)
+    for st in sd["state"].values():  # the optimizer-wide state: under the first trainable parameter's entry
+        st.get("global", {}).pop("skipped_steps", None)
     return sd
 
 

@@ -1,5 +1,7 @@
-"""Distributed training: explicit reducers (``reducer``), FSDP2 / DTensor parameters (``fsdp``) and the
-ZeRO-style ``ShardedOptimizer`` (``sharded``, imported on use: it needs torch.distributed initialised).
+"""Distributed training: explicit reducers (``reducer``), FSDP2 / DTensor parameters (``fsdp``), the
+ZeRO-style ``ShardedOptimizer`` (``sharded``, imported on use: it needs torch.distributed initialised) and the
+optimizer state in the form torch.distributed.checkpoint needs (``dcp``, used by ``LearnedOptimizer``'s
+``state_dict`` / ``load_state_dict``).
 
 No module-global state: what a step reduces over is the reducer objects ``LearnedOptimizer.step`` passes to
 the family (one per tensor, one across tensors), visible at every call site.
