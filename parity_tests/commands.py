@@ -279,6 +279,8 @@ def _case_line(r: CaseResult, seconds: float | None, width: int) -> str:
     if r.skipped:
         return f"{r.case:<{width}}  SKIP  {r.skipped}"
     verdict = "PASS" if r.passed else "FAIL"
+    if r.passed and r.x64_accepted().any():
+        verdict = "PASS (float64 rule)"
     drift = "" if r.max_drift is None else f", open-loop drift {r.max_drift:.2e}"
     detail = f"max rel update err {r.max_error:.2e} (tol {r.tolerance:g}, {r.dtype}){drift}"
     if r.mode == "error":

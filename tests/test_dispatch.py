@@ -121,7 +121,7 @@ def test_every_family_answers_fused_true_the_same_way(monkeypatch):
 
 def test_an_undeclared_family_is_told_where_to_declare_itself():
     with pytest.raises(ValueError, match="not declared in pylo_runtime.dispatch.FAMILIES"):
-        dispatch.decide("celo2", {}, "cpu", foreach=None, fused=None)
+        dispatch.decide("no_such_family", {}, "cpu", foreach=None, fused=None)
 
 
 def test_table_prints_and_names_every_reason():
