@@ -14,7 +14,7 @@ else:  # pragma: no cover - Python 3.10
 
 from checkpoints import REGISTRY_PATH
 
-FORMATS = ("lo_params_gin", "lo_no_config", "theta_state", "pickle")
+FORMATS = ("lo_params_gin", "lo_no_config", "theta_state", "pickle", "pylo")
 #: Names taken by lopt-convert's own commands; no checkpoint may use them.
 RESERVED = ("auto", "inspect", "verify", "list", "lo-pretrained")
 
