@@ -93,9 +93,12 @@ class Celo2(LearnedOptimizer):
         self._route = route
         super().__init__(params, theta, config, num_steps=num_steps, **options)
         cfg = self.config
-        regex = cfg["regex_1d"] if regex_1d is None else specs.celo2._regex("Celo2", "regex_1d", regex_1d)
-        #: The regex searched in parameter names (None: nothing routes to Adam by name).
-        self.name_regex = specs.celo2.torch_name_regex(regex) if regex_1d is None else regex
+        if regex_1d is None:  # the config's: the reference's on its tree paths, applied to PyTorch names
+            regex = specs.celo2.torch_name_regex(cfg["regex_1d"])
+        else:
+            regex = specs.celo2.check_regex("Celo2", "regex_1d", regex_1d)
+        #: The regex searched in parameter names ("": nothing routes to Adam by name).
+        self.name_regex = regex
         self._pattern = re.compile(self.name_regex) if self.name_regex else None
         f32 = torch.float32
         self.mom_decays = torch.tensor(cfg["initial_momentum_decays"], dtype=f32)

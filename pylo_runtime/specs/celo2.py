@@ -118,7 +118,7 @@ MAX_NS_ITERS = 1000
 ACTIVATIONS = ("relu", "tanh")
 
 
-def _regex(who: str, key: str, v: Any) -> str:
+def check_regex(who: str, key: str, v: Any) -> str:
     """A Python regex (``""`` / None: no parameter takes the Adam branch) that compiles, is at most
     MAX_REGEX long and has no quantified group holding a quantifier (catastrophic backtracking)."""
     if v is None:
@@ -159,7 +159,7 @@ def _ns_coeffs(who: str, key: str, v: Any) -> list[float]:
 _KINDS = kinds_for(
     DEFAULTS,
     {
-        "regex_1d": _regex,
+        "regex_1d": check_regex,
         "step_mult": finite_float,
         "weight_decay": finite_float,
         "adam_b1": finite_float,
