@@ -279,6 +279,8 @@ def _case_line(r: CaseResult, seconds: float | None, width: int) -> str:
     if r.skipped:
         return f"{r.case:<{width}}  SKIP  {r.skipped}"
     verdict = "PASS" if r.passed else "FAIL"
+    if r.passed and r.x64_accepted().any():
+        verdict = "PASS (float64 rule)"
     drift = "" if r.max_drift is None else f", open-loop drift {r.max_drift:.2e}"
     detail = f"max rel update err {r.max_error:.2e} (tol {r.tolerance:g}, {r.dtype}){drift}"
     if r.mode == "error":
@@ -341,16 +343,21 @@ def _result_to_dict(r: CaseResult) -> dict[str, Any]:
         "errors": r.errors.tolist(), "drifts": None if r.drifts is None else r.drifts.tolist(),
         "dtype": r.dtype, "mode": r.mode, "tolerance": r.tolerance, "notes": r.notes,
         "resolutions": None if r.resolutions is None else r.resolutions.tolist(),
+        "x64_ours": None if r.x64_ours is None else r.x64_ours.tolist(),
+        "x64_ref": None if r.x64_ref is None else r.x64_ref.tolist(),
     }  # fmt: skip
 
 
 def _result_from_dict(d: dict[str, Any]) -> CaseResult:
     drifts = None if d["drifts"] is None else np.asarray(d["drifts"], dtype=np.float64)
     res = None if d.get("resolutions") is None else np.asarray(d["resolutions"], dtype=np.float64)
+    x64 = {
+        k: None if d.get(k) is None else np.asarray(d[k], dtype=np.float64) for k in ("x64_ours", "x64_ref")
+    }
     return CaseResult(
         d["case"], d["family"], d["architecture"], list(d["names"]),
         np.asarray(d["errors"], dtype=np.float64), drifts, d["dtype"], d["mode"], float(d["tolerance"]),
-        list(d["notes"]), resolutions=res,
+        list(d["notes"]), resolutions=res, **x64,
     )  # fmt: skip
 
 

@@ -11,6 +11,24 @@ exact implementations can differ by up to one ulp of the result even when their 
 bit; the allowance removes exactly that and nothing more. When the reference update is all zero the error is
 0 if ours is within the allowance everywhere and infinite otherwise.
 
+Float32-ill-conditioned tensors (the float64 rule). Where the recorded float32 reference is itself far from a
+float64 evaluation of the same reference (Celo2's Newton-Schulz on nearly singular 3x3 blocks: 2e-4), no
+float32 port can be held to 1e-5 of it. A fixture that carries ``x64.npz`` (``parity_tests.conditioning``:
+the float64 reference's parameters after each step, and the recorded update's own error against them) is
+judged per tensor ``i``::
+
+    floor_i   = max_t err(recorded float32 reference vs float64)[t, i]
+    ours64    = err(ours vs float64)[t, i]
+    (t, i) passes if  err(ours vs reference)[t, i] <= tol
+                  or  (floor_i > tol and ours64 <= X64_FACTOR * floor_i)
+
+i.e. on a tensor where the reference's own float32 error exceeds the tolerance, a step that misses the
+reference is accepted only if our update is no further from float64 than the reference gets on that tensor
+(up to the factor 2: two float32 evaluations of an ill-conditioned function each carry their own rounding,
+and per step one may happen to land closer than the other; measured ratios of the maxima 1.2-1.3). Every
+other (step, tensor) pair is held to the tolerance against the float32 reference. The report lists both
+numbers per tensor wherever the rule was used.
+
 Open-loop drift at step ``t`` (no reset to the recorded parameters) is ``|p_ours - p_ref|_inf`` divided by
 how far the reference has moved, ``|p_ref[t + 1] - p_ref[0]|_inf``: drift of 1e-3 means the two
 trajectories differ by a thousandth of the distance travelled.
@@ -32,6 +50,10 @@ FLOAT32_TOLERANCE = 1e-5
 BFLOAT16_TOLERANCE = 1e-2
 FLOAT16_TOLERANCE = 1e-3  # 11 significant bits: inputs rounded by 2**-12 = 2.4e-4, same reasoning.
 TOLERANCES = {"float32": FLOAT32_TOLERANCE, "bfloat16": BFLOAT16_TOLERANCE, "float16": FLOAT16_TOLERANCE}
+
+#: The float64 rule (module docstring): on a tensor whose recorded float32 reference is more than the
+#: tolerance from float64, ours may be up to this factor further from float64 than the reference's worst step.
+X64_FACTOR = 2.0
 
 #: (explicit mantissa bits, minimum normal exponent) of the parameter dtypes.
 _FORMATS = {"float32": (23, -126), "bfloat16": (7, -126), "float16": (10, -14)}
@@ -119,6 +141,10 @@ class CaseResult:
     skipped: str | None = None
     #: ``resolution[t, i]`` (see ``resolution()``), reset mode only.
     resolutions: np.ndarray | None = None
+    #: The float64 rule (module docstring), for fixtures with ``x64.npz``: ``x64_ours[t, i]`` = our update's
+    #: error against the float64 reference, ``x64_ref[t, i]`` = the recorded float32 reference's.
+    x64_ours: np.ndarray | None = None
+    x64_ref: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -150,10 +176,43 @@ class CaseResult:
         r = self.resolutions
         return None if r is None or not r.size else float(np.mean(r < self.tolerance))
 
+    def x64_accepted(self) -> np.ndarray:
+        """``[t, i]``: a miss the float64 rule accepts (ill-conditioned tensor, ours as close to float64)."""
+        out = np.zeros(self.errors.shape, dtype=bool)
+        if self.x64_ours is None or self.x64_ref is None or self.dtype != "float32" or not self.errors.size:
+            return out
+        floor = self.x64_ref.max(axis=0)  # per tensor: the reference's own worst float32 error
+        ill = floor > self.tolerance
+        ok = self.x64_ours <= X64_FACTOR * floor  # (NaN fails)
+        return (self.errors > self.tolerance) & ill[None, :] & ok
+
     @property
     def passed(self) -> bool:
-        """Run, all finite and within tolerance (NaN and inf fail)."""
-        return self.skipped is None and bool(self.errors.size) and bool(np.all(self.errors <= self.tolerance))
+        """Run, all finite and within tolerance (NaN and inf fail), misses only where the float64 rule
+        accepts them."""
+        if self.skipped is not None or not self.errors.size:
+            return False
+        return bool(np.all((self.errors <= self.tolerance) | self.x64_accepted()))
+
+    def x64_summary(self) -> dict[str, dict[str, Any]]:
+        """Per tensor where the float64 rule was used: both distances to float64 and ours to the reference."""
+        acc = self.x64_accepted()
+        out: dict[str, dict[str, Any]] = {}
+        if self.x64_ours is None or self.x64_ref is None:
+            return out
+        for i, n in enumerate(self.names):
+            if not (self.errors[:, i] > self.tolerance).any():
+                continue
+            ours64, ref64 = float(self.x64_ours[:, i].max()), float(self.x64_ref[:, i].max())
+            out[n] = {
+                "ours_vs_reference": _num(float(self.errors[:, i].max())),
+                "ours_vs_float64": _num(ours64),
+                "reference_vs_float64": _num(ref64),
+                "ratio": _num(ours64 / ref64) if ref64 > 0 else "inf",
+                "missed_steps": int((self.errors[:, i] > self.tolerance).sum()),
+                "accepted": bool(acc[:, i][self.errors[:, i] > self.tolerance].all()),
+            }
+        return out
 
     @property
     def ok(self) -> bool:
@@ -187,6 +246,7 @@ class CaseResult:
             },
             "per_step_max_error": [_num(float(x)) for x in self.per_step()],
             "notes": list(self.notes),
+            "float64_rule": self.x64_summary(),
         }
 
 

@@ -37,7 +37,6 @@ def x64_errors(
 
     With ``afters`` (a dict), the float64 parameters after every step are appended to ``afters[name]``."""
     import jax
-    import jax.numpy as jnp
 
     from .fixture import sha256_file
     from .record import make_reference
@@ -52,7 +51,21 @@ def x64_errors(
         src = Path(tmp) / Path(fx.meta["source"]).relative_to("checkpoint")
         if fx.meta.get("source_base") == "fixture" and sha256_file(src) != fx.meta["source_sha256"]:
             raise RuntimeError(f"{fixture_dir}: the recorder no longer writes the fixture's checkpoint")
+    was_x64 = bool(jax.config.jax_enable_x64)
     jax.config.update("jax_enable_x64", True)  # then every update traced anew with float64 inputs
+    try:
+        return _replay_x64(fx, ref, afters)
+    finally:  # a live run records more cases in this process, in float32
+        jax.config.update("jax_enable_x64", was_x64)
+
+
+def _replay_x64(
+    fx: Any, ref: Any, afters: dict[str, list[np.ndarray]] | None
+) -> tuple[list[str], np.ndarray]:
+    """The float64 replay of ``x64_errors`` (x64 already on)."""
+    import jax
+    import jax.numpy as jnp
+
     opt = ref.opt
     names = fx.names
     paths = getattr(ref, "paths", None) or {n: n for n in names}  # Celo2Reference nests by tree path

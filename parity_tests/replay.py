@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compare import TOLERANCES, CaseResult, drift, resolution, update_error
+from .compare import TOLERANCES, X64_FACTOR, CaseResult, drift, resolution, update_error
+from .conditioning import X64_FILE
 from .fixture import Fixture, load_fixture, sha256_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,15 +61,34 @@ def default_factory(fx: Fixture, params: list[torch.Tensor], ckpt: Path) -> Any:
     """``pylo_runtime.load_optimizer`` on the converted file, told the recorded ``num_steps``.
 
     Per-tensor options recorded under ``options.param_group_options`` (muLO's ``mup_scale``) become one
-    param group per tensor.
+    param group per tensor; so does ``options.routing`` (Celo2: the branch the reference's regex chose for
+    each tensor, given as the group's ``celo2_branch``).
     """
     from pylo_runtime import load_optimizer
 
-    per_tensor = (fx.meta.get("options") or {}).get("param_group_options")
+    options = fx.meta.get("options") or {}
+    per_tensor = {n: dict(v) for n, v in (options.get("param_group_options") or {}).items()}
+    for n, branch in (options.get("routing") or {}).items():
+        per_tensor.setdefault(n, {})["celo2_branch"] = branch
     groups: Any = params
     if per_tensor:
         groups = [{"params": [p], **per_tensor.get(n, {})} for n, p in zip(fx.names, params, strict=True)]
     return load_optimizer(str(ckpt), groups, num_steps=int(fx.meta["num_steps"]))
+
+
+def load_x64(fx: Fixture) -> dict[str, np.ndarray] | None:
+    """The fixture's float64 replay (``parity_tests.conditioning --write``), or None if it has none."""
+    path = fx.path / X64_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for n in fx.names:
+        want = {f"after64_minus_recorded.{n}": (fx.steps, *fx.shapes[n]), f"floor.{n}": (fx.steps,)}
+        for key, shape in want.items():
+            if key not in arrays or arrays[key].shape != shape:
+                raise ValueError(f"{path}: array {key} missing or not of shape {shape}")
+    return arrays
 
 
 def replay(
@@ -79,9 +99,12 @@ def replay(
     dtype: str = "float32",
     device: str = "cpu",
     factory: OptimizerFactory = default_factory,
+    x64: dict[str, np.ndarray] | None = None,
+    x64_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Replay ``fx``: (``errors[t, i]``, ``resolution[t, i]``) in mode "reset", (``drifts[t, i]``, None) in
-    mode "open"."""
+    mode "open". With ``x64`` (``load_x64``) in mode "reset", ``x64_out[t, i]`` receives our update's error
+    against the float64 reference."""
     if mode not in ("reset", "open"):
         raise ValueError(f"mode must be 'reset' or 'open', got {mode!r}")
     tdtype = DTYPES[dtype]
@@ -126,6 +149,9 @@ def replay(
             if mode == "reset":
                 out[t, i] = update_error(ours_b, ours_a, ref_b, ref_a, dtype)
                 res[t, i] = resolution(ours_a, ref_a, ref_b, dtype)
+                if x64 is not None and x64_out is not None and n in fx.params:
+                    a64 = ref_a.astype(np.float64) + x64[f"after64_minus_recorded.{n}"][t].astype(np.float64)
+                    x64_out[t, i] = update_error(ours_b, ours_a, ref_b, a64, dtype)
             else:
                 out[t, i] = drift(ours_a, ref_a, ref0)
     return out, res
@@ -142,16 +168,21 @@ def check_fixture(
 ) -> CaseResult:
     """Convert, replay in reset mode (and open loop), and return the case's parity numbers."""
     fx = load_fixture(path)
+    x64 = load_x64(fx)
+    x64_ours = np.zeros((fx.steps, len(fx.names))) if x64 is not None else None
     with tempfile.TemporaryDirectory(prefix="lopt-parity-") as tmp:
         ckpt = convert(fx, Path(tmp)) if convert is not None else None
-        errors, resolutions = replay(fx, ckpt, mode="reset", dtype=dtype, device=device, factory=factory)
+        errors, resolutions = replay(
+            fx, ckpt, mode="reset", dtype=dtype, device=device, factory=factory, x64=x64, x64_out=x64_ours
+        )
         drifts = None
         if open_loop:
             drifts, _ = replay(fx, ckpt, mode="open", dtype=dtype, device=device, factory=factory)
     notes = []
     if fx.sample_index:
         notes.append(f"sampled tensors ({', '.join(sorted(fx.sample_index))}): compared at recorded elements")
-    return CaseResult(
+    x64_ref = None if x64 is None else np.stack([x64[f"floor.{n}"] for n in fx.names], axis=1)
+    result = CaseResult(
         case=fx.label,
         family=str(fx.meta["family"]),
         architecture=str(fx.meta["architecture"]),
@@ -163,4 +194,15 @@ def check_fixture(
         tolerance=TOLERANCES[dtype],
         notes=notes,
         resolutions=resolutions,
+        x64_ours=x64_ours,
+        x64_ref=x64_ref,
     )
+    for n, s in result.x64_summary().items():
+        verdict = "accepted" if s["accepted"] else "NOT accepted"
+        result.notes.append(
+            f"float64 rule, {n}: ours vs reference {s['ours_vs_reference']:.2e} on {s['missed_steps']} "
+            f"step(s); ours vs float64 {s['ours_vs_float64']:.2e}, reference vs float64 "
+            f"{s['reference_vs_float64']:.2e} (ratio {s['ratio']:.2f}, bound {X64_FACTOR:g}): {verdict} as "
+            "float32 conditioning"
+        )
+    return result

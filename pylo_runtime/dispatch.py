@@ -262,6 +262,12 @@ FAMILIES: dict[str, Family] = {
         reference=_ref("celo_adam._single_tensor_celo_adam"),
         foreach=(Foreach(Path("foreach", FOREACH, "celo_adam._multi_tensor_celo_adam"), _celo_adam_batched),),
     ),
+    "celo2": Family(
+        cls="Celo2",
+        defaults="pylo_runtime.specs.celo2:DEFAULTS",
+        reference=_ref("celo2._single_tensor_celo2"),
+        foreach=(Foreach(Path("foreach", FOREACH, "celo2._multi_tensor_celo2 (stacked per shape)")),),
+    ),
 }
 
 
@@ -605,6 +611,7 @@ OPTION_SETS: dict[str, dict[str, dict[str, Any]]] = {
     "mlp_lopt": {"default": {}},
     "celo": {"default": {}},
     "celo_adam": {"default": {}, "param_scale_mult=True": {"param_scale_mult": True}},
+    "celo2": {"default": {}, "celo2base": {"regex_1d": "", "orthogonalize": False}},
 }
 
 #: Request -> (foreach, fused); the other flag combinations map onto these (fused=False = foreach=True).

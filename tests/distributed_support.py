@@ -60,7 +60,7 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
             theta[f"linear_{i}.w"] = torch.randn(a, b, generator=gen) / a**0.5
             theta[f"linear_{i}.b"] = 0.1 * torch.randn(b, generator=gen)
         return theta, config
-    if family in ("celo", "celo_adam"):  # the random-weight parity fixture's own checkpoint
+    if family in ("celo", "celo_adam", "celo2"):  # the random-weight parity fixture's own checkpoint
         return _fixture_theta(f"{family}_random")
     raise ValueError(f"no random-theta factory for {family!r}")
 

@@ -112,7 +112,7 @@ def test_both_flags_true_is_refused_and_fused_false_is_foreach(family):
 def test_every_family_answers_fused_true_the_same_way(monkeypatch):
     """One error type and message shape at construction for every family that cannot fuse."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for family in ("mlp_lopt", "celo", "celo_adam"):
+    for family in ("mlp_lopt", "celo", "celo_adam", "celo2"):
         with pytest.raises(dispatch.FusedUnavailableError, match="fused=True is not available: .* no fused"):
             build(family, {}, make_params([(3, 4)]), fused=True)
     with pytest.raises(dispatch.FusedUnavailableError, match="ff_hidden_size=512"):
@@ -121,7 +121,7 @@ def test_every_family_answers_fused_true_the_same_way(monkeypatch):
 
 def test_an_undeclared_family_is_told_where_to_declare_itself():
     with pytest.raises(ValueError, match="not declared in pylo_runtime.dispatch.FAMILIES"):
-        dispatch.decide("celo2", {}, "cpu", foreach=None, fused=None)
+        dispatch.decide("no_such_family", {}, "cpu", foreach=None, fused=None)
 
 
 def test_table_prints_and_names_every_reason():

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from parity_tests.commands import DEFAULT_FIXTURES, _fixture_digest, main
-from parity_tests.compare import FLOAT32_TOLERANCE
+from parity_tests.compare import FLOAT32_TOLERANCE, X64_FACTOR
 from parity_tests.fixture import discover, load_fixture, repo_root
 
 FIXTURES = discover(repo_root() / DEFAULT_FIXTURES)
@@ -75,7 +75,17 @@ def test_fixture_within_tolerance(path, parity_run):
         )
     assert c["tolerance"] == FLOAT32_TOLERANCE
     assert c["passed"], (c["max_rel_update_error"], c["worst_step"], c["worst_tensor"], c["notes"])
-    assert c["max_rel_update_error"] <= FLOAT32_TOLERANCE
+    if c["max_rel_update_error"] <= FLOAT32_TOLERANCE:
+        return
+    # Only the float64 rule (parity_tests/compare.py) lets a miss pass: every tensor over the tolerance is one
+    # on which the recorded float32 reference is itself further than the tolerance from float64 (x64.npz),
+    # and ours is no further from float64 than X64_FACTOR times the reference's worst step.
+    over = [n for n, e in c["per_tensor_max_error"].items() if not float(e) <= FLOAT32_TOLERANCE]
+    rule = c["float64_rule"]
+    assert (path / "x64.npz").is_file() and over and set(over) <= set(rule), (over, rule)
+    for n in over:
+        assert rule[n]["accepted"] and rule[n]["reference_vs_float64"] > FLOAT32_TOLERANCE, (n, rule[n])
+        assert rule[n]["ours_vs_float64"] <= X64_FACTOR * rule[n]["reference_vs_float64"], (n, rule[n])
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)

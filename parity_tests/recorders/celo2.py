@@ -28,10 +28,6 @@ CELO_COMMIT = "66d976116f39da286951f0c5e0a18eee8d1fd66b"
 LO_REPO = "google/learned_optimization"
 LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
 
-#: No runtime for these cases yet: `lopt-parity run --live` without --family skips this recorder, and its
-#: fixtures live in parity_tests/fixtures_pending/ (see docs in that folder's README).
-RUNTIME_PENDING = True
-
 #: Haiku-style paths for the factory's default regex ``r"/b$"``: the 0-d and 1-D tensors are biases ("/b",
 #: Adam branch), every other tensor a weight ("/w", learned branch).
 HAIKU_PATHS: dict[str, str] = {n: (f"{n}/b" if len(s) <= 1 else f"{n}/w") for n, s in SHAPES.items()}

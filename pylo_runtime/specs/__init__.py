@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import adafac, celo, celo_adam, mlp_lopt, mulo, velo
+from . import adafac, celo, celo2, celo_adam, mlp_lopt, mulo, velo
 from .common import Config, SpecError, TensorSpec
 
 __all__ = ["FAMILIES", "Config", "SpecError", "TensorSpec", "family"]
 
 #: architecture id -> its spec module.
-FAMILIES: dict[str, ModuleType] = {m.ARCH: m for m in (velo, celo, celo_adam, adafac, mlp_lopt, mulo)}
+FAMILIES: dict[str, ModuleType] = {m.ARCH: m for m in (velo, celo, celo_adam, celo2, adafac, mlp_lopt, mulo)}
 
 
 def family(arch: str) -> ModuleType | None:
