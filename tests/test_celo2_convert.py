@@ -45,7 +45,7 @@ def test_auto_detects_celo2_and_nothing_else_claims_it(tmp_path):
     assert read_checkpoint(tmp_path / "a.safetensors").config == CELO2.defaults()
 
 
-def test_registry_subcommands_bind_the_factory_configurations(tmp_path):
+def test_registry_subcommands_bind_the_factory_configurations(tmp_path, monkeypatch):
     r = run("celo2", "--source", SRC, "-o", tmp_path / "c.safetensors")
     assert r.exit_code == 0, r.output
     cfg = read_checkpoint(tmp_path / "c.safetensors").config
@@ -60,8 +60,16 @@ def test_registry_subcommands_bind_the_factory_configurations(tmp_path):
     r = run("celo2", "-o", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and "no published file; give --source PATH" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    # celo2-pylo downloads hf://DiamondXL/celo2 (tests/test_pylo_format.py serves it on loopback);
+    # offline it says so on one line and exits 1 (not the input's fault).
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("LOPT_BRIDGE_CACHE", str(tmp_path / "ours"))
     r = run("celo2-pylo", "-o", tmp_path / "y.safetensors")
-    assert r.exit_code == 2 and "not supported" in r.stderr and "PyLO format" in r.stderr
+    assert r.exit_code == 1 and "hf://DiamondXL/celo2" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "y.safetensors").exists()
 
 
 def test_sizes_come_from_the_shapes_and_disagreements_name_both(tmp_path):

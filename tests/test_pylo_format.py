@@ -36,6 +36,7 @@ PYLO = ROOT / "tests" / "data" / "pylo"
 FIXTURES = ROOT / "parity_tests" / "fixtures"
 VELO = [PYLO / "velo" / "rnn", PYLO / "velo" / "mlp"]
 MULO = [PYLO / "mulo" / "model"]
+CELO2 = PYLO / "celo2" / "model"
 SCRATCH = (
     "input_weights",
     "input_bias",
@@ -218,7 +219,7 @@ def test_recorded_proof_that_pylo_runs_our_exports(tmp_path):
     [
         ("celo_random", "Celo has no PyLO port"),
         ("celo_adam_random", "Celo-Adam has no PyLO port"),
-        ("small_fc_lopt_default", "cannot export small_fc_lopt .*PyLO has ports of mulo, velo"),
+        ("small_fc_lopt_default", "cannot export small_fc_lopt .*PyLO has ports of celo2, mulo, velo"),
         (
             "velo_bugged",
             r"use_bugged_next_lstm_state=True \(PyLO runs False\).*use_bugged_loss_features=True",
@@ -401,7 +402,8 @@ def hub(tmp_path, monkeypatch):
 
     files = {}
     for repo, folder in (("Pauljanson002/VeLO_RNN", VELO[0]), ("Pauljanson002/VeLO_MLP", VELO[1]),
-                         ("btherien/mulo", MULO[0]), ("me/noconfig", MULO[0])):  # fmt: skip
+                         ("btherien/mulo", MULO[0]), ("me/noconfig", MULO[0]),
+                         ("DiamondXL/celo2", CELO2)):  # fmt: skip
         for name in ("model.safetensors", "config.json", "README.md"):
             if not (repo == "me/noconfig" and name == "config.json"):
                 files[(repo, name)] = (folder / name).read_bytes()
@@ -428,6 +430,10 @@ def test_registry_defaults_download_pylo_repos(hub, tmp_path):
         "hf://Pauljanson002/VeLO_RNN + hf://Pauljanson002/VeLO_MLP"
     )
     assert ("GET", "/Pauljanson002/VeLO_MLP/resolve/main/model.safetensors") in hub.hits
+    r = run("celo2-pylo", "-o", "celo2.safetensors")
+    assert r.exit_code == 0, r.output
+    conv = writer.read(tmp_path / "celo2.safetensors")
+    assert conv.metadata["source_uri"] == "hf://DiamondXL/celo2" and conv.architecture == "celo2"
     # the same through `pylo`, with a revision, and a repo without config.json
     r = run("pylo", "--source", "hf://Pauljanson002/VeLO_MLP@main", "--source", "hf://Pauljanson002/VeLO_RNN",
             "-o", "v2.safetensors")  # fmt: skip
@@ -515,3 +521,14 @@ def test_fuzzed_safetensors_and_json_raise_only_conversion_errors(data):
             pf.parse_json_object(raw[8:200], "f", "config.json")
         except ConversionError as e:
             assert "\n" not in str(e)
+
+
+def test_celo2_export_round_trips_byte_for_byte(tmp_path):
+    """celo2-pylo then export-pylo gives back PyLO's own model.safetensors and names CELO2_naive."""
+    ours = tmp_path / "c.safetensors"
+    assert run("celo2-pylo", "--source", CELO2, "-o", ours).exit_code == 0
+    r = run("export-pylo", ours, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    folder = tmp_path / "out" / "celo2"
+    assert (folder / "model.safetensors").read_bytes() == (CELO2 / "model.safetensors").read_bytes()
+    assert f"pylo.optim.CELO2_naive(params, hf_key={str(folder)!r})" in r.output

@@ -253,7 +253,7 @@ def to_pylo(arch: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -
         "output_size": 3,
         EMBED_KEY: {"architecture": ARCH, "config": cfg.to_dict()},
     }
-    return [PyloFile(REPO, out, pylo_config, hashlib.sha256(safetensors_bytes(out)).hexdigest())]
+    return [PyloFile("celo2", out, pylo_config, hashlib.sha256(safetensors_bytes(out)).hexdigest())]
 
 
 def safetensors_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -272,5 +272,7 @@ MAPS: list[PyloMap] = [
         matches=matches,
         to_ours=to_ours,
         to_pylo=to_pylo,
+        optimizer="pylo.optim.CELO2_naive",
+        hf_key_args=("hf_key",),
     )
 ]
