@@ -25,7 +25,7 @@ PYLO_CASES = ("velo", "mulo", "celo2")
 
 def test_pending_fixtures_exist():
     names = {m.parent.name for m in PENDING}
-    assert {"celo2_random", "celo2base_random", "velo_s_random", "rnn_mlp_lopt_lo", "nn_adam_lo"} <= names
+    assert {"celo2_random", "celo2base_random"} <= names
 
 
 @pytest.mark.parametrize("meta", PENDING, ids=[m.parent.name for m in PENDING])
@@ -80,7 +80,8 @@ def test_celo2_routing_is_recorded_and_covers_both_branches():
 def test_pending_recorders_stay_out_of_the_default_live_run():
     fams = _recorder_families()
     assert "velo" in fams and "celo" in fams
-    assert not {"celo2", "celo_copies", "rnn_mlp_lopt", "nn_adam", "perturb"} & set(fams)
+    assert {"celo_copies", "rnn_mlp_lopt", "nn_adam"} <= set(fams)  # switched on (their runtime exists)
+    assert not {"celo2", "perturb"} & set(fams)
 
 
 @pytest.mark.parametrize("name", PYLO_CASES)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import adafac, celo, celo_adam, mlp_lopt, mulo, velo
+from . import adafac, celo, celo_adam, mlp_lopt, mulo, nn_adam, rnn_mlp_lopt, velo
 from .common import Config, SpecError, TensorSpec
 
 __all__ = ["FAMILIES", "Config", "SpecError", "TensorSpec", "family"]
 
 #: architecture id -> its spec module.
 FAMILIES: dict[str, ModuleType] = {m.ARCH: m for m in (velo, celo, celo_adam, adafac, mlp_lopt, mulo)}
+FAMILIES.update({m.ARCH: m for m in (rnn_mlp_lopt, nn_adam)})
 
 
 def family(arch: str) -> ModuleType | None:
