@@ -85,6 +85,15 @@ def _known_sha(src: str, fallback: str | None = None) -> str | None:
         return fallback
 
 
+def _known_sets(src: str) -> tuple[str, ...]:
+    """The registry's ``sets`` for a remote source it knows (a config-less hub file), else none."""
+    try:
+        entry = registry.load().entry_for(src)
+    except (OSError, ValueError):
+        return ()
+    return entry.sets if entry is not None else ()
+
+
 def _conversion_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options every conversion subcommand takes."""
     options = [
@@ -230,7 +239,8 @@ def auto(source: str, output: str | None, force: bool, sets: tuple[str, ...], co
          max_source_size: str | None) -> None:  # fmt: skip
     """Convert any supported checkpoint, detecting its architecture (config.gin, --set, or the tree).
 
-    A source the registry knows is checked against the registry's sha256, as its subcommand would.
+    A source the registry knows is checked against the registry's sha256 and, being config-less, gets the
+    registry's bindings (e.g. velo-s's ff_mult=1.0), as its subcommand would.
     """
     limit = sources.max_source_bytes(max_source_size)
     if output is not None:
@@ -240,6 +250,7 @@ def auto(source: str, output: str | None, force: bool, sets: tuple[str, ...], co
     spec, provenance = convert.load_source(
         source, sets=list(sets), config_file=config_file, allow_pickle=allow_pickle,
         expected_sha256=_known_sha(source), refresh=refresh, max_bytes=limit,
+        fallback_sets=_known_sets(source),
     )  # fmt: skip
     out = _output_path(output, spec.name, force)
     path = writer.write(spec, out, provenance, force=force, allow_nonfinite=allow_nonfinite)

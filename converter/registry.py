@@ -79,6 +79,19 @@ class Registry:
                 return entry.sha256
         return None
 
+    def entry_for(self, uri: str) -> Entry | None:
+        """The first entry whose weights file is ``uri`` (remote URIs compared normalised), if any: ``auto``
+        then converts a known hub file as its subcommand would (the entry's ``sets``)."""
+        from .sources import is_remote, normalise
+
+        if not is_remote(uri):
+            return None
+        wanted = normalise(uri)
+        for entry in self.entries:
+            if entry.uris and is_remote(entry.uris[0]) and normalise(entry.uris[0]) == wanted:
+                return entry
+        return None
+
     def lo_pretrained(self, name: str) -> Entry:
         """An entry for one of learned_optimization's ``pretrained_optimizers.opt_names``."""
         if name not in self.lo_names:
