@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -153,3 +154,34 @@ def test_every_path_replays_the_fixtures(path, foreach, tmp_path):
     errors, _ = replay(fx, convert_fixture(fx, tmp_path), factory=functools.partial(factory, foreach=foreach))
     worst = np.unravel_index(np.argmax(errors), errors.shape)
     assert errors.max() <= FLOAT32_TOLERANCE, (float(errors.max()), int(worst[0]), fx.names[worst[1]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_loop_drift_2000_steps(family):
+    """2000 steps on the same gradient stream, no resets: the foreach path stays within 1e-4 (max relative
+    parameter difference) of the reference path."""
+    shapes = [(), (4, 5)]
+    steps = 2000
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    pa = [(0.1 * torch.randn(s, generator=gen)).requires_grad_() for s in shapes]
+    p0 = [p.detach().clone() for p in pa]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    oa, ob = build(family, pa, foreach=False), build(family, pb, foreach=True)
+    for t in range(steps):
+        gs = [
+            0.5 * b * (1 + 0.3 * math.sin(t / 50)) + 0.3 * torch.randn(b.shape, generator=gen) for b in base
+        ]
+        for a, b, g in zip(pa, pb, gs, strict=True):
+            a.grad, b.grad = g, g.clone()
+        loss = 2.0 * 0.999**t
+        oa.step(loss=loss)
+        ob.step(loss=loss)
+    moved = max(float((a.detach() - a0).abs().max()) for a, a0 in zip(pa, p0, strict=True))
+    assert moved > 1e-3  # the run did something
+    drift = max(
+        float((a.detach() - b.detach()).abs().max() / a.detach().abs().max())
+        for a, b in zip(pa, pb, strict=True)
+    )
+    assert drift <= 1e-4, drift
