@@ -188,7 +188,8 @@ def test_bad_set_and_usage(tmp_path):
     assert run("auto", "-o", out).exit_code == 2  # --source is required
     assert run("mulo").exit_code == 2  # nothing published: --source required
     assert run("mlp-lopt").exit_code == 2  # likewise
-    # An entry listed as not supported (none is today) refuses with its note, as one line.
+    assert_bad_input(run("mlp-nom-lopt"), "mlp-nom-lopt", "not supported: No lopt-bridge runtime")
+    # Any entry listed as not supported refuses with its note, as one line.
     from converter.commands import _registry_command
 
     entry = registry.Entry("x-lopt", "X", "velo", "theta_state", ("hf://o/r/theta.state",), "MIT",
