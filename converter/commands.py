@@ -85,6 +85,15 @@ def _known_sha(src: str, fallback: str | None = None) -> str | None:
         return fallback
 
 
+def _known_sets(src: str) -> tuple[str, ...]:
+    """The registry's ``sets`` for a remote source it knows (a config-less hub file), else none."""
+    try:
+        entry = registry.load().entry_for(src)
+    except (OSError, ValueError):
+        return ()
+    return entry.sets if entry is not None else ()
+
+
 def _conversion_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options every conversion subcommand takes."""
     options = [
@@ -272,8 +281,8 @@ def auto(source: tuple[str, ...], output: str | None, force: bool, sets: tuple[s
     """Convert any supported checkpoint, detecting its architecture (config.gin, --set, or the tree).
 
     PyLO's format (model.safetensors + config.json, a folder or hf://owner/repo) is recognised and its map
-    found from the tensors. A source the registry knows is checked against the registry's sha256, as its
-    subcommand would.
+    found from the tensors. A source the registry knows is checked against the registry's sha256 and, being
+    config-less, gets the registry's bindings (e.g. velo-s's ff_mult=1.0), as its subcommand would.
     """
     limit = sources.max_source_bytes(max_source_size)
     srcs = list(source)
@@ -291,6 +300,7 @@ def auto(source: tuple[str, ...], output: str | None, force: bool, sets: tuple[s
     spec, provenance = convert.load_source(
         src, sets=list(sets), config_file=config_file, allow_pickle=allow_pickle,
         expected_sha256=_known_sha(src), refresh=refresh, max_bytes=limit,
+        fallback_sets=_known_sets(src),
     )  # fmt: skip
     out = _output_path(output, spec.name, force)
     path = writer.write(spec, out, provenance, force=force, allow_nonfinite=allow_nonfinite)

@@ -64,19 +64,20 @@ class Registry:
     def sha256_for(self, uri: str) -> str | None:
         """The known sha256 of a weights URI, if the registry has it (URIs compared in normalised form,
         so ``hf://o/r/f`` and ``hf://o/r@main/f`` are the same)."""
+        entry = self.entry_for(uri)
+        return entry.sha256 if entry is not None and entry.sha256 else None
+
+    def entry_for(self, uri: str) -> Entry | None:
+        """The first entry whose weights file is ``uri`` (remote URIs compared normalised), if any: ``auto``
+        then converts a known hub file as its subcommand would (the entry's ``sets``)."""
         from .sources import is_remote, normalise
 
         if not is_remote(uri):
             return None
-        wanted = normalise(uri)
+        wanted = normalise(uri)  # a malformed URL is refused here, on one line
         for entry in self.entries:
-            if (
-                entry.uris
-                and entry.sha256
-                and is_remote(entry.uris[0])
-                and normalise(entry.uris[0]) == wanted
-            ):
-                return entry.sha256
+            if entry.uris and _file_uri(entry.uris[0]) == wanted:
+                return entry
         return None
 
     def lo_pretrained(self, name: str) -> Entry:
@@ -92,6 +93,20 @@ class Registry:
             uris=(f"{base}/params", f"{base}/config.gin"),
             licence=self.lo_licence,
         )
+
+
+def _file_uri(uri: str) -> str | None:
+    """A registry URI normalised if it names one remote file; None for PyLO's repo-level ``hf://owner/repo``
+    entries (they are matched by name, not by file)."""
+    from .errors import ConversionError
+    from .sources import is_remote, normalise
+
+    if not is_remote(uri):
+        return None
+    try:
+        return normalise(uri)
+    except ConversionError:
+        return None
 
 
 def _entry(raw: dict[str, Any], where: str) -> Entry:

@@ -36,6 +36,7 @@ from .features import (
     second_moment_normalizer,
     second_moment_normalizers,
 )
+from .lstm import lstm_step
 from .velo import ff_inputs
 
 #: Constructor arguments of ``celo.optimizers.celo.Celo`` as ``get_optimizer('celo')`` sets them (phase 2,
@@ -101,11 +102,7 @@ class _CeloScheduler(LearnedOptimizer):
             mix = torch.relu(x @ th["rnn.mix.w"] + th["rnn.mix.b"])
             x = (x @ th["rnn.in.w"] + th["rnn.in.b"]) + mix  # max over identical rows is the row itself
         h, c = global_state["lstm_hidden"], global_state["lstm_cell"]
-        gated = torch.cat([x, h], dim=-1) @ th["rnn.lstm.w"] + th["rnn.lstm.b"]
-        i, g, f, o = torch.chunk(gated, 4, dim=-1)
-        f = torch.sigmoid(f + 1.0)
-        c = f * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = lstm_step(x, h, c, th["rnn.lstm.w"], th["rnn.lstm.b"])
         lr_mult = torch.exp((h @ th["rnn.step_size.w"] + th["rnn.step_size.b"]).squeeze(-1)) * 0.1
         out = h
         if cfg["rnn_state_decay"] > 0.0:

@@ -268,6 +268,18 @@ FAMILIES: dict[str, Family] = {
         reference=_ref("celo2._single_tensor_celo2"),
         foreach=(Foreach(Path("foreach", FOREACH, "celo2._multi_tensor_celo2 (stacked per shape)")),),
     ),
+    "rnn_mlp_lopt": Family(
+        cls="RNNMLPLOpt",
+        defaults="pylo_runtime.specs.rnn_mlp_lopt:DEFAULTS",
+        reference=_ref("rnn_mlp_lopt._single_tensor_rnn_mlp_lopt"),
+        foreach=(Foreach(Path("foreach", FOREACH, "rnn_mlp_lopt._multi_tensor_rnn_mlp_lopt")),),
+    ),
+    "nn_adam": Family(
+        cls="NNAdam",
+        defaults="pylo_runtime.specs.nn_adam:DEFAULTS",
+        reference=_ref("nn_adam._single_tensor_nn_adam"),
+        foreach=(Foreach(Path("foreach", FOREACH, "nn_adam._multi_tensor_nn_adam"), shard_safe=False),),
+    ),
 }
 
 
@@ -599,6 +611,7 @@ OPTION_SETS: dict[str, dict[str, dict[str, Any]]] = {
         "with_p=False": {"with_p": False},
         "ff_hidden_size=3": {"ff_hidden_size": 3},
         "ff_hidden_size=512": {"ff_hidden_size": 512},
+        "ff_mult=1 (VeLO-S)": {"ff_mult": 1.0},
     },
     "small_fc_lopt": {
         "default": {},
@@ -612,6 +625,8 @@ OPTION_SETS: dict[str, dict[str, dict[str, Any]]] = {
     "celo": {"default": {}},
     "celo_adam": {"default": {}, "param_scale_mult=True": {"param_scale_mult": True}},
     "celo2": {"default": {}, "celo2base": {"regex_1d": "", "orthogonalize": False}},
+    "rnn_mlp_lopt": {"default": {}},
+    "nn_adam": {"default": {}, "decay_strength=0.1": {"decay_strength": 0.1}},
 }
 
 #: Request -> (foreach, fused); the other flag combinations map onto these (fused=False = foreach=True).

@@ -2,7 +2,8 @@
 
 Reproduces ``research/general_lopt/hyper_v2.py`` at commit 32186aa4 exactly, quirks included (see
 REFERENCE_NOTES.md): LSTM inputs from the previous step's accumulators, ``var_rms`` centred on ``mean_m``,
-the overwritten first mix layer, ``100 * mean(ff_p * c)`` interpolation of the ``param_inits`` MLP copies,
+the overwritten first mix layer, ``mean(ff_p * c) * ff_mult`` interpolation of the ``param_inits`` MLP copies
+(``ff_mult`` 100: Google's hard-coded constant; amoudgl/celo's copy makes it an option, VeLO-S uses 1),
 ``numpy.argsort`` factored dims, 0-d params reshaped to (1,), the doubled 1-D ``with_fac_*`` inputs.
 
 Shape follows ``torch/optim/adam.py``: ``_single_tensor_velo`` is the reference path (one tensor at a time),
@@ -26,6 +27,7 @@ from . import features as feat
 from .base import LearnedOptimizer, ParamsT, write_param
 from .distributed.reducer import WHOLE, TensorReducer, TensorsReducer
 from .kernels.cpu import passes
+from .lstm import lstm_step
 
 # The family spec (torch-free, shared with the converter): options, config validation and theta names.
 from .specs.velo import DEFAULTS as HYPERV2_DEFAULTS  # noqa: F401  (every HyperV2 argument + default)
@@ -96,11 +98,7 @@ def rnn_forward(
         mix = torch.relu(x @ theta["rnn.mix.w"] + theta["rnn.mix.b"])
         v = across.max(torch.amax(mix, dim=0, keepdim=True))  # max over TENSORS
         x = x @ theta["rnn.in.w"] + theta["rnn.in.b"] + v
-    gated = torch.cat([x, hidden], dim=-1) @ theta["rnn.lstm.w"] + theta["rnn.lstm.b"]
-    i, g, f, o = torch.chunk(gated, 4, dim=-1)
-    f = torch.sigmoid(f + 1.0)
-    c = f * cell + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    h, c = lstm_step(x, hidden, cell, theta["rnn.lstm.w"], theta["rnn.lstm.b"])
     controls = h @ theta["rnn.to_controls.w"] + theta["rnn.to_controls.b"]
     lr_mult = (h @ theta["rnn.step_size.w"] + theta["rnn.step_size.b"]).squeeze(-1)
     return controls, lr_mult, h, c
@@ -108,12 +106,17 @@ def rnn_forward(
 
 # ----------------------------------------------------------------------------------------------------
 # The per-element part for one tensor (hyper_v2._ff_mod and apply_one).
-def interpolate_ff(control: torch.Tensor, ff_theta: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``100 * mean(ff_p * c, axis=0)`` over the ``param_inits`` copies of each MLP tensor (no softmax)."""
+def interpolate_ff(
+    control: torch.Tensor, ff_theta: Sequence[torch.Tensor], ff_mult: float = 100.0
+) -> list[torch.Tensor]:
+    """``mean(ff_p * c, axis=0) * ff_mult`` over the ``param_inits`` copies of each MLP tensor (no softmax).
+
+    celo's ``interpolate_theta`` (learned_optimization's ``100. * mean(...)`` is ``ff_mult=100``: one float32
+    product either way, IEEE multiplication commutes)."""
     out = []
     for t in ff_theta:
         c = control.reshape((t.shape[0],) + (1,) * (t.dim() - 1))
-        out.append(100.0 * torch.mean(t * c, dim=0))
+        out.append(torch.mean(t * c, dim=0) * ff_mult)
     return out
 
 
@@ -269,7 +272,7 @@ def velo_tensor_update(
     v_row, v_col, v_full, fac_g = acc.factored_update(v_row, v_col, v_full, g, fac_d, fdims, red)
 
     n_w = len(ff_theta) - (cfg.ff_hidden_layers + 1)
-    params = interpolate_ff(control, ff_theta)
+    params = interpolate_ff(control, ff_theta, cfg.ff_mult)
     weights, biases = params[:n_w], params[n_w:]
     n_first = n_w - cfg.ff_hidden_layers
 
@@ -629,11 +632,14 @@ _ROW = [15, 16, 17, 21, 22, 23]  # v_row, rsqrt(v_row + 1e-8)
 _COL = [18, 19, 20, 24, 25, 26]  # v_col, rsqrt(v_col + 1e-8)
 
 
-def interpolate_all(controls: torch.Tensor, ff_theta: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``100 * mean(ff_p * c, axis=0)`` for every tensor at once: list over ff tensors of (T, ...)."""
+def interpolate_all(
+    controls: torch.Tensor, ff_theta: list[torch.Tensor], ff_mult: float = 100.0
+) -> list[torch.Tensor]:
+    """``mean(ff_p * c, axis=0) * ff_mult`` (``interpolate_ff``) for every tensor at once: list over ff
+    tensors of (T, ...). The fused kernels (C passes, Triton) take its result, so they follow ff_mult."""
     n_inits = controls.shape[1]
     flat = torch.cat([t.reshape(n_inits, -1) for t in ff_theta], dim=1)
-    mixed = (controls @ flat) / n_inits * 100.0
+    mixed = (controls @ flat) / n_inits * ff_mult
     out, start = [], 0
     for t in ff_theta:
         k = t[0].numel()
@@ -817,7 +823,7 @@ def _multi_tensor_velo(params, grads, lrs, states, reducers, ctx, *, c_passes: b
     controls, lr_mult = _run_lstm(rows, states, ctx)
     w_names, b_names = ff_layer_names(cfg)
     n_first = len(w_names) - cfg.ff_hidden_layers
-    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names])
+    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names], cfg.ff_mult)
     w0_all = torch.cat(mixed[:n_first], dim=1)  # (T, 30, hidden)
     w1_all, w2_all = mixed[n_first], mixed[n_first + 1]
     b0_all, b1_all, b2_all = mixed[len(w_names) :]
@@ -869,7 +875,7 @@ def _triton_velo(params, grads, lrs, states, reducers, ctx) -> None:
     controls, lr_mult = _run_lstm(rows, states, ctx)
     w_names, b_names = ff_layer_names(cfg)
     n_first = len(w_names) - cfg.ff_hidden_layers
-    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names])
+    mixed = interpolate_all(controls, [ctx.theta[k] for k in w_names + b_names], cfg.ff_mult)
     n_t = len(params)
     w2 = torch.nn.functional.pad(mixed[n_first + 1], (0, 1))  # (T, H, 4): 3 outputs padded to 4
     b2 = torch.nn.functional.pad(mixed[len(w_names) + 2], (0, 1))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 #: Families with a random-theta factory below (the ones these tests run).
-FAMILIES = ("small_fc_lopt", "velo", "mlp_lopt", "mulo", "celo", "celo_adam")
+FAMILIES = ("small_fc_lopt", "velo", "mlp_lopt", "mulo", "celo", "celo_adam", "rnn_mlp_lopt", "nn_adam")
 
 
 def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,7 +62,40 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
         return theta, config
     if family in ("celo", "celo_adam", "celo2"):  # the random-weight parity fixture's own checkpoint
         return _fixture_theta(f"{family}_random")
+    if family in ("rnn_mlp_lopt", "nn_adam"):
+        return spec_theta(family, seed)
     raise ValueError(f"no random-theta factory for {family!r}")
+
+
+#: Small configs for ``spec_theta`` (steps large enough that 10 steps move the parameters).
+SPEC_CONFIGS: dict[str, dict[str, Any]] = {
+    "rnn_mlp_lopt": {"lstm_hidden_size": 8, "hidden_size": 8, "from_mlp_size": 3, "from_lstm_size": 4,
+                     "lstm_to_ff": 5, "step_multiplier": 0.01},
+    "nn_adam": {"lstm_hidden_size": 8, "output_scale": 0.05, "decay_strength": 0.1},
+}  # fmt: skip
+
+
+def spec_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Random theta for the spec table of ``family`` at ``SPEC_CONFIGS``: matrices ``N(0, 1/fan_in)``,
+    vectors ``0.1 N(0, 1)``; NNAdam's scaled hparams at lr 1e-2, betas 0.9 / 0.99, epsilon 1e-8."""
+    import math
+
+    from pylo_runtime import specs
+
+    spec = specs.family(family)
+    config = spec.validate(SPEC_CONFIGS[family]).to_dict()
+    gen = torch.Generator().manual_seed(seed)
+    theta = {}
+    for name, ts in spec.tensor_table(config).items():
+        if len(ts.shape) == 2 and ts.shape[0] > 1:
+            theta[name] = torch.randn(ts.shape, generator=gen) / ts.shape[0] ** 0.5
+        else:
+            theta[name] = 0.1 * torch.randn(ts.shape, generator=gen)
+    if family == "nn_adam":
+        for name, value in (("lr", 0.1 * math.log(1e-2)), ("beta1", 0.1 * math.log(0.1)),
+                            ("beta2", 0.1 * math.log(0.01)), ("epsilon", 0.1 * math.log(1e-8))):  # fmt: skip
+            theta[f"per_layer_{name}"] = torch.tensor(value)
+    return theta, config
 
 
 def _fixture_theta(case: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

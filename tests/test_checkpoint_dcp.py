@@ -57,6 +57,10 @@ EXTRA_OPTIONS = (
 #: The state dicts main c91f35a saved (tests/data/state_c91f35a/make.py: the same model and batches).
 C91F35A = Path(__file__).parent / "data" / "state_c91f35a"
 C91F35A_SAVE_AT, C91F35A_STEPS = 3, 6
+#: The families main c91f35a had (it saved state dicts for these only; later families have no old files).
+C91F35A_FAMILIES = [
+    f for f in FAMILIES if f in ("velo", "celo", "celo_adam", "small_fc_lopt", "mlp_lopt", "mulo")
+]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -213,7 +217,7 @@ def _worker(out_dir: str, rank: int, world: int) -> dict:
     # they did at c91f35a, bit for bit, and then checkpoint with DCP.
     old = torch.load(C91F35A / f"fsdp2_rank{rank}.pt", weights_only=True)
     out["c91f35a"] = {}
-    for family in FAMILIES:
+    for family in C91F35A_FAMILIES:
         rec = old[family]
         model = _fsdp(_net(1), mesh)
         _set_params(model, rec["params_at_save"])
@@ -294,7 +298,7 @@ def test_dcp_hsdp_gathered_state_resumes_exactly(run):
     assert [r["hsdp"] for r in run["ranks"]] == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", C91F35A_FAMILIES)
 def test_c91f35a_per_rank_state_dicts_load_and_continue_exactly(run, family):
     for r in run["ranks"]:
         assert r["c91f35a"][family] == 0.0, (family, r["c91f35a"][family])
@@ -332,7 +336,7 @@ def test_dcp_checkpoint_layout(run):
     assert not [k for k in md if ".global." in k and not k.startswith("optim.state.kernel.global.")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", C91F35A_FAMILIES)
 def test_one_process_state_dict_loads_on_two_ranks(run, family):
     """``load_state_dict`` of a one-process state dict (here c91f35a's) on FSDP2 ranks: each rank takes its
     part of every whole tensor; the continuation equals c91f35a's one-process run within the noise floor."""

@@ -187,7 +187,15 @@ def test_bad_set_and_usage(tmp_path):
     assert_bad_input(r, VELO_DIR / "params", "no_such_argument", out)
     assert run("auto", "-o", out).exit_code == 2  # --source is required
     assert run("pylo", "-o", out).exit_code == 2  # --source is required
-    assert_bad_input(run("velo-s"), "velo-s", "not supported")
+    assert run("mlp-lopt").exit_code == 2  # nothing published: --source required
+    assert_bad_input(run("mlp-nom-lopt"), "mlp-nom-lopt", "not supported: No lopt-bridge runtime")
+    # Any entry listed as not supported refuses with its note, as one line.
+    from converter.commands import _registry_command
+
+    entry = registry.Entry("x-lopt", "X", "velo", "theta_state", ("hf://o/r/theta.state",), "MIT",
+                           supported=False, note="no runtime for this architecture yet")  # fmt: skip
+    r = CliRunner().invoke(_registry_command(entry), [])
+    assert r.exit_code == 2 and "x-lopt: not supported: no runtime" in r.stderr, r.output
 
 
 def test_conflicting_architectures(tmp_path):
@@ -306,6 +314,13 @@ def test_registry_entries():
     names = [e.name for e in reg.entries]
     for needed in ("velo", "celo", "celo-adam", "small-fc-lopt", "velo-4000", "velo-s", "rnn-mlp-lopt"):
         assert needed in names
+    # Every Celo-author hub repository is a supported entry under its own name (issue #13).
+    for hub in ("celo", "celo-adam", "velo-4000", "velo-s", "adafac-mlp-lopt", "rnn-mlp-lopt"):
+        e = reg.get(hub)
+        assert e.supported and e.source == f"hf://amoudgl/{hub}/theta.state" and e.licence.startswith("MIT")
+    assert "ff_mult=1.0" in reg.get("velo-s").sets and "ff_mult=100.0" in reg.get("velo-4000").sets
+    assert reg.get("adafac-mlp-lopt").architecture == reg.get("small-fc-lopt").architecture == "small_fc_lopt"
+    assert reg.get("mlp-lopt").architecture == "mlp_lopt" and reg.get("mlp-lopt").source is None
     velo = reg.get("velo")
     assert velo.format == "lo_params_gin" and velo.uris[0].endswith(
         "aug12_continue_on_bigger_2xbs_200kstep_bigproblem_v2_5620/params"

@@ -19,7 +19,7 @@ from tests.distributed_support import FAMILIES, Net, batches, make_optimizer, ru
 
 STEPS = 5
 ROWS = 8  # per rank
-LOSS_FAMILIES = ("velo", "celo", "celo_adam")
+LOSS_FAMILIES = ("velo", "celo", "celo_adam", "rnn_mlp_lopt")
 #: How the loop hands over the loss: ``step(loss=local)``, ``set_loss(opt, local)`` + ``step()``, the explicit
 #: ``global_mean`` with the in-step reduction off (the old recipe), and the local loss with it off.
 MODES = ("loss", "set_loss", "explicit_mean", "none")

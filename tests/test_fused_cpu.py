@@ -145,7 +145,7 @@ def test_lr_multiplier_and_none_grads():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("native_passes", [False, True], ids=["torch", "native"])
-@pytest.mark.parametrize("family", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("family", ["small_fc_lopt", "velo", "velo_ff_mult_1"])
 def test_open_loop_drift_2000_steps(family, native_passes, monkeypatch):
     """2000 steps on the same gradient stream, no resets: max relative param difference <= 1e-4."""
     # The per-step cost is per tensor (CI time): small_fc_lopt one non-factored and one factored tensor,
@@ -153,12 +153,15 @@ def test_open_loop_drift_2000_steps(family, native_passes, monkeypatch):
     # "native": the 2-D tensor goes through the C passes (size thresholds lowered), else the torch CPU path.
     monkeypatch.setattr(adafac, "SMALL", 1 if native_passes else 1 << 62)
     monkeypatch.setattr(velo, "NATIVE_MIN", 1 if native_passes else 1 << 62)
-    shapes = [(4, 5)] if family == "velo" else [(), (4, 5)]
+    shapes = [(4, 5)] if family.startswith("velo") else [(), (4, 5)]
     steps = 2000
     grads = grad_stream(shapes, steps)
     pa, pb = make_params(shapes, scale=0.1), make_params(shapes, scale=0.1)
-    if family == "velo":
+    if family.startswith("velo"):
         theta, cfg = velo_theta(lstm_hidden_size=8, param_inits=4)
+        if family == "velo_ff_mult_1":  # VeLO-S's ff_mult (celo's HyperV2); MLP copies x100: the same MLP
+            theta = {k: v * 100.0 if k.startswith("ff.") else v for k, v in theta.items()}
+            cfg = {**cfg, "ff_mult": 1.0}
         oa = VeLO(pa, theta, cfg, num_steps=steps, fused=False, foreach=False)
         ob = VeLO(pb, theta, cfg, num_steps=steps)
     else:

@@ -20,7 +20,7 @@ from pylo_runtime.step_inputs import NonFiniteError
 from tests.distributed_support import FAMILIES, Net, batches, make_optimizer, max_rel_diff
 
 #: The families whose update reads the training loss.
-LOSS_FAMILIES = ("velo", "celo", "celo_adam")
+LOSS_FAMILIES = ("velo", "celo", "celo_adam", "rnn_mlp_lopt")
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 #: The skip warning is asserted where it matters; elsewhere it would only fill the report.
 pytestmark = pytest.mark.filterwarnings("ignore:.*skipped a step:RuntimeWarning")

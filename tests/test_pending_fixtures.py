@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity_tests.commands import _recorder_families
+from parity_tests.commands import RECORDERS_DIR, _recorder_families
 from parity_tests.compare import FLOAT32_TOLERANCE
 from parity_tests.fixture import load_fixture, repo_root, sha256_file
 
@@ -25,11 +25,14 @@ PYLO_CASES = ("velo", "mulo", "celo2")
 
 def test_pending_fixtures_exist():
     names = {m.parent.name for m in PENDING}
-    assert {"velo_s_random", "rnn_mlp_lopt_lo", "nn_adam_lo"} <= names
+    # Every case recorded for a runtime that did not exist yet has been switched on (none pending today);
+    # a recorder still marked RUNTIME_PENDING must have its cases here.
+    mods = [importlib.import_module(f"parity_tests.recorders.{p.stem}") for p in RECORDERS_DIR.glob("*.py")]
+    pending = {c for m in mods if getattr(m, "RUNTIME_PENDING", False) for c in getattr(m, "CASES", ())}
+    assert names == pending
 
 
-@pytest.mark.parametrize("meta", PENDING, ids=[m.parent.name for m in PENDING])
-def test_pending_fixture_is_recorded_and_registered(meta: Path) -> None:
+def _check_pending(meta: Path) -> None:
     fx = load_fixture(meta.parent)
     assert fx.meta["source_base"] == "fixture"
     assert sha256_file(fx.source_path()) == fx.meta["source_sha256"]
@@ -41,6 +44,13 @@ def test_pending_fixture_is_recorded_and_registered(meta: Path) -> None:
     for name, arr in fx.params.items():
         assert np.all(np.isfinite(arr)), name
         assert np.any(arr[1:] != arr[:-1]), f"{name} never moves"
+
+
+def test_pending_fixtures_are_recorded_and_registered() -> None:
+    # A loop, not a parametrisation: with nothing pending (today) the test still runs and asserts.
+    for meta in PENDING:
+        _check_pending(meta)
+    assert all(m.parent.parent.name == "fixtures_pending" for m in PENDING)
 
 
 X64 = sorted(repo_root().glob("parity_tests/fixtures*/*/x64.npz"))  # pending or switched on (Celo2)
@@ -78,8 +88,8 @@ def test_celo2_routing_is_recorded_and_covers_both_branches():
 def test_pending_recorders_stay_out_of_the_default_live_run():
     fams = _recorder_families()
     assert "velo" in fams and "celo" in fams
-    assert "celo2" in fams  # switched on with its runtime
-    assert not {"celo_copies", "rnn_mlp_lopt", "nn_adam", "perturb"} & set(fams)
+    assert {"celo2", "celo_copies", "rnn_mlp_lopt", "nn_adam"} <= set(fams)  # switched on (runtimes exist)
+    assert "perturb" not in fams
 
 
 @pytest.mark.parametrize("name", PYLO_CASES)

@@ -36,6 +36,8 @@ SMALL: dict[str, dict] = {
     "small_fc_lopt": {"hidden_size": 4},
     "mlp_lopt": {"hidden_size": 4},
     "mulo": {"hidden_size": 4, "clip_grad": True},
+    "rnn_mlp_lopt": {"lstm_hidden_size": 8, "hidden_size": 4, "from_mlp_size": 3, "from_lstm_size": 2},
+    "nn_adam": {"lstm_hidden_size": 8},
 }
 SIZE_KEY = {
     "velo": "ff_hidden_layers",
@@ -45,8 +47,21 @@ SIZE_KEY = {
     "small_fc_lopt": "hidden_layers",
     "mlp_lopt": "hidden_layers",
     "mulo": "hidden_layers",
+    "rnn_mlp_lopt": "hidden_layer",
+    "nn_adam": "lstm_hidden_size",
 }
+#: A float option (refused when not finite) and a second one (refused as a string), per family.
+FLOAT_KEYS = {
+    "rnn_mlp_lopt": ("step_multiplier", "magnitude_rate"),
+    "nn_adam": ("output_scale", "decay_strength"),
+}
+#: The decay list checked for a decay outside [0, 1] (MLPLOpt and NNAdam have none).
+DECAY_KEY = {"rnn_mlp_lopt": "decays", "mlp_lopt": None, "nn_adam": None}
 FAMILIES = sorted(SMALL)
+
+
+def float_keys(arch: str) -> tuple[str, str]:
+    return FLOAT_KEYS.get(arch, ("step_mult", "exp_mult"))
 
 
 def make_theta(arch: str, config: dict, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -182,6 +197,7 @@ def test_converter_table_is_the_spec_table(arch):
 # Runtime constructors: every family refuses the same inputs, naming the key and the expected value.
 def _bad_configs(arch: str) -> list[tuple[object, str]]:
     key = SIZE_KEY[arch]
+    (step, other), decay = float_keys(arch), DECAY_KEY.get(arch, "initial_rms_decays")
     return [
         (None, "config must be a mapping of option names to values, got null"),
         ([1, 2], "config must be a mapping of option names to values, got a list"),
@@ -195,14 +211,12 @@ def _bad_configs(arch: str) -> list[tuple[object, str]]:
         ({**SMALL[arch], key: 2.0}, rf"option {key} must be an int in \[\d, \d+\], got 2.0"),
         ({**SMALL[arch], key: 100000000}, rf"option {key} must be an int in \[\d, \d+\], got 100000000"),
         ({**SMALL[arch], key: 1e9}, rf"option {key} must be an int in \[\d, \d+\], got 1000000000.0"),
-        ({**SMALL[arch], "step_mult": float("inf")}, "option step_mult must be a finite number, got inf"),
-        ({**SMALL[arch], "step_mult": float("nan")}, "option step_mult must be a finite number, got nan"),
-        ({**SMALL[arch], "exp_mult": "0.1"}, "option exp_mult must be a finite number, got '0.1'"),
-        (
-            {**SMALL[arch], "initial_rms_decays": [1.5]},
-            r"option initial_rms_decays must be a list of 1 to 64",
-        ),
-    ]
+        ({**SMALL[arch], step: float("inf")}, f"option {step} must be a finite number, got inf"),
+        ({**SMALL[arch], step: float("nan")}, f"option {step} must be a finite number, got nan"),
+        ({**SMALL[arch], other: "0.1"}, f"option {other} must be a finite number, got '0.1'"),
+    ] + ([] if decay is None else [
+        ({**SMALL[arch], decay: [1.5]}, rf"option {decay} must be a list of 1 to 64"),
+    ])  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -210,8 +224,6 @@ def test_constructor_refuses_bad_configs(arch):
     cls = optimizer_class(arch).__name__
     theta = make_theta(arch, SMALL[arch])
     for config, pattern in _bad_configs(arch):
-        if arch == "mlp_lopt" and "initial_rms_decays" in str(config):
-            continue  # MLPLOpt has fixed decays: that key is unknown there (covered by bogus_flag)
         t0 = time.perf_counter()
         with pytest.raises(ValueError, match=rf"^{cls}: {pattern}"):
             build(arch, theta, config)
@@ -272,8 +284,8 @@ def test_files_with_bad_config_or_theta_are_refused_naming_the_file(tmp_path, ar
             rf"{arch}: option {key} must be an int in \[\d, \d+\], got 1000000000",
         ),
         (
-            json.dumps({**full, "step_mult": float("inf")}),
-            f"{arch}: option step_mult must be a finite number",
+            json.dumps({**full, float_keys(arch)[0]: float("inf")}),
+            f"{arch}: option {float_keys(arch)[0]} must be a finite number",
         ),
         (json.dumps({**full, "bogus_flag": 1}), rf"{arch}: unknown constructor argument\(s\) bogus_flag"),
         (json.dumps({**full, key: full[key] + 1}), f"{arch}: theta "),
@@ -325,10 +337,11 @@ def test_converter_refuses_absurd_bindings_quickly(arch):
         ):
             architectures.by_name(arch).build(tree, {**SMALL[arch], key: value}, source="src")
         assert time.perf_counter() - t0 < 1.0
+    step = float_keys(arch)[0]
     with pytest.raises(
-        ConversionError, match=rf"^src: {arch}: option step_mult must be a finite number, got inf$"
+        ConversionError, match=rf"^src: {arch}: option {step} must be a finite number, got inf$"
     ):
-        architectures.by_name(arch).build(tree, {**SMALL[arch], "step_mult": float("inf")}, source="src")
+        architectures.by_name(arch).build(tree, {**SMALL[arch], step: float("inf")}, source="src")
 
 
 def _run_cli(*args: str, block_torch: bool, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -71,7 +71,7 @@ def test_state_dict_is_keyed_by_parameters(family):
     assert int(other.state["global"]["iteration"]) == 2 and other.skipped_steps == 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("rnn_mlp_lopt", "nn_adam")])  # c91f35a's
 def test_c91f35a_state_dicts_load_and_continue_exactly(family):
     """A state dict saved by main c91f35a (top-level "global", reference path): loaded today, the optimizer
     holds exactly its tensors and continues as c91f35a did, bit for bit."""
@@ -203,7 +203,8 @@ def test_state_axes_follow_the_sharded_dim(family):
     opt = make_optimizer(family, [torch.zeros(7, 5, requires_grad=True)])
     p = torch.zeros(4, 5)
     axes = state_axes(opt._new_param_state, p, ShardSpec(0, (7, 5), None), {})
-    assert axes["mom"] == (0, (7, 5, axes["mom"][1][-1]))  # per element: sharded like the parameter
+    # per element: sharded like the parameter (stacked over decays, or one slot as NNAdam's)
+    assert axes["mom"][0] == 0 and axes["mom"][1][:2] == (7, 5) and len(axes["mom"][1]) in (2, 3)
     if "fac_row" in axes:
         # factored dims (1, 0): fac_row averages over dim 0 (whole on every rank), fac_col keeps it
         assert axes["fac_row"][0] is None and axes["fac_col"][0] == 0

@@ -95,7 +95,9 @@ def test_sizes_are_inferred_when_unbound():
 
 def test_defaults_are_every_constructor_argument():
     d = VELO.defaults()
-    assert len(d) == 37 and d["lstm_hidden_size"] == 128 and d["use_bugged_loss_features"] is True
+    # HyperV2's 37 arguments + amoudgl/celo's ff_mult (learned_optimization's hard-coded 100 by default).
+    assert len(d) == 38 and d["lstm_hidden_size"] == 128 and d["use_bugged_loss_features"] is True
+    assert d["ff_mult"] == 100.0
     assert d["initial_momentum_decays"] == [0.9, 0.99, 0.999] and d["clip_param_scale_amount"] is None
 
 

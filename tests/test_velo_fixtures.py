@@ -19,13 +19,16 @@ from parity_tests.compare import FLOAT32_TOLERANCE
 from parity_tests.fixture import discover, load_fixture, repo_root
 from parity_tests.replay import convert_fixture, replay
 
+#: learned_optimization's HyperV2 recordings and amoudgl/celo's (VeLO-S / velo_4000: ff_mult).
 VELO_FIXTURES = [
-    p for p in discover(repo_root() / DEFAULT_FIXTURES) if load_fixture(p).meta["family"] == "velo"
+    p for p in discover(repo_root() / DEFAULT_FIXTURES) if load_fixture(p).meta["architecture"] == "velo"
 ]
 
 
 def test_velo_fixtures_are_committed():
-    assert any(load_fixture(p).meta["options"]["form"] == "lo_no_config" for p in VELO_FIXTURES)
+    assert any(load_fixture(p).meta["options"].get("form") == "lo_no_config" for p in VELO_FIXTURES)
+    ff_mults = {load_fixture(p).meta["convert_sets"].get("ff_mult") for p in VELO_FIXTURES}
+    assert {1.0, 100.0} <= ff_mults  # celo's VeLO-S (1) and velo_4000 (100) configurations
 
 
 def _factory(fx, params, ckpt, *, foreach):

@@ -24,10 +24,6 @@ CELO_COMMIT = "66d976116f39da286951f0c5e0a18eee8d1fd66b"
 LO_REPO = "google/learned_optimization"
 LO_COMMIT = "32186aa46a96f26ba0625755f93c55659adcd523"
 
-#: No runtime for these cases yet: `lopt-parity run --live` without --family skips this recorder, and its
-#: fixtures live in parity_tests/fixtures_pending/.
-RUNTIME_PENDING = True
-
 #: celo.factory.get_optimizer("velo_s") and ("velo_4000"): celo's HyperV2 with these arguments.
 VELO_S: dict[str, Any] = dict(
     use_bugged_next_lstm_state=False,

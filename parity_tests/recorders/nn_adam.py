@@ -12,10 +12,6 @@ from typing import Any
 
 from .adafac import LOReference, lo_reference
 
-#: No runtime for these cases yet: `lopt-parity run --live` without --family skips this recorder, and its
-#: fixtures live in parity_tests/fixtures_pending/.
-RUNTIME_PENDING = True
-
 #: case -> {"form": checkpoint format, "config": NNAdam constructor arguments}.
 CASES: dict[str, dict[str, Any]] = {
     # Every argument away from its default: decay_strength > 0 pulls the hparams back to theta's; a larger

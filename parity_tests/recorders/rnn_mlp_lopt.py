@@ -12,10 +12,6 @@ from typing import Any
 
 from .adafac import LOReference, lo_reference
 
-#: No runtime for these cases yet: `lopt-parity run --live` without --family skips this recorder, and its
-#: fixtures live in parity_tests/fixtures_pending/.
-RUNTIME_PENDING = True
-
 #: case -> {"form": checkpoint format, "config": RNNMLPLOpt constructor arguments}.
 CASES: dict[str, dict[str, Any]] = {
     # Every size and rate away from its default (so the converter must read them from config.gin), a larger

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import adafac, celo, celo2, celo_adam, mlp_lopt, mulo, velo
+from . import adafac, celo, celo2, celo_adam, mlp_lopt, mulo, nn_adam, rnn_mlp_lopt, velo
 from .common import Config, SpecError, TensorSpec
 
 __all__ = ["FAMILIES", "Config", "SpecError", "TensorSpec", "family"]
 
 #: architecture id -> its spec module.
-FAMILIES: dict[str, ModuleType] = {m.ARCH: m for m in (velo, celo, celo_adam, celo2, adafac, mlp_lopt, mulo)}
+FAMILIES: dict[str, ModuleType] = {
+    m.ARCH: m for m in (velo, celo, celo_adam, celo2, adafac, mlp_lopt, mulo, rnn_mlp_lopt, nn_adam)
+}
 
 
 def family(arch: str) -> ModuleType | None:

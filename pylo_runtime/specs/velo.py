@@ -1,5 +1,10 @@
 """VeLO = learned_optimization's ``HyperV2`` (research/general_lopt/hyper_v2.py @32186aa4): the family spec.
 
+Also amoudgl/celo's copy (``celo/optimizers/velo.py`` @66d9761: VeLO-S, velo-4000, celo's ``velo``), whose
+only numeric difference is ``ff_mult``: celo interpolates the MLP copies as ``mean(ff_p * c) * ff_mult``
+where Google's class hard-codes ``100. * mean(ff_p * c)``. One architecture id for both; ``ff_mult``
+defaults to 100.0 (Google's behaviour; celo's class default is 1.0, so celo checkpoints must bind it).
+
 Theta (haiku params, flax state-dict form; runtime name, source keys, shape)::
 
     lstm_init.{hidden,cell}      lstm_init_state/{hidden,cell}      (1, H)
@@ -62,7 +67,7 @@ FEATURE_SWITCHES: dict[str, bool] = {
     "adafactor_accumulator": True,
 }
 
-#: Every HyperV2 constructor argument with its default (hyper_v2.HyperV2.__init__).
+#: Every HyperV2 constructor argument with its default (hyper_v2.HyperV2.__init__, + celo's ``ff_mult``).
 DEFAULTS: dict[str, Any] = {
     "lstm_hidden_size": 128,
     "ff_hidden_size": 4,
@@ -74,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     "mix_layers": True,
     "exp_mult": 0.001,
     "step_mult": 0.001,
+    #: celo's HyperV2 only (placed as there); 100.0 = learned_optimization's hard-coded constant.
+    "ff_mult": 100.0,
     "validation_mode": False,
     "with_validation_feature_dim": False,
     **FEATURE_SWITCHES,
@@ -98,6 +105,7 @@ _KINDS = kinds_for(
         "param_inits": sized(MAX_WIDTH),
         "exp_mult": finite_float,
         "step_mult": finite_float,
+        "ff_mult": finite_float,
         "reparam_decay": finite_float,
         "rnn_state_decay": finite_float,
         "clip_param_scale_amount": optional_number,
@@ -255,6 +263,7 @@ class VeLOConfig:
     mix_layers: bool
     exp_mult: float
     step_mult: float
+    ff_mult: float
     validation_mode: bool
     with_validation_feature_dim: bool
     with_g: bool
