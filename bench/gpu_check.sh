@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in < 10 min (each step has a timeout; 555 s in all at most): fused (Triton) and foreach
-# (torch ops, the CUDA fallback) versus reference parity on CUDA, every family's foreach path, the default
-# path's self-check (it must pick Triton and pass without a warning), 2000-step drift, then the ViT-B/16
-# step-time benchmark (reference, foreach and default paths).
+# (torch ops, the CUDA fallback) versus reference parity on CUDA (VeLO, small_fc_lopt, muLO, Celo, Celo-Adam),
+# every family's foreach path, the default path's self-check (it must pick Triton and pass without a
+# warning), 2000-step drift, then the ViT-B/16 step-time benchmark (reference, foreach and default paths).
 # Results go to bench/results/ (commit them). Needs torch with CUDA, triton, and this repo importable
 # (pip install -e '.[triton]', or run from the repo root: the scripts put it on sys.path).
 #   PYTHON=python3 bash bench/gpu_check.sh
@@ -17,10 +17,10 @@ echo "== parity on CUDA: fused and foreach vs reference, default path self-check
 timeout 300 "$PY" bench/gpu_parity.py --steps 3 --drift-steps 2000 || rc=1
 echo "== ViT-B/16 step time (fp32) =="
 timeout 180 "$PY" bench/step_time.py --tree vit --device cuda --steps 10 --warmup 3 \
-  --optimizers adamw,velo,velo_foreach,velo_fused,small_fc_lopt,small_fc_lopt_foreach,small_fc_lopt_fused || rc=1
+  --optimizers adamw,velo,velo_foreach,velo_fused,small_fc_lopt,small_fc_lopt_foreach,small_fc_lopt_fused,celo_foreach,celo_fused,celo_adam_foreach,celo_adam_fused || rc=1
 echo "== ViT-B/16 step time, fused only: bf16 params; tf32 tl.dot for small_fc_lopt's hidden layer =="
 timeout 45 "$PY" bench/step_time.py --tree vit --device cuda --dtype bfloat16 --steps 10 --warmup 3 \
-  --optimizers adamw,velo_fused,small_fc_lopt_fused || rc=1
+  --optimizers adamw,velo_fused,small_fc_lopt_fused,celo_fused,celo_adam_fused || rc=1
 LOPT_TRITON_DOT_PRECISION=tf32 timeout 30 "$PY" bench/step_time.py --tree vit --device cuda --steps 10 --warmup 3 \
   --optimizers adamw,small_fc_lopt_fused || rc=1
 ls -l bench/results/

@@ -24,9 +24,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
-from fused_support import SHAPES, adafac_theta, flags, grad_stream, make_params, run_pair, velo_theta  # noqa: E402
+from distributed_support import random_theta  # noqa: E402
+from fused_support import (  # noqa: E402
+    SHAPES,
+    adafac_theta,
+    celo_theta,
+    flags,
+    grad_stream,
+    make_params,
+    run_pair,
+    velo_theta,
+)
 
 from pylo_runtime.adafac import SmallFCLOpt  # noqa: E402
+from pylo_runtime.celo import Celo  # noqa: E402
+from pylo_runtime.celo_adam import CeloAdam  # noqa: E402
 from pylo_runtime.mulo import MuLO  # noqa: E402
 from pylo_runtime.velo import VeLO  # noqa: E402
 
@@ -89,6 +101,11 @@ def drift(family: str, device, steps: int) -> float:
         oa, ob = (
             VeLO(p, theta, cfg, num_steps=steps, **flags(f)) for p, f in ((pa, "reference"), (pb, True))
         )
+    elif family in ("celo", "celo_adam"):
+        cls, (theta, cfg) = (
+            (Celo, celo_theta(step_mult=0.01)) if family == "celo" else (CeloAdam, random_theta("celo_adam"))
+        )
+        oa, ob = (cls(p, theta, cfg, num_steps=steps, **flags(f)) for p, f in ((pa, "reference"), (pb, True)))
     else:
         theta, cfg = adafac_theta(32)
         oa, ob = (
@@ -128,6 +145,14 @@ def main() -> int:
         theta, cfg = velo_theta(**config)
         return lambda ps, fused: VeLO(ps, theta, cfg, num_steps=100, **flags(fused))
 
+    def celo(**config):
+        theta, cfg = celo_theta(**config)
+        return lambda ps, fused: Celo(ps, theta, cfg, num_steps=100, **flags(fused))
+
+    def celo_adam(**config):
+        theta, cfg = random_theta("celo_adam")
+        return lambda ps, fused: CeloAdam(ps, theta, {**cfg, **config}, num_steps=100, **flags(fused))
+
     cases = {
         "small_fc_lopt_h32": (adafac(32), None),
         "small_fc_lopt_h4": (adafac(4), None),
@@ -135,6 +160,10 @@ def main() -> int:
         "velo_default": (velo(), losses),
         "velo_no_param_scale": (velo(param_scale_mult=False, step_mult=0.3), losses),
         "velo_precondition": (velo(precondition_output=True), losses),
+        "celo_default": (celo(), losses),
+        "celo_phase1_precondition": (celo(train_phase=1, precondition_output=True, param_inits=3), losses),
+        "celo_adam_default": (celo_adam(), losses),
+        "celo_adam_options": (celo_adam(param_scale_mult=True, initial_momentum_decays=[0.9, 0.99]), losses),
     }
     ok = True
     for name, (make, ls) in cases.items():
@@ -168,7 +197,7 @@ def main() -> int:
         results[f"small_fc_lopt_{dt}"] = {"max_ulps": ulps}
         ok &= ulps <= 1.0
         print(f"small_fc_lopt {dt} params: max difference {ulps:.2f} ulp", flush=True)
-    for fam in ("small_fc_lopt", "velo"):
+    for fam in ("small_fc_lopt", "velo", "celo", "celo_adam"):
         t0 = time.perf_counter()
         d = drift(fam, dev, a.drift_steps)
         results[f"drift_{fam}"] = {

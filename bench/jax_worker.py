@@ -28,6 +28,27 @@ def _make_lopt(opt: str):
 
         # The 32-wide form PyLO and muLO use: 39 -> 32 -> 32 -> 2.
         return adafac_mlp_lopt.AdafacMLPLOpt(hidden_size=32, hidden_layers=2, step_mult=0.01)
+    if opt == "celo":  # needs amoudgl/celo on PYTHONPATH; as celo.factory.get_optimizer("celo") builds it
+        from celo.optimizers import celo as celo_lopt
+
+        return celo_lopt.Celo(
+            lstm_hidden_size=64,
+            initial_momentum_decays=(0.9, 0.99, 0.999),
+            initial_rms_decays=(0.999,),
+            initial_adafactor_decays=(0.9, 0.99, 0.999),
+            param_inits=1,
+            train_phase=2,
+            summarize_each_layer=False,
+        )
+    if opt == "celo_adam":  # as celo.factory.get_optimizer("celo_adam") builds it
+        from celo.optimizers import celo_adam
+
+        return celo_adam.Celo(
+            lstm_hidden_size=64,
+            initial_epsilon=1e-8,
+            initial_momentum_decays=(0.9,),
+            initial_rms_decays=(0.999,),
+        )
     raise ValueError(f"no JAX reference for {opt!r}")
 
 

@@ -45,8 +45,19 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "small_fc_lopt": ("small_fc_lopt", {"fused": False, "foreach": False}),
     "small_fc_lopt_foreach": ("small_fc_lopt", {"foreach": True}),
     "small_fc_lopt_fused": ("small_fc_lopt", {"fused": None}),
+    "celo": ("celo", {"fused": False, "foreach": False}),
+    "celo_foreach": ("celo", {"foreach": True}),
+    "celo_fused": ("celo", {"fused": None}),
+    "celo_adam": ("celo_adam", {"fused": False, "foreach": False}),
+    "celo_adam_foreach": ("celo_adam", {"foreach": True}),
+    "celo_adam_fused": ("celo_adam", {"fused": None}),
 }
-JAX = {"jax_velo": "velo", "jax_small_fc_lopt": "small_fc_lopt"}
+JAX = {
+    "jax_velo": "velo",
+    "jax_small_fc_lopt": "small_fc_lopt",
+    "jax_celo": "celo",
+    "jax_celo_adam": "celo_adam",
+}
 PYLO = {"pylo_velo": "VeLO_naive", "pylo_small_fc_lopt": "AdafacLO_naive"}
 ALL = ["adamw", *OURS, *JAX, *PYLO]
 

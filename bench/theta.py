@@ -13,6 +13,9 @@ import torch
 CONFIGS: dict[str, dict[str, Any]] = {
     "velo": {"lstm_hidden_size": 512, "param_inits": 256, "use_bugged_next_lstm_state": True},
     "small_fc_lopt": {"hidden_size": 32, "hidden_layers": 2, "step_mult": 0.01},
+    # The published configurations (celo.factory.get_optimizer): the family specs' defaults.
+    "celo": {},
+    "celo_adam": {},
 }
 
 
@@ -36,6 +39,11 @@ def theta_shapes(arch: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]
             shapes[f"nn.w{i}"] = (sizes[i], sizes[i + 1])
             shapes[f"nn.b{i}"] = (sizes[i + 1],)
         return shapes
+    if arch in ("celo", "celo_adam"):
+        from pylo_runtime import specs
+
+        spec = getattr(specs, arch)
+        return {name: t.shape for name, t in spec.tensor_table(spec.validate(config)).items()}
     raise ValueError(f"no random theta for {arch!r}")
 
 

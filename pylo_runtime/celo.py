@@ -13,12 +13,15 @@ instead of once per tensor: the reference's rows are all equal, so nothing chang
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from . import specs
+from . import dispatch, specs, velo
 from .accumulators import (
     factored_state_shapes,
     factored_update,
@@ -28,7 +31,7 @@ from .accumulators import (
     momentum_update,
     rms_update,
 )
-from .base import LearnedOptimizer, ParamsT
+from .base import LearnedOptimizer, ParamsT, write_param
 from .distributed.reducer import TensorReducer
 from .features import (
     factored_dims,
@@ -36,6 +39,7 @@ from .features import (
     second_moment_normalizer,
     second_moment_normalizers,
 )
+from .kernels.cpu import passes
 from .lstm import lstm_step
 from .velo import ff_inputs
 
@@ -173,29 +177,83 @@ class Celo(_CeloScheduler):
         lr_mult, rnn_out = self._schedule(loss, global_state, device)
         th = self._theta_on(device)
         controls = rnn_out @ th["rnn.to_controls.w"] + th["rnn.to_controls.b"]
-        weights = self._ff_weights(controls, device)
+        step = CeloStep(
+            weights=self._ff_weights(controls, device),
+            lr_mult=lr_mult,
+            decays=(self.mom_decays.to(device), self.rms_decays.to(device), self.fac_decays.to(device)),
+            cfg=self.config,
+            ff_in=self._ff_in,
+            n_layers=self._ff_layers,
+        )
         states = [self.state[p] for p in params]
         grads = [torch.clamp(g, -1000.0, 1000.0) for g in grads]
-        decays = (self.mom_decays.to(device), self.rms_decays.to(device), self.fac_decays.to(device))
-        # (An FSDP2 shard: means over its sharded dim are all-reduced by its reducer.)
-        fac_gs = [
-            _accumulate(st, g, *decays, red) for g, st, red in zip(grads, states, reducers, strict=True)
-        ]
-        fn = _multi_tensor_celo if path == "foreach" else _single_tensor_celo
-        fn(
-            params,
-            grads,
-            fac_gs,
-            states,
-            reducers,
-            lrs,
-            lr_mult,
-            weights,
-            self.config,
-            self._ff_in,
-            self._ff_layers,
-        )
+
+        def impl(name: str) -> Any:
+            return functools.partial(_implementation(name), step=step)
+
+        samples = _kernel_samples(path, params)
+        path = dispatch.verified(self, path, samples, impl, params, grads, lrs, states, reducers)
+        impl(path)(params, grads, lrs, states, reducers)
         global_state["iteration"] = global_state["iteration"] + 1
+
+
+@dataclass
+class CeloStep:
+    """What every tensor's update reads at one step: the scheduler's outputs and the interpolated MLP."""
+
+    weights: dict[str, torch.Tensor]  # the param_inits MLP copies, interpolated (Celo._ff_weights)
+    lr_mult: torch.Tensor  # () the LSTM's step-size multiplier
+    decays: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # momentum, rms, adafactor
+    cfg: Mapping[str, Any]
+    ff_in: list[str]  # first-layer weight names, one per input group
+    n_layers: int
+
+    @property
+    def attrs(self) -> _Attrs:
+        return _Attrs(self.cfg)
+
+    @property
+    def applied_lr_mult(self) -> torch.Tensor:
+        """The multiplier the step applies: the LSTM's from phase 2 on, else 1 (``_step_from_mlp_out``)."""
+        return self.lr_mult if self.cfg["train_phase"] > 1 else torch.ones_like(self.lr_mult)
+
+    @functools.cached_property
+    def mlp(self) -> tuple[torch.Tensor, ...]:
+        """``(w0 (inputs, H), b0, w1, b1, w2 (H, 3), b2)``: the two-hidden-layer MLP the fast paths run."""
+        w = self.weights
+        w0 = torch.cat([w[name] for name in self.ff_in], dim=0)
+        return w0, w["ff.b0"], w["ff.w1"], w["ff.b1"], w["ff.w2"], w["ff.b2"]
+
+
+def _implementation(path: str) -> Any:
+    """The function that runs ``path`` (``dispatch`` chose it): ``(params, grads, lrs, states, reducers, *,
+    step)``, grads clipped."""
+    if path == "reference":
+        return _single_tensor_celo
+    if path == "foreach-batched":
+        return _batched_celo
+    if path in ("foreach", "fused-cpu"):  # torch ops (any device); with the C passes on the CPU
+        return functools.partial(_multi_tensor_celo, c_passes=path == "fused-cpu")
+    if path == "fused-triton":
+        return _triton_celo
+    raise ValueError(f"Celo has no implementation {path!r}")
+
+
+def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
+    """For ``dispatch.verified``: the smallest tensor of each kernel variant ``path`` would run."""
+    out: dict[tuple, int] = {}
+    for i, p in enumerate(params):
+        if path == "fused-triton":
+            key: tuple = (p.dtype, p.dim() >= 2)
+        elif path == "fused-cpu":
+            if p.dim() != 2 or p.numel() < velo.NATIVE_MIN:
+                continue  # the torch ops take it: nothing fused to check
+            key = ("c-passes",)
+        else:
+            return {}
+        if key not in out or p.numel() < params[out[key]].numel():
+            out[key] = i
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,48 +355,47 @@ def _apply(p: torch.Tensor, step: torch.Tensor, lr: float) -> None:
 def _single_tensor_celo(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    fac_gs: list[torch.Tensor],
+    lrs: list[float],
     states: list[dict[str, Any]],
     reducers: list[TensorReducer],
-    lrs: list[float],
-    lr_mult: torch.Tensor,
-    w: dict[str, torch.Tensor],
-    cfg: Mapping[str, Any],
-    ff_in: list[str],
-    n_layers: int,
+    *,
+    step: CeloStep,
 ) -> None:
     """Reference path: one tensor at a time, first layer summed input by input as the reference does.
 
-    The path FSDP2 shards take: their reducers all-reduce every mean over a shard.
+    A path FSDP2 shards take: their reducers all-reduce every mean over a shard.
     """
-    for p, g, fac_g, st, red, lr in zip(params, grads, fac_gs, states, reducers, lrs, strict=True):
+    w, cfg, ff_in = step.weights, step.cfg, step.ff_in
+    for p, g, st, red, lr in zip(params, grads, states, reducers, lrs, strict=True):
+        fac_g = _accumulate(st, g, *step.decays, red)
         p32 = p.detach().to(torch.float32)
         inps = celo_features(p32, g, fac_g, st, cfg, red)
         o = inps[0] @ w[ff_in[0]]
         for x, name in zip(inps[1:], ff_in[1:], strict=True):
             o = o + x @ w[name]
         o = o + w["ff.b0"]
-        for i in range(1, n_layers + 1):
+        for i in range(1, step.n_layers + 1):
             o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
-        step = _step_from_mlp_out(o, p32, st["rms"], lr_mult, cfg, red)
-        _apply(p, step, lr)
+        u = _step_from_mlp_out(o, p32, st["rms"], step.lr_mult, cfg, red)
+        _apply(p, u, lr)
 
 
-def _multi_tensor_celo(
+def _batched_celo(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    fac_gs: list[torch.Tensor],
+    lrs: list[float],
     states: list[dict[str, Any]],
     reducers: list[TensorReducer],
-    lrs: list[float],
-    lr_mult: torch.Tensor,
-    w: dict[str, torch.Tensor],
-    cfg: Mapping[str, Any],
-    ff_in: list[str],
-    n_layers: int,
+    *,
+    step: CeloStep,
 ) -> None:
-    """Batched path: features of all tensors stacked into one matrix, the MLP run once for all elements
-    (whole tensors only: it normalises flattened rows, so ``dispatch`` keeps FSDP2 shards off it)."""
+    """Batched path for every option set: features of all tensors stacked into one matrix, the MLP run once
+    for all elements (whole tensors only: it normalises flattened rows, so ``dispatch`` keeps FSDP2 shards
+    off it). The foreach path for options ``_multi_tensor_celo`` does not take."""
+    w, cfg = step.weights, step.cfg
+    fac_gs = [
+        _accumulate(st, g, *step.decays, red) for g, st, red in zip(grads, states, reducers, strict=True)
+    ]
     p32s = [p.detach().to(torch.float32) for p in params]
     rows = []
     for p32, g, fac_g, st, red in zip(p32s, grads, fac_gs, states, reducers, strict=True):
@@ -346,14 +403,122 @@ def _multi_tensor_celo(
         x = torch.cat([x.expand(*x.shape[:-1], x.shape[-1]) for x in inps], dim=-1)
         x = x.reshape(-1, x.shape[-1])  # (elements, channels): one reduction normalises every channel
         rows.append(second_moment_normalizer(x, [0], red))
-    w0 = torch.cat([w[name] for name in ff_in], dim=0)
+    w0 = torch.cat([w[name] for name in step.ff_in], dim=0)
     o = torch.cat(rows, dim=0) @ w0 + w["ff.b0"]
-    for i in range(1, n_layers + 1):
+    for i in range(1, step.n_layers + 1):
         o = torch.relu(o) @ w[f"ff.w{i}"] + w[f"ff.b{i}"]
     sizes = [p.numel() for p in params]
     for p, p32, o_i, st, red, lr in zip(
         params, p32s, torch.split(o, sizes), states, reducers, lrs, strict=True
     ):
         shape = tuple(p.shape) if p.dim() > 0 else (1,)
-        step = _step_from_mlp_out(o_i.reshape(*shape, -1), p32, st["rms"], lr_mult, cfg, red)
-        _apply(p, step, lr)
+        u = _step_from_mlp_out(o_i.reshape(*shape, -1), p32, st["rms"], step.lr_mult, cfg, red)
+        _apply(p, u, lr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The foreach path (torch ops, any device) and the fused paths' glue: the reference above, reorganised as
+# VeLO's fast paths reorganise HyperV2's per-element step (velo.py), whose features, MLP and output head
+# Celo's are (``velo.ff_inputs``, ``velo.output_step`` with Celo's lr multiplier):
+#
+# - one MLP for every tensor (the LSTM reads only global inputs): ``CeloStep.mlp``, interpolated once;
+# - per tensor, the normalisation folded into the first layer and the Adafactor row / column features
+#   entering it once per row / column (``velo._tensor_mlp_out``, ``folded``), the MLP over cache-sized chunks;
+# - on the fused CPU path, 2-D tensors from ``velo.NATIVE_MIN`` elements on VeLO's C passes
+#   (``velo._c_pass1`` without the per-tensor LSTM statistics, ``velo._c_pass2`` with Celo's multiplier);
+# - on the fused CUDA path, VeLO's Triton kernels (``kernels.triton.velo``) with Celo's MLP in every row of
+#   the weight table and its multiplier in every row of the scalars.
+def _celo_ctx(step: CeloStep) -> SimpleNamespace:
+    """The step context VeLO's C-pass glue reads (``ctx.cfg``: feature switches and output head options)."""
+    return SimpleNamespace(cfg=step.attrs)
+
+
+def _multi_tensor_celo(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lrs: list[float],
+    states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
+    *,
+    step: CeloStep,
+    c_passes: bool = False,
+) -> None:
+    """The foreach path (torch ops, any device, FSDP2 shards: every reduction through ``reducers[i]``), and
+    with ``c_passes`` the fused CPU path: a drop-in for ``_single_tensor_celo`` (module comment above)."""
+    cfg = step.attrs
+    mlp = step.mlp
+    lr_mult = step.applied_lr_mult
+    lr_mult_f = None
+    ctx = _celo_ctx(step)
+    mom_d, rms_d, fac_d = step.decays
+    for p, g, lr, s, red in zip(params, grads, lrs, states, reducers, strict=True):
+        pf = p.detach().to(torch.float32)
+        if (
+            c_passes
+            and pf.dim() == 2
+            and pf.numel() >= velo.NATIVE_MIN
+            and passes.usable(pf, [s["mom"], s["rms"]])
+        ):
+            if lr_mult_f is None:
+                lr_mult_f = float(lr_mult)
+            pre = velo._c_pass1(
+                pf, g.to(torch.float32).contiguous(), s, fac_d, mom_d, rms_d, lstm_stats=False
+            )
+            velo._c_pass2(p, pf, s, pre, mlp, lr_mult_f, float(lr), ctx)
+            continue
+        shape = tuple(pf.shape) or (1,)
+        st = dict(s)
+        if pf.dim() == 0:  # the reference reshapes scalars to (1,): every feature normalised on its own
+            for k in ("mom", "rms", "fac_full"):
+                st[k] = s[k].reshape(1, s[k].shape[-1])
+        x = pf.reshape(shape)
+        o = velo._tensor_mlp_out(x, g.reshape(shape), st, *mlp, step.decays, cfg, red)
+        scale = None
+        if cfg.param_scale_mult:
+            scale = velo.param_scale(red.mean(torch.square(x)), red.numel(x), cfg)
+        for k in ("mom", "rms", "fac_row", "fac_col", "fac_full"):
+            s[k] = st[k].reshape(s[k].shape) if pf.dim() == 0 else st[k]
+        rms_last = st["rms"].reshape(-1, st["rms"].shape[-1])[:, -1]
+        u = velo.output_step(o[:, 0], o[:, 1], scale, lr_mult, rms_last, cfg).reshape(pf.shape)
+        write_param(p, pf - u if lr == 1.0 else pf - lr * u)
+
+
+def _triton_celo(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lrs: list[float],
+    states: list[dict[str, Any]],
+    reducers: list[TensorReducer],
+    *,
+    step: CeloStep,
+) -> None:
+    """The fused CUDA path: a drop-in for ``_single_tensor_celo`` (grads clipped). The factored accumulators
+    in torch (``velo._triton_inputs``), the element-wise rest in VeLO's Triton kernels, one MLP for all."""
+    from .kernels.triton import velo as kernel
+
+    device = params[0].device
+    f32 = dict(dtype=torch.float32, device=device)
+    cfg = step.attrs
+    w0, b0, w1, b1, w2, b2 = step.mlp
+    n_t = len(params)
+    row = torch.cat(
+        [
+            w0.reshape(-1),
+            b0,
+            w1.reshape(-1),
+            b1,
+            torch.nn.functional.pad(w2, (0, 1)).reshape(-1),
+            torch.nn.functional.pad(b2, (0, 1)),
+        ]
+    )  # fmt: skip  (the kernel's table row: w0 (30, H) | b0 | w1 (H, H) | b1 | w2 (H, 4) | b2 (4))
+    weights = row.to(**f32).expand(n_t, -1).contiguous()
+    gcs, fdims, auxes, caps, dec = velo._triton_inputs(params, grads, states, step.decays, cfg)
+    scalars = torch.stack(
+        [step.applied_lr_mult.to(**f32).expand(n_t), torch.tensor([float(lr) for lr in lrs], **f32),
+         torch.tensor(caps, **f32), torch.zeros(n_t, **f32)], dim=1,
+    ).contiguous()  # fmt: skip
+    kernel.velo_step(
+        params, gcs, [s["mom"] for s in states], [s["rms"] for s in states], [s["fac_full"] for s in states],
+        fdims, auxes, weights, scalars, dec, hidden=w1.shape[0], exp_mult=cfg.exp_mult,
+        step_mult=cfg.step_mult, param_scale=cfg.param_scale_mult, precondition=cfg.precondition_output,
+    )  # fmt: skip

@@ -169,12 +169,6 @@ def _adafac_triton(c: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _celo_adam_batched(c: Mapping[str, Any]) -> str | None:
-    if c["param_scale_mult"]:
-        return "param_scale_mult=True (each tensor's step reads its own mean square)"
-    return None
-
-
 @dataclass(frozen=True)
 class Foreach:
     """A multi-tensor path: the options it covers (None: all) and whether it reduces over FSDP2 shards."""
@@ -250,17 +244,30 @@ FAMILIES: dict[str, Family] = {
         reference=_ref("mlp_lopt.MLPLOpt._update (per tensor)"),
         foreach=(Foreach(Path("foreach", FOREACH, "mlp_lopt.MLPLOpt._update (one MLP over all rows)")),),
     ),
+    # Celo's per-element features, MLP and output head are HyperV2's: VeLO's fast paths and their coverage.
     "celo": Family(
         cls="Celo",
         defaults="pylo_runtime.specs.celo:DEFAULTS",
         reference=_ref("celo._single_tensor_celo"),
-        foreach=(Foreach(Path("foreach", FOREACH, "celo._multi_tensor_celo"), shard_safe=False),),
+        foreach=(
+            Foreach(Path("foreach", FOREACH, "celo._multi_tensor_celo"), _velo_fast),
+            Foreach(Path("foreach-batched", FOREACH, "celo._batched_celo"), shard_safe=False),
+        ),
+        fused_cpu=_velo_c,
+        fused_triton=_velo_triton,
+        cpu_where="celo._multi_tensor_celo(c_passes=True) -> kernels.cpu.passes (VeLO's)",
+        triton_where="celo._triton_celo -> kernels.triton.velo",
     ),
+    # Element-wise Adam: every option on every path.
     "celo_adam": Family(
         cls="CeloAdam",
         defaults="pylo_runtime.specs.celo_adam:DEFAULTS",
         reference=_ref("celo_adam._single_tensor_celo_adam"),
-        foreach=(Foreach(Path("foreach", FOREACH, "celo_adam._multi_tensor_celo_adam"), _celo_adam_batched),),
+        foreach=(Foreach(Path("foreach", FOREACH, "celo_adam._multi_tensor_celo_adam")),),
+        fused_cpu=lambda c: None,
+        fused_triton=lambda c: None,
+        cpu_where="celo_adam._fused_cpu_celo_adam -> kernels.cpu.passes.celo_adam_step",
+        triton_where="celo_adam._triton_celo_adam -> kernels.triton.celo_adam",
     ),
     "celo2": Family(
         cls="Celo2",
@@ -622,8 +629,22 @@ OPTION_SETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "mulo": {"default": {}, "clip_grad": {"clip_grad": True}},
     "mlp_lopt": {"default": {}},
-    "celo": {"default": {}},
-    "celo_adam": {"default": {}, "param_scale_mult=True": {"param_scale_mult": True}},
+    "celo": {
+        "default": {},
+        "train_phase=1": {"train_phase": 1, "precondition_output": True},
+        "with_p=False": {"with_p": False},
+        "ff_hidden_size=3": {"ff_hidden_size": 3},
+        "ff_hidden_size=512": {"ff_hidden_size": 512},
+    },
+    "celo_adam": {
+        "default": {},
+        "param_scale_mult=True": {"param_scale_mult": True},
+        "decays 2/2, mom_decay=False": {
+            "initial_momentum_decays": [0.9, 0.99],
+            "initial_rms_decays": [0.999, 0.99],
+            "mom_decay": False,
+        },
+    },
     "celo2": {"default": {}, "celo2base": {"regex_1d": "", "orthogonalize": False}},
     "rnn_mlp_lopt": {"default": {}},
     "nn_adam": {"default": {}, "decay_strength=0.1": {"decay_strength": 0.1}},

@@ -745,10 +745,13 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg, red: TensorR
     return out
 
 
-def _c_pass1(pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) -> dict:
+def _c_pass1(
+    pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d, *, lstm_stats: bool = True
+) -> dict:
     """A 2-D tensor's first C passes: this step's ``g**2`` row / column sums (factored accumulators updated
     in ``s``), then the momentum / rms update with the features' sums of squares and the previous state's
-    LSTM statistics (``gsq_sums``, ``velo_pass1`` in lopt_cpu.c). Returns what the MLP pass needs."""
+    LSTM statistics (``gsq_sums``, ``velo_pass1`` in lopt_cpu.c; ``lstm_stats=False``: not those, for Celo).
+    Returns what the MLP pass needs."""
     shape = tuple(pf.shape)
     fdims = feat.factored_dims(shape)
     mean = passes.gsq_means(g)
@@ -757,7 +760,7 @@ def _c_pass1(pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d) ->
     )
     row_factor, col_factor = acc.row_col_factors(s["fac_row"], s["fac_col"], fdims, WHOLE)
     fa, fb = passes.by_axis(row_factor, col_factor, fdims[1], shape)
-    sumsq, stats = passes.velo_pass1(pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d)
+    sumsq, stats = passes.velo_pass1(pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d, lstm_stats=lstm_stats)
     return {"fa": fa, "fb": fb, "sumsq": sumsq, "stats": stats, "fdims": fdims, "g": g}
 
 
@@ -789,8 +792,9 @@ def _c_pass2(p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
     )
     a0, a1 = passes.by_axis(*shares, pre["fdims"][1], shape)
     pscale = -1.0  # lopt_cpu.c: no param scale
-    if cfg.param_scale_mult:
-        pscale = float(param_scale((pre["stats"][0] / n).to(torch.float32), n, cfg))
+    if cfg.param_scale_mult:  # mean(p**2): from the LSTM statistics, else the p feature's sum of squares
+        sum_p2 = pre["stats"][0] if pre["stats"] is not None else pre["sumsq"][2]
+        pscale = float(param_scale((sum_p2 / n).to(torch.float32), n, cfg))
     passes.velo_pass2(pf, pre["g"], s["mom"], s["rms"], pre["fa"], pre["fb"], w_e, a0, a1, (w1, b1, w2, b2),
                       cfg.exp_mult, cfg.step_mult, pscale, lr_mult, cfg.precondition_output, lr)  # fmt: skip
     if not (p.dtype == torch.float32 and p.data_ptr() == pf.data_ptr() and p.is_contiguous()):
@@ -858,7 +862,6 @@ def _triton_velo(params, grads, lrs, states, reducers, ctx) -> None:
     the factored accumulators in torch; the element-wise rest in the Triton kernels (``kernels.triton.velo``,
     the math of ``velo_tensor_update``)."""
     from .kernels.triton import velo as kernel
-    from .kernels.triton.common import aux_rows
 
     cfg = ctx.cfg
     device = params[0].device
@@ -890,7 +893,27 @@ def _triton_velo(params, grads, lrs, states, reducers, ctx) -> None:
         ],
         dim=1,
     ).contiguous()
-    mom_d, rms_d, fac_d = (d.to(device) for d in ctx.decays)
+    gcs, fdims, auxes, caps, dec = _triton_inputs(params, grads, states, ctx.decays, cfg)
+    scalars = torch.stack(
+        [lr_mult.to(**f32), torch.tensor([float(lr) for lr in lrs], **f32), torch.tensor(caps, **f32),
+         torch.zeros(n_t, **f32)], dim=1,
+    ).contiguous()  # fmt: skip
+    kernel.velo_step(
+        params, gcs, [s["mom"] for s in states], [s["rms"] for s in states], [s["fac_full"] for s in states],
+        fdims, auxes, weights, scalars, dec, hidden=cfg.ff_hidden_size, exp_mult=cfg.exp_mult,
+        step_mult=cfg.step_mult, param_scale=cfg.param_scale_mult, precondition=cfg.precondition_output,
+    )  # fmt: skip
+
+
+def _triton_inputs(params, grads, states, decays, cfg) -> tuple[list, list, list, list, torch.Tensor]:
+    """What ``kernels.triton.velo.velo_step`` takes besides the MLP table, for VeLO and Celo: contiguous
+    float32 gradients in the reference's shape, factored dims, the factored accumulators (updated in
+    ``states`` here: reductions over whole tensors) as ``aux_rows``, param-scale caps (inf: none), decays."""
+    from .kernels.triton.common import aux_rows
+
+    device = params[0].device
+    f32 = dict(dtype=torch.float32, device=device)
+    mom_d, rms_d, fac_d = (d.to(device) for d in decays)
     dec = torch.cat([mom_d, torch.clamp(rms_d, 0.0, 1.0), torch.clamp(fac_d, 0.0, 1.0)]).to(**f32)
     gcs, fdims, auxes, caps = [], [], [], []
     for p, g, s in zip(params, grads, states, strict=True):
@@ -914,12 +937,4 @@ def _triton_velo(params, grads, lrs, states, reducers, ctx) -> None:
         auxes.append(aux)
         cap = param_scale_cap(p.numel(), cfg)
         caps.append(float("inf") if cap is None else cap)
-    scalars = torch.stack(
-        [lr_mult.to(**f32), torch.tensor([float(lr) for lr in lrs], **f32), torch.tensor(caps, **f32),
-         torch.zeros(n_t, **f32)], dim=1,
-    ).contiguous()  # fmt: skip
-    kernel.velo_step(
-        params, gcs, [s["mom"] for s in states], [s["rms"] for s in states], [s["fac_full"] for s in states],
-        fdims, auxes, weights, scalars, dec, hidden=cfg.ff_hidden_size, exp_mult=cfg.exp_mult,
-        step_mult=cfg.step_mult, param_scale=cfg.param_scale_mult, precondition=cfg.precondition_output,
-    )  # fmt: skip
+    return gcs, fdims, auxes, caps, dec

@@ -38,6 +38,22 @@ def velo_theta(seed: int = 0, **config: Any) -> tuple[dict[str, torch.Tensor], d
     return theta, cfg
 
 
+def celo_theta(seed: int = 0, **config: Any) -> tuple[dict[str, torch.Tensor], dict]:
+    """Random Celo theta for a small LSTM (16 hidden) shaped for ``config`` (any option set: the MLP's
+    input groups and widths follow the feature switches), and the config (step_mult 0.3: steps far above
+    the params' ulp)."""
+    from pylo_runtime import specs
+
+    cfg = {"lstm_hidden_size": 16, "step_mult": 0.3, **config}
+    gen = torch.Generator().manual_seed(seed)
+    theta = {}
+    for name, spec in specs.celo.tensor_table(specs.celo.validate(cfg)).items():
+        shape = spec.shape
+        t = torch.randn(shape, generator=gen) / (shape[-2] if len(shape) >= 2 else 10) ** 0.5
+        theta[name] = t
+    return theta, cfg
+
+
 def make_params(
     shapes, scale: float = 1e-3, dtype=torch.float32, seed: int = 1, device=None
 ) -> list[torch.Tensor]:

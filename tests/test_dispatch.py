@@ -31,13 +31,15 @@ STEPS = 2
 def build(family: str, options: dict, params, **flags):
     """An optimizer of ``family`` with random theta shaped for ``options``."""
     from distributed_support import random_theta
-    from fused_support import velo_theta
+    from fused_support import celo_theta, velo_theta
     from test_adafac_runtime import make_theta as adafac_theta
 
     from pylo_runtime.loading import optimizer_class
 
     if family == "velo":
         theta, cfg = velo_theta(**options, param_scale_mult=False, step_mult=0.3)
+    elif family == "celo":
+        theta, cfg = celo_theta(**options)
     elif family in ("small_fc_lopt", "mulo"):
         cfg = {"hidden_size": 8, "step_mult": 0.01, **options}
         theta = adafac_theta(cfg)
@@ -112,9 +114,11 @@ def test_both_flags_true_is_refused_and_fused_false_is_foreach(family):
 def test_every_family_answers_fused_true_the_same_way(monkeypatch):
     """One error type and message shape at construction for every family that cannot fuse."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for family in ("mlp_lopt", "celo", "celo_adam", "celo2"):
+    for family in ("mlp_lopt", "celo2", "rnn_mlp_lopt", "nn_adam"):
         with pytest.raises(dispatch.FusedUnavailableError, match="fused=True is not available: .* no fused"):
             build(family, {}, make_params([(3, 4)]), fused=True)
+    with pytest.raises(dispatch.FusedUnavailableError, match="fused=True is not available: .*with_p"):
+        build("celo", {"with_p": False}, make_params([(3, 4)]), fused=True)
     with pytest.raises(dispatch.FusedUnavailableError, match="ff_hidden_size=512"):
         build("velo", {"ff_hidden_size": 512}, make_params([(3, 4)]), fused=True)
 

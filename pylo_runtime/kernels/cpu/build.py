@@ -58,6 +58,7 @@ SIGNATURES = {
     "gsq_sums": "ini" + "p" + "dd",
     "velo_pass1": "ininnn" + "p" * 8 + "ffdd",
     "velo_pass2": "ininnnn" + "p" * 13 + "ffff" + "n" + "f" + "p",
+    "celo_adam_step": "ininn" + "p" * 8 + "f" * 6 + "p",
 }
 _CODES = {"p": _f32p, "d": _f64p, "i": _i64, "n": _int, "f": _f32}
 #: The C entry points' status codes (lopt_cpu.c, LOPT_E*).
@@ -66,7 +67,7 @@ ERRORS = {
     -2: "a bad size (n < 0, ncol < 1 or n not a multiple of ncol)",
     -3: "a bad number of thread slots (< 1)",
     -4: "a hidden layer width outside 1..256",
-    -5: "decay counts the passes do not take (3 momentum, 1 rms, 3 Adafactor decays)",
+    -5: "decay counts the passes do not take (3 momentum, 1 rms, 3 Adafactor decays; Celo-Adam: >= 1 each)",
 }
 
 _lock = threading.Lock()

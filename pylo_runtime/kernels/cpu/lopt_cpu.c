@@ -478,14 +478,15 @@ int gsq_sums(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, 
     return LOPT_OK;
 }
 
+/* stats may be NULL: no LSTM statistics (Celo, whose LSTM reads only global inputs). */
 int velo_pass1(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, const float *p,
                const float *g, float *m, float *rms, const float *fa, const float *fb, const float *md,
                const float *mc, float rd, float rc, double *sums, double *stats) {
     TRY(check_shape(n, nslots, ncol));
     TRY(check_decays(nmom, nrms, nfac));
-    REQUIRE(p, g, m, rms, fa, fb, md, mc, sums, stats);
+    REQUIRE(p, g, m, rms, fa, fb, md, mc, sums);
     PARALLEL_RANGES(n, nslots, pass1(velo_features, 18, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
-                                     sums + 18 * j, stats + 9 * j));
+                                     sums + 18 * j, stats ? stats + 9 * j : NULL));
     return LOPT_OK;
 }
 
@@ -501,5 +502,68 @@ int velo_pass2(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac
     PARALLEL_RANGES(n, nslots, velo_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
                                                 w3, b3, exp_mult, step_mult, pscale, lr_mult, precond, lr,
                                                 out));
+    return LOPT_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Celo-Adam (celo_adam._single_tensor_celo_adam), element-wise over elements [i0, i1): g clipped to
+ * [-1000, 1000] (torch.clamp: NaN stays), the momentum (nmom decays) and rms (nrms decays) accumulators
+ * updated as accumulators.momentum_update / rms_update (slots interleaved, (1 - d) precomputed as torch does),
+ * then celo_adam.adam_step on the last slots: step = (m / c1) * (lr / (eps + sqrt(v / c2 + 1e-10))) * scale
+ * and out = p - glr * step (c1 = c2 = 1 without bias correction, scale = 1 without param_scale_mult,
+ * glr = 1 for the reference's p - step: each exact in float32). No FMA contraction, IEEE sqrt and division:
+ * the accumulators are the reference's bit for bit; the step differs only where torch's vectorised sqrt
+ * rounds otherwise (it is not correctly rounded: 0.55 ulp on AVX-512), about 1e-7 relative. */
+EXACT_FN static void celo_adam_range(int64_t i0, int64_t i1, int nmom, int nrms, const float *p,
+                                     const float *restrict g, float *restrict m, float *restrict v,
+                                     const float *md, const float *mc, const float *rd, const float *rc,
+                                     float c1, float c2, float lr, float eps, float scale, float glr,
+                                     float *out) {
+    EXACT_BODY
+    int64_t e0 = i0;
+    if (nmom == 1 && nrms == 1) { /* the published configuration: vectors of V elements, then the tail */
+        const float md0 = md[0], mc0 = mc[0], rd0 = rd[0], rc0 = rc[0];
+        for (; e0 + V <= i1; e0 += V) {
+            const vf x = ld(g + e0), lo = bc(-1000.0f), hi = bc(1000.0f);
+            const vi below = x < lo, above = x > hi; /* NaN: neither */
+            vf gi = (vf)(((vi)x & ~above) | ((vi)hi & above));
+            gi = (vf)(((vi)gi & ~below) | ((vi)lo & below));
+            const vf mi = bc(md0) * ld(m + e0) + bc(mc0) * gi;
+            const vf vi_ = bc(rd0) * ld(v + e0) + bc(rc0) * (gi * gi);
+            stv(m + e0, mi);
+            stv(v + e0, vi_);
+            const vf q = bc(lr) / (bc(eps) + vsqrt(vi_ / bc(c2) + bc(1e-10f)));
+            stv(out + e0, ld(p + e0) - bc(glr) * (((mi / bc(c1)) * q) * bc(scale)));
+        }
+        for (int64_t e = e0; e < i1; e++) {
+            const float x = g[e], gi = x < -1000.0f ? -1000.0f : (x > 1000.0f ? 1000.0f : x);
+            const float mi = md0 * m[e] + mc0 * gi, vi = rd0 * v[e] + rc0 * (gi * gi);
+            m[e] = mi;
+            v[e] = vi;
+            const float step = ((mi / c1) * (lr / (eps + sqrtf(vi / c2 + 1e-10f)))) * scale;
+            out[e] = p[e] - glr * step;
+        }
+        return;
+    }
+    for (int64_t e = e0; e < i1; e++) {
+        const float x = g[e], gi = x < -1000.0f ? -1000.0f : (x > 1000.0f ? 1000.0f : x);
+        float *me = m + (int64_t)nmom * e, *ve = v + (int64_t)nrms * e;
+        for (int k = 0; k < nmom; k++) me[k] = md[k] * me[k] + mc[k] * gi;
+        for (int k = 0; k < nrms; k++) ve[k] = rd[k] * ve[k] + rc[k] * (gi * gi);
+        const float mi = me[nmom - 1], vi = ve[nrms - 1];
+        const float step = ((mi / c1) * (lr / (eps + sqrtf(vi / c2 + 1e-10f)))) * scale;
+        out[e] = p[e] - glr * step;
+    }
+}
+
+/* ncol: 1 (element-wise); nmom / nrms >= 1 slots per element; out may alias p. */
+int celo_adam_step(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, const float *p, const float *g,
+                   float *m, float *v, const float *md, const float *mc, const float *rd, const float *rc,
+                   float c1, float c2, float lr, float eps, float scale, float glr, float *out) {
+    TRY(check_shape(n, nslots, ncol));
+    if (nmom < 1 || nrms < 1) return LOPT_EDECAYS;
+    REQUIRE(p, g, m, v, md, mc, rd, rc, out);
+    PARALLEL_RANGES(n, nslots, celo_adam_range(i0, i1, nmom, nrms, p, g, m, v, md, mc, rd, rc, c1, c2, lr, eps,
+                                               scale, glr, out));
     return LOPT_OK;
 }

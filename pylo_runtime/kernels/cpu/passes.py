@@ -81,7 +81,7 @@ def gsq_means(g: torch.Tensor) -> dict[int, torch.Tensor]:
     return {0: (cols.sum(0) / nrow).float(), 1: (rows.sum(0) / ncol).float()}
 
 
-def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, rms_d):
+def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, rms_d, null_stats=False):
     n, ncol = pf.numel(), pf.shape[1]
     mc = (1.0 - mom_d).contiguous()
     rd = torch.clamp(rms_d, 0.0, 1.0)
@@ -91,7 +91,7 @@ def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, r
     sums = torch.zeros(k, nfeat, dtype=torch.float64)
     counts = _counts(mom, rms, fa)
     if not nstats:
-        _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums))
+        _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums), *([None] if null_stats else []))
         return sums.sum(0).to(torch.float32), None
     stats = torch.zeros(k, nstats, dtype=torch.float64)
     _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums), ptr(stats))
@@ -104,10 +104,15 @@ def sfc_pass1(pf, g, mom, rms, fa, fb, mom_d, rms_d) -> torch.Tensor:
     return _pass1("sfc_pass1", 16, 0, pf, g, mom, rms, fa, fb, mom_d, rms_d)[0]
 
 
-def velo_pass1(pf, g, mom, rms, fa, fb, mom_d, rms_d) -> tuple[torch.Tensor, torch.Tensor]:
+def velo_pass1(
+    pf, g, mom, rms, fa, fb, mom_d, rms_d, *, lstm_stats: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """VeLO pass 1: as ``sfc_pass1`` for its 18 features, and the previous state's sums for the LSTM inputs
-    (float64: sum p^2, sum m (3), sum m^2 (3), sum rms, sum rms^2)."""
-    return _pass1("velo_pass1", 18, 9, pf, g, mom, rms, fa, fb, mom_d, rms_d)  # type: ignore[return-value]
+    (float64: sum p^2, sum m (3), sum m^2 (3), sum rms, sum rms^2); ``lstm_stats=False`` (Celo, whose LSTM
+    reads no per-tensor input) skips them and returns None in their place."""
+    if not lstm_stats:
+        return _pass1("velo_pass1", 18, 0, pf, g, mom, rms, fa, fb, mom_d, rms_d, null_stats=True)
+    return _pass1("velo_pass1", 18, 9, pf, g, mom, rms, fa, fb, mom_d, rms_d)
 
 
 def _pass2(name: str, pf, g, mom, rms, fa, fb, we, a0, a1, layers, *scalars: Any) -> None:
@@ -131,3 +136,33 @@ def velo_pass2(
     ``precond``: 0 / 1), ``p - lr * step`` written into ``pf``; arguments as ``sfc_pass2``."""
     _pass2("velo_pass2", pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale, lr_mult,
            int(precond), lr)  # fmt: skip
+
+
+#: Elements per thread below which the Celo-Adam pass runs on one thread (a hand-off costs more).
+ELEMENTWISE_PER_THREAD = 1 << 15
+
+
+def celo_adam_step(
+    pf, g, mom, rms, mom_d, rms_d, c1: float, c2: float, lr: float, eps: float, scale: float, glr: float
+) -> None:
+    """Celo-Adam's whole step of one tensor (any shape, contiguous float32): ``g`` clipped, ``mom`` /
+    ``rms`` (decays on the last axis) updated in place, ``pf - glr * step`` written into ``pf``; ``c1`` /
+    ``c2``: the bias corrections (1: none), ``lr``: lr_mult * step_mult, ``scale``: the param scale (1: none).
+    ``celo_adam._single_tensor_celo_adam``: the accumulators bit for bit, the step to one sqrt rounding."""
+    n = pf.numel()
+    md = mom_d.to(torch.float32).contiguous()
+    mc = (1.0 - md).contiguous()  # accumulators.momentum_update: (1 - decays) in float32
+    rd = torch.clamp(rms_d.to(torch.float32), 0.0, 1.0).contiguous()
+    rc = (1.0 - rd).contiguous()
+    k = max(1, min(slots(), n // ELEMENTWISE_PER_THREAD))
+    nm, nr = mom.shape[-1] if mom.dim() else 1, rms.shape[-1] if rms.dim() else 1
+    if (
+        g.numel() != n
+        or mom.numel() != n * nm
+        or rms.numel() != n * nr
+        or md.numel() != nm
+        or rd.numel() != nr
+    ):
+        raise ValueError("celo_adam_step: param, grad, state and decays disagree in size")
+    ptrs = [ptr(t) for t in (pf, g, mom, rms, md, mc, rd, rc)]
+    _call("celo_adam_step", n, k, 1, nm, nr, *ptrs, c1, c2, lr, eps, scale, glr, ptr(pf))
