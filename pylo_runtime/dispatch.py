@@ -532,10 +532,19 @@ def _broken(opt: Any) -> tuple[tuple[str, str], ...]:
 
 
 def update_error(before: torch.Tensor, want: torch.Tensor, got: torch.Tensor) -> float:
-    """``max |u_got - u_want| / max |u_want|`` with ``u = after - before``, one ulp of the result forgiven."""
+    """``max |u_got - u_want| / max |u_want|`` with ``u = after - before``, one ulp of the result forgiven.
+
+    Non-finite results agree only where both are NaN or the same infinity (``nonfinite="propagate"`` with a
+    NaN gradient in the checked step must not mark a correct kernel broken); any other mismatch is inf."""
     p0, a, b = before.detach().double(), want.detach().double(), got.detach().double()
-    ua, ub = a - p0, b - p0
-    ulp = torch.finfo(before.dtype).eps * torch.maximum(a.abs(), p0.abs())
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    same = (torch.isnan(a) & torch.isnan(b)) | (torch.isinf(a) & (a == b))
+    if not bool((finite | same).all()):
+        return float("inf")
+    ua, ub = (a - p0)[finite], (b - p0)[finite]
+    if ua.numel() == 0:
+        return 0.0
+    ulp = torch.finfo(before.dtype).eps * torch.maximum(a[finite].abs(), p0[finite].abs())
     excess = ((ua - ub).abs() - ulp).clamp(min=0).max()
     return float(excess / ua.abs().max().clamp(min=1e-30))
 

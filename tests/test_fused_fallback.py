@@ -174,6 +174,38 @@ def test_c_passes_are_checked_once_per_process(monkeypatch):
     assert opt.last_path == "foreach"
 
 
+def test_nonfinite_results_agree_only_when_both_sides_have_them():
+    """The self-check's metric: NaN where both sides have NaN is agreement; a one-sided NaN or inf is not."""
+    one, nan = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])
+    inf = torch.tensor([1.0, float("inf"), 1.0])
+    assert dispatch.update_error(torch.zeros(3), nan, nan.clone()) == 0.0
+    assert dispatch.update_error(torch.zeros(3), inf, inf.clone()) == 0.0
+    assert dispatch.update_error(torch.zeros(3), nan, one) == float("inf")
+    assert dispatch.update_error(torch.zeros(3), one, nan) == float("inf")
+    assert dispatch.update_error(torch.zeros(3), inf, -inf) == float("inf")
+
+
+def test_propagated_nan_reaches_the_reference_result(monkeypatch):
+    """``nonfinite="propagate"`` promises the reference's behaviour. The C passes do not spread a NaN gradient
+    element over the tensor as the reference does (its factored statistics do), so when the checked step
+    holds one the self-check sees the difference and the foreach path, which does, takes over."""
+    monkeypatch.setattr(velo, "NATIVE_MIN", 1)
+    params = make_params(SHAPES)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt, opt_ref = _make("velo", params, nonfinite="propagate"), _make("velo", ref, nonfinite="propagate",
+                                                                       foreach=False)  # fmt: skip
+    for ps in (params, ref):
+        for p, g in zip(ps, grad_stream(SHAPES, 1)[0], strict=True):
+            p.grad = g.clone()
+        ps[3].grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="8x8 float32 tensor differs from the reference by inf"):
+        opt.step(loss=torch.tensor(1.0))
+    opt_ref.step(loss=torch.tensor(1.0))
+    assert opt.last_path == "foreach" and torch.isnan(params[3]).all()
+    for p, q in zip(params, ref, strict=True):
+        assert torch.equal(torch.isnan(p), torch.isnan(q))
+
+
 CHILD = r"""
 import json, warnings
 import torch
