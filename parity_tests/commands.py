@@ -299,7 +299,7 @@ def _recorder_families() -> list[str]:
     for p in sorted(RECORDERS_DIR.glob("*.py")):
         if p.stem == "__init__":
             continue
-        mod = importlib.import_module(f"parity_tests.recorders.{p.stem}")
+        mod = importlib.import_module(f"lopt_bridge.parity_tests.recorders.{p.stem}")
         if getattr(mod, "CASES", None) and not getattr(mod, "RUNTIME_PENDING", False):
             out.append(p.stem)
     return out
@@ -314,7 +314,7 @@ def _run_live(families: tuple[str, ...], cases: tuple[str, ...], steps: int) -> 
     for family in todo:
         with tempfile.TemporaryDirectory(prefix="lopt-parity-live-") as tmp:
             out = Path(tmp) / "results.json"
-            cmd = [sys.executable, "-m", "parity_tests.commands", "live-family", family, "--json", str(out),
+            cmd = [sys.executable, "-m", "lopt_bridge.parity_tests.commands", "live-family", family, "--json", str(out),
                    "--steps", str(steps), *(a for c in cases for a in ("--case", c))]  # fmt: skip
             click.echo(f"live: {family} ...", err=True)
             proc = subprocess.run(cmd)

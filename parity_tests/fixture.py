@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.files import current_umask
+from lopt_bridge.converter.files import current_umask
 
 from .tasks import Task
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pylo_runtime
+from lopt_bridge import pylo_runtime
 
 KERNELS = Path(pylo_runtime.__file__).parent / "kernels"
 
@@ -32,7 +32,7 @@ def test_kernels_import_nothing_outside_kernels():
         str(f.relative_to(KERNELS)): m
         for f in files
         for m in _imports(f)
-        if not m.startswith("pylo_runtime.kernels")
+        if not m.startswith("lopt_bridge.pylo_runtime.kernels")
     }
     assert not bad, bad
 
