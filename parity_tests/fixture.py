@@ -57,8 +57,17 @@ def sha256_array(a: np.ndarray) -> str:
 
 
 def repo_root() -> Path:
-    """The project root (the folder holding parity_tests/); fixture paths to ../shared are relative to it."""
+    """The project root (the folder holding parity_tests/); fixture paths to ../shared are relative to it.
+
+    Installed from a wheel this is the ``lopt_bridge`` package folder, which holds no fixtures (they are not
+    package data): ``default_fixtures`` says so, and commands then need ``--fixtures`` / ``--out``."""
     return Path(__file__).resolve().parent.parent
+
+
+def default_fixtures() -> Path | None:
+    """The checkout's ``parity_tests/fixtures``, or None when installed from a wheel (no checkout)."""
+    path = repo_root() / "parity_tests" / "fixtures"
+    return path if path.is_dir() else None
 
 
 @dataclass
@@ -111,8 +120,16 @@ class Fixture:
     def source_path(self) -> Path:
         """The checkpoint to convert: inside the fixture, or relative to the repo root (../shared)."""
         src = self.meta["source"]
-        base = self.path if self.meta.get("source_base", "fixture") == "fixture" else repo_root()
+        base = self.path if self.meta.get("source_base", "fixture") == "fixture" else _fixture_repo(self.path)
         return (base / src).resolve()
+
+
+def _fixture_repo(path: Path) -> Path:
+    """The checkout holding a fixture (``<root>/parity_tests/fixtures/<case>``), else repo_root()."""
+    parents = path.resolve().parents
+    if len(parents) > 2 and parents[0].name == "fixtures" and parents[1].name == "parity_tests":
+        return parents[2]
+    return repo_root()
 
 
 def load_fixture(path: str | Path) -> Fixture:

@@ -268,7 +268,8 @@ def record_case(
                 "harness_commit": harness_commit(),
                 "command": command
                 or default_command(family, case, out_dir, seed, steps, num_steps, shapes, init),
-                "gradients": "numpy float32 (lopt_bridge.parity_tests.tasks.Task.loss_and_grads), fed to the reference",
+                "gradients": "numpy float32 (lopt_bridge.parity_tests.tasks.Task.loss_and_grads), "
+                "fed to the reference",
             },
         }
         copy_ckpt = ckpt_dir if source["source_base"] == "fixture" else None
@@ -290,8 +291,7 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-if (
-    __name__ == "__main__"
-):  # pragma: no cover - convenience: python -m lopt_bridge.parity_tests.record FAMILY CASE OUT
+# convenience: python -m lopt_bridge.parity_tests.record FAMILY CASE OUT
+if __name__ == "__main__":  # pragma: no cover
     fam, cs, out = sys.argv[1:4]
     print(record_case(fam, cs, out))

@@ -19,8 +19,8 @@ does not compile, launch or agree within ``SELF_CHECK_TOL`` gives one warning an
 then on (default flags), or raises (``fused=True``).
 
 The decision is a pure function of (family, config, device, flags, placement), so that
-``python -m lopt_bridge.pylo_runtime.dispatch`` prints the same table the runtime follows, and ``tests/test_dispatch.py``
-walks it.
+``python -m lopt_bridge.pylo_runtime.dispatch`` prints the same table the runtime follows, and
+``tests/test_dispatch.py`` walks it.
 """
 
 from __future__ import annotations
@@ -296,8 +296,8 @@ def declared(architecture: str) -> Family:
         return FAMILIES[architecture]
     except KeyError:
         raise ValueError(
-            f"architecture {architecture!r} is not declared in lopt_bridge.pylo_runtime.dispatch.FAMILIES (its reference "
-            "and foreach paths, what its fast paths cover): add it there (docs/architecture.md)"
+            f"architecture {architecture!r} is not declared in lopt_bridge.pylo_runtime.dispatch.FAMILIES "
+            "(its reference and foreach paths, what its fast paths cover): add it (docs/architecture.md)"
         ) from None
 
 

@@ -1,9 +1,9 @@
 """Published Celo / Celo-Adam weights train a real model in PyTorch exactly as in JAX (closed loop).
 
 The JAX curves (parity_tests/closed_loop/celo_digits.json) were recorded by
-``python -m lopt_bridge.parity_tests.recorders.celo classifier``: the same model, initialisation and batches, each side
-computing its own gradients. Tolerance: 1e-4 relative on the training loss at each of the first 100 steps
-(float32; issue 6). Per-step differences are ~1e-7 (operation order in matmuls, convolutions and
+``python -m lopt_bridge.parity_tests.recorders.celo classifier``: the same model, initialisation and batches,
+each side computing its own gradients. Tolerance: 1e-4 relative on the training loss at each of the first
+100 steps (float32; issue 6). Per-step differences are ~1e-7 (operation order in matmuls, convolutions and
 log-softmax) and grow slowly along the closed-loop trajectory, so 1e-4 leaves room without hiding a bug: a
 wrong feature or scheduler input changes the loss curve by far more within a few steps.
 

@@ -146,7 +146,7 @@ def test_table_prints_and_names_every_reason():
 
 
 def test_architecture_doc_shows_the_current_table():
-    """docs/architecture.md carries the table the code prints (python -m lopt_bridge.pylo_runtime.dispatch)."""
+    """docs/architecture.md carries the table that ``python -m lopt_bridge.pylo_runtime.dispatch`` prints."""
     doc = (HERE.parent / "docs" / "architecture.md").read_text()
     start = doc.index("<!-- dispatch-table")
     block = doc[doc.index("\n", start) + 1 : doc.index("<!-- end dispatch-table -->")]

@@ -73,7 +73,7 @@ def test_prepared_optimizer_takes_no_loss_keyword(files):
     _, prepared = accelerate.Accelerator().prepare(model, opt)
     with pytest.raises(TypeError):
         prepared.step(loss=1.0)
-    with pytest.raises(ValueError, match=r"needs the training loss: call lopt_bridge.pylo_runtime.set_loss"):
+    with pytest.raises(ValueError, match=r"needs the training loss: call lopt_bridge.set_loss"):
         torch.nn.functional.cross_entropy(model(BATCHES[0][0]), BATCHES[0][1]).backward()
         prepared.step()
 

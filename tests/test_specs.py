@@ -369,7 +369,10 @@ def test_the_converter_never_imports_torch(tmp_path):
         assert r.returncode == 0, (args, r.stdout, r.stderr)
     assert out.is_file()
     # The specs import nothing heavier than the standard library.
-    code = "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; import lopt_bridge.pylo_runtime.specs"
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; "
+        "import lopt_bridge.pylo_runtime.specs"
+    )
     assert (
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}).returncode == 0
     )

@@ -231,7 +231,7 @@ def record_classifier(
         for model in ("mlp", "cnn")
     }
     doc = {
-        "task": "sklearn digits 8x8 (lopt_bridge.parity_tests.digits): seeded split, init and batches; float32",
+        "task": "sklearn digits 8x8 (lopt_bridge.parity_tests.digits): seeded split, init, batches; float32",
         "steps": steps,
         "num_steps": steps,
         "batch_size": batch_size,
@@ -265,9 +265,8 @@ def record_classifier(
     return out
 
 
-if (
-    __name__ == "__main__"
-):  # pragma: no cover - python -m lopt_bridge.parity_tests.recorders.celo classifier [OUT]
+# python -m lopt_bridge.parity_tests.recorders.celo classifier [OUT]
+if __name__ == "__main__":  # pragma: no cover
     import sys
 
     if len(sys.argv) < 2 or sys.argv[1] != "classifier":

@@ -1,4 +1,4 @@
-"""``python -m lopt_bridge.pylo_runtime.kernels.cpu build [--force] [--cc CC]``: build the C passes ahead of time.
+"""``python -m lopt_bridge.pylo_runtime.kernels.cpu build [--force] [--cc CC]``: build the C passes now.
 
 Otherwise the first ``opt.step()`` on the CPU builds them (~5 s quiet, up to a minute on a loaded machine).
 ``info`` prints where the library is and whether it is built and verified. Exit 0 on success; 1 (one line on

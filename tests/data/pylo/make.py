@@ -187,7 +187,8 @@ def write_fixture(
             + "  (script sha256 "
             + sha256(Path(__file__))
             + ")",
-            "gradients": "numpy float32 (lopt_bridge.parity_tests.tasks.Task.loss_and_grads), fed to PyLO's optimizer",
+            "gradients": "numpy float32 (lopt_bridge.parity_tests.tasks.Task.loss_and_grads), "
+            "fed to PyLO's optimizer",
         },
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
