@@ -471,7 +471,7 @@ def test_pylo_conversion_and_export_never_import_torch(tmp_path):
     for args in steps:
         code = (
             "import sys\nsys.modules['torch'] = None\nsys.modules['triton'] = None\n"
-            f"sys.argv = ['lopt-convert', *{args!r}]\nimport cli\n"
+            f"sys.argv = ['lopt-convert', *{args!r}]\nfrom lopt_bridge import cli\n"
             "try:\n    cli.convert_main()\nfinally:\n    assert sys.modules.get('torch') is None\n"
         )
         env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()}
