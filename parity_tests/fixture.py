@@ -65,9 +65,13 @@ def repo_root() -> Path:
 
 
 def default_fixtures() -> Path | None:
-    """The checkout's ``parity_tests/fixtures``, or None when installed from a wheel (no checkout)."""
-    path = repo_root() / "parity_tests" / "fixtures"
-    return path if path.is_dir() else None
+    """The checkout's ``parity_tests/fixtures`` (this code's, else the working directory's, for a non-editable
+    install run from a clone), or None: installed from a wheel with no checkout in sight."""
+    for root in (repo_root(), Path.cwd()):
+        path = root / "parity_tests" / "fixtures"
+        if path.is_dir():
+            return path
+    return None
 
 
 @dataclass

@@ -13,7 +13,7 @@ KERNELS = Path(pylo_runtime.__file__).parent / "kernels"
 
 def _imports(path: Path) -> list[str]:
     """Absolute names of the pylo_runtime modules ``path`` imports."""
-    pkg = ["pylo_runtime", *path.relative_to(KERNELS.parent).parent.parts]
+    pkg = ["lopt_bridge", "pylo_runtime", *path.relative_to(KERNELS.parent).parent.parts]
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -22,7 +22,7 @@ def _imports(path: Path) -> list[str]:
             out += [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             out += [a.name for a in node.names]
-    return [m for m in out if m.startswith("pylo_runtime")]
+    return [m for m in out if m.startswith(("lopt_bridge.pylo_runtime", "pylo_runtime"))]
 
 
 def test_kernels_import_nothing_outside_kernels():

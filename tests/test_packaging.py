@@ -188,3 +188,16 @@ def test_the_wheel_holds_only_lopt_bridge(tmp_path):
     assert "lopt_bridge/pylo_runtime/kernels/cpu/lopt_cpu.c" in names
     assert not [n for n in names if "/fixtures/" in n or n.endswith((".npz", ".safetensors"))]
     assert wheel.stat().st_size < 2_000_000, wheel.stat().st_size
+
+
+def test_default_fixtures_are_the_checkouts(monkeypatch, tmp_path):
+    """This code's checkout, else the working directory's (a non-editable install run from a clone), else
+    None (an installed wheel: the fixtures are not in it)."""
+    from lopt_bridge.parity_tests import fixture
+
+    assert fixture.default_fixtures() == ROOT / "parity_tests" / "fixtures"
+    monkeypatch.setattr(fixture, "repo_root", lambda: tmp_path)  # as if installed in site-packages
+    monkeypatch.chdir(ROOT)
+    assert fixture.default_fixtures() == ROOT / "parity_tests" / "fixtures"
+    monkeypatch.chdir(tmp_path)
+    assert fixture.default_fixtures() is None
