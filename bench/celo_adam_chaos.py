@@ -35,9 +35,9 @@ def measure(checkpoint: str, steps: int) -> dict[str, Any]:
     """Runs in this process, under the kernel settings of its environment."""
     import torch
 
-    import parity_tests.digits as digits
-    from parity_tests.digits import load_digits_split, train_torch
-    from pylo_runtime import load_optimizer
+    import lopt_bridge.parity_tests.digits as digits
+    from lopt_bridge.parity_tests.digits import load_digits_split, train_torch
+    from lopt_bridge.pylo_runtime import load_optimizer
 
     if os.environ.get("NO_MKLDNN"):
         torch.backends.mkldnn.enabled = False

@@ -115,7 +115,7 @@ def _build(name: str, shapes) -> tuple[Any, bool]:
     params = _tree(shapes)
     if arch == "adamw":
         return torch.optim.AdamW(params, lr=1e-3, **options), False
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     theta, config = random_theta(arch)
     return optimizer_class(arch)(params, theta, config, num_steps=10000, **options), True
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             xf, xu = v.get("x_adamw_foreach", nan), v.get("x_adamw_fused", nan)
             t50, t20 = v["median_s"] * 1e3, v["p20_s"] * 1e3
             print(f"{name:<20} {t50:>8.2f}ms {t20:>8.2f}ms {xf:>10.2f} {xu:>9.2f}  {v['path']}")
-        from pylo_runtime import specs
+        from lopt_bridge.pylo_runtime import specs
 
         hidden = specs.celo.DEFAULTS["ff_hidden_size"]
         b = bounds(res, record["rates"], n, hidden)

@@ -43,7 +43,7 @@ MODES = ("replicated", "sharded", "fsdp2", "fsdp2_gather", "fsdp2_sharded")
 def _make(family: str, params):
     from theta import random_theta
 
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     theta, config = random_theta(family)
     return optimizer_class(family)(params, theta, config, num_steps=1000)
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, port: int, steps: int, modes: list[str], out_
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from pylo_runtime.distributed.sharded import ShardedOptimizer, assign_owners
+    from lopt_bridge.pylo_runtime.distributed.sharded import ShardedOptimizer, assign_owners
 
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(0)

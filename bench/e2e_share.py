@@ -88,7 +88,7 @@ def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimiz
         return torch.optim.AdamW(params, lr=1e-3, foreach=not fused, fused=fused or None)
     from theta import random_theta
 
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     theta, config = random_theta(name)
     return optimizer_class(name)(params, theta, config, num_steps=10_000)

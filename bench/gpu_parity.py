@@ -36,11 +36,11 @@ from fused_support import (  # noqa: E402
     velo_theta,
 )
 
-from pylo_runtime.adafac import SmallFCLOpt  # noqa: E402
-from pylo_runtime.celo import Celo  # noqa: E402
-from pylo_runtime.celo_adam import CeloAdam  # noqa: E402
-from pylo_runtime.mulo import MuLO  # noqa: E402
-from pylo_runtime.velo import VeLO  # noqa: E402
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt  # noqa: E402
+from lopt_bridge.pylo_runtime.celo import Celo  # noqa: E402
+from lopt_bridge.pylo_runtime.celo_adam import CeloAdam  # noqa: E402
+from lopt_bridge.pylo_runtime.mulo import MuLO  # noqa: E402
+from lopt_bridge.pylo_runtime.velo import VeLO  # noqa: E402
 
 BIG = [(768, 3, 16, 16), (2304, 768), (3072,), (1, 197, 768)]
 
@@ -75,7 +75,7 @@ def every_family_foreach(device, shapes, steps: int) -> dict:
     """Each family's foreach path (what CUDA falls back to) against its reference, on ``device``."""
     from distributed_support import FAMILIES, random_theta
 
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     out = {}
     for family in FAMILIES:

@@ -59,7 +59,7 @@ def _median_us(fn, n: int = 2000) -> float:
 
 
 def main() -> int:
-    from pylo_runtime.kernels.cpu import build, passes
+    from lopt_bridge.pylo_runtime.kernels.cpu import build, passes
 
     out: dict = {"load_average": os.getloadavg(), "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE.parent))
 from theta import random_theta  # noqa: E402
 from trees import tree_shapes  # noqa: E402
 
-from pylo_runtime.loading import optimizer_class  # noqa: E402
-from pylo_runtime.step_inputs import count_nonfinite_tensors  # noqa: E402
+from lopt_bridge.pylo_runtime.loading import optimizer_class  # noqa: E402
+from lopt_bridge.pylo_runtime.step_inputs import count_nonfinite_tensors  # noqa: E402
 
 
 def _tree(shapes: dict[str, tuple[int, ...]], seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -135,7 +135,7 @@ def bench_adamw(params, grads, device, warmup, steps):
 
 def bench_ours(name, params, grads, device, warmup, steps, theta_path: str | None):
     arch, options = OURS[name]
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     cls = optimizer_class(arch)
     if theta_path:

@@ -22,11 +22,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def theta_shapes(arch: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every theta tensor ``arch`` reads under ``config``, with its shape."""
     if arch == "velo":
-        from pylo_runtime.velo import VeLOConfig, expected_theta_shapes
+        from lopt_bridge.pylo_runtime.velo import VeLOConfig, expected_theta_shapes
 
         return expected_theta_shapes(VeLOConfig.from_mapping(config))
     if arch == "small_fc_lopt":
-        from pylo_runtime.adafac import DEFAULTS, n_inputs
+        from lopt_bridge.pylo_runtime.adafac import DEFAULTS, n_inputs
 
         c = {**DEFAULTS, **config}
         sizes = [n_inputs(c)] + [int(c["hidden_size"])] * int(c["hidden_layers"]) + [2]
@@ -40,7 +40,7 @@ def theta_shapes(arch: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]
             shapes[f"nn.b{i}"] = (sizes[i + 1],)
         return shapes
     if arch in ("celo", "celo_adam"):
-        from pylo_runtime import specs
+        from lopt_bridge.pylo_runtime import specs
 
         spec = getattr(specs, arch)
         return {name: t.shape for name, t in spec.tensor_table(spec.validate(config)).items()}

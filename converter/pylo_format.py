@@ -528,7 +528,7 @@ def place(target: dict[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], 
 
 
 def _family(arch: str, source: str) -> Any:
-    from pylo_runtime import specs
+    from lopt_bridge.pylo_runtime import specs
 
     fam = specs.family(arch)
     if fam is None:
@@ -538,7 +538,7 @@ def _family(arch: str, source: str) -> Any:
 
 def checked(spec: ArchSpec, bindings: Mapping[str, Any], source: str) -> ArchSpec:
     """``spec`` with ``bindings`` applied to its config, validated by the family spec, theta checked."""
-    from pylo_runtime.specs import SpecError
+    from lopt_bridge.pylo_runtime.specs import SpecError
 
     fam = _family(spec.name, source)
     try:

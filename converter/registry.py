@@ -12,7 +12,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from checkpoints import REGISTRY_PATH
+from lopt_bridge.checkpoints import REGISTRY_PATH
 
 FORMATS = ("lo_params_gin", "lo_no_config", "theta_state", "pickle", "pylo")
 #: Names taken by lopt-convert's own commands; no checkpoint may use them.

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-import pylo_runtime
+from lopt_bridge import pylo_runtime
 
 REPO = Path(__file__).resolve().parent.parent
 

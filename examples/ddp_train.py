@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import pylo_runtime
+from lopt_bridge import pylo_runtime
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-import pylo_runtime
-from pylo_runtime.integrations.hf_trainer import attach
+from lopt_bridge import pylo_runtime
+from lopt_bridge.pylo_runtime.integrations.hf_trainer import attach
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parity_tests.digits import MODELS, load_digits_split
-from parity_tests.digits import train_torch as train
-from pylo_runtime import Celo, load_optimizer, read_checkpoint
+from lopt_bridge.parity_tests.digits import MODELS, load_digits_split
+from lopt_bridge.parity_tests.digits import train_torch as train
+from lopt_bridge.pylo_runtime import Celo, load_optimizer, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 #: Where results go unless --out says otherwise: examples/out/ is git-ignored.
@@ -53,7 +53,7 @@ def converted(path: str | None, name: str, weights_dir: Path, out: Path) -> str:
             f"{src}: not found; run `lopt-convert {name.replace('_', '-')} -o {name}.safetensors` and pass "
             f"--{name.replace('_', '-')} {name}.safetensors"
         )
-    from converter.convert import convert_source
+    from lopt_bridge.converter.convert import convert_source
 
     return str(convert_source(str(src), out / f"{name}.safetensors", architecture=name, force=True))
 

@@ -17,9 +17,24 @@ import click
 import numpy as np
 
 from .compare import TOLERANCES, CaseResult
-from .fixture import discover, repo_root
+from .fixture import default_fixtures, discover
 
 DEFAULT_FIXTURES = "parity_tests/fixtures"
+
+
+def _fixtures_root(option: str) -> Path:
+    """The checkout's fixture folder; installed from a wheel (no fixtures in it): one line, exit 2."""
+    root = default_fixtures()
+    if root is None:
+        click.echo(
+            f"error: no {DEFAULT_FIXTURES} here (installed without a checkout: the wheel does not ship the "
+            f"fixtures); pass {option}, e.g. a lopt-bridge clone's {DEFAULT_FIXTURES}",
+            err=True,
+        )
+        sys.exit(2)
+    return root
+
+
 RECORDERS_DIR = Path(__file__).resolve().parent / "recorders"
 
 
@@ -82,7 +97,7 @@ def record(
     """
     from .record import ReferenceUnavailable, record_case
 
-    out = out if out is not None else repo_root() / DEFAULT_FIXTURES / case
+    out = out if out is not None else _fixtures_root("--out PATH/CASE") / case
     command = shlex.join(["lopt-parity", *sys.argv[1:]])
     try:
         path = record_case(
@@ -200,7 +215,7 @@ def run(
     if live:
         results = _run_live(families, cases, steps)
     else:
-        root = fixtures if fixtures is not None else repo_root() / DEFAULT_FIXTURES
+        root = fixtures if fixtures is not None else _fixtures_root("--fixtures PATH")
         found = discover(root)
         if not found:
             click.echo(f"no parity fixtures under {root} yet: nothing to check (record some with "
@@ -299,7 +314,7 @@ def _recorder_families() -> list[str]:
     for p in sorted(RECORDERS_DIR.glob("*.py")):
         if p.stem == "__init__":
             continue
-        mod = importlib.import_module(f"parity_tests.recorders.{p.stem}")
+        mod = importlib.import_module(f"lopt_bridge.parity_tests.recorders.{p.stem}")
         if getattr(mod, "CASES", None) and not getattr(mod, "RUNTIME_PENDING", False):
             out.append(p.stem)
     return out
@@ -314,8 +329,9 @@ def _run_live(families: tuple[str, ...], cases: tuple[str, ...], steps: int) -> 
     for family in todo:
         with tempfile.TemporaryDirectory(prefix="lopt-parity-live-") as tmp:
             out = Path(tmp) / "results.json"
-            cmd = [sys.executable, "-m", "parity_tests.commands", "live-family", family, "--json", str(out),
-                   "--steps", str(steps), *(a for c in cases for a in ("--case", c))]  # fmt: skip
+            cmd = [sys.executable, "-m", "lopt_bridge.parity_tests.commands", "live-family", family,
+                   "--json", str(out), "--steps", str(steps),
+                   *(a for c in cases for a in ("--case", c))]  # fmt: skip
             click.echo(f"live: {family} ...", err=True)
             proc = subprocess.run(cmd)
             if proc.returncode != 0 or not out.is_file():

@@ -7,8 +7,9 @@ module does the reference half: for every (step, tensor) the relative update err
 reference against the float64 one (parity_tests.compare.update_error, one ulp forgiven). A step where this is
 near 1e-5 is float32-ill-conditioned: no float32 port can be expected closer to the recording than that.
 
-    PYTHONPATH=.:<reference sources> python -m parity_tests.conditioning parity_tests/fixtures/velo_default
-    PYTHONPATH=.:<reference sources> python -m parity_tests.conditioning --write FIXTURE  # FIXTURE/x64.npz
+    # REF: the reference sources (learned_optimization, celo) on PYTHONPATH
+    PYTHONPATH=.:$REF python -m lopt_bridge.parity_tests.conditioning parity_tests/fixtures/velo_default
+    PYTHONPATH=.:$REF python -m lopt_bridge.parity_tests.conditioning --write FIXTURE  # FIXTURE/x64.npz
 
 Rebuilds the reference with the fixture's recorder (same case and seed: the same theta, checked against
 the fixture's checkpoint), then switches ``jax_enable_x64`` on. Handles the reference objects of
@@ -151,7 +152,8 @@ def write_x64(fixture_dir: str | Path) -> Path:
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m parity_tests.conditioning [--write] FIXTURE ...
+# python -m lopt_bridge.parity_tests.conditioning [--write] FIXTURE ...
+if __name__ == "__main__":  # pragma: no cover
     args = sys.argv[1:]
     write = "--write" in args
     for d in (a for a in args if a != "--write"):

@@ -113,7 +113,7 @@ def train_torch(
     import torch
     import torch.nn.functional as F
 
-    from pylo_runtime import LearnedOptimizer
+    from lopt_bridge.pylo_runtime import LearnedOptimizer
 
     forward, init = MODELS[model]
     params = {k: torch.tensor(v, requires_grad=True) for k, v in init(seed).items()}

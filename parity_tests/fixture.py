@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.files import current_umask
+from lopt_bridge.converter.files import current_umask
 
 from .tasks import Task
 
@@ -57,8 +57,21 @@ def sha256_array(a: np.ndarray) -> str:
 
 
 def repo_root() -> Path:
-    """The project root (the folder holding parity_tests/); fixture paths to ../shared are relative to it."""
+    """The project root (the folder holding parity_tests/); fixture paths to ../shared are relative to it.
+
+    Installed from a wheel this is the ``lopt_bridge`` package folder, which holds no fixtures (they are not
+    package data): ``default_fixtures`` says so, and commands then need ``--fixtures`` / ``--out``."""
     return Path(__file__).resolve().parent.parent
+
+
+def default_fixtures() -> Path | None:
+    """The checkout's ``parity_tests/fixtures`` (this code's, else the working directory's, for a non-editable
+    install run from a clone), or None: installed from a wheel with no checkout in sight."""
+    for root in (repo_root(), Path.cwd()):
+        path = root / "parity_tests" / "fixtures"
+        if path.is_dir():
+            return path
+    return None
 
 
 @dataclass
@@ -111,8 +124,16 @@ class Fixture:
     def source_path(self) -> Path:
         """The checkpoint to convert: inside the fixture, or relative to the repo root (../shared)."""
         src = self.meta["source"]
-        base = self.path if self.meta.get("source_base", "fixture") == "fixture" else repo_root()
+        base = self.path if self.meta.get("source_base", "fixture") == "fixture" else _fixture_repo(self.path)
         return (base / src).resolve()
+
+
+def _fixture_repo(path: Path) -> Path:
+    """The checkout holding a fixture (``<root>/parity_tests/fixtures/<case>``), else repo_root()."""
+    parents = path.resolve().parents
+    if len(parents) > 2 and parents[0].name == "fixtures" and parents[1].name == "parity_tests":
+        return parents[2]
+    return repo_root()
 
 
 def load_fixture(path: str | Path) -> Fixture:

@@ -46,7 +46,7 @@ class ReferenceUnavailable(RuntimeError):
 
 def load_recorder(family: str) -> ModuleType:
     """Import ``parity_tests.recorders.<family>``; ReferenceUnavailable with a how-to when it cannot be."""
-    name = f"parity_tests.recorders.{family}"
+    name = f"lopt_bridge.parity_tests.recorders.{family}"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -268,7 +268,8 @@ def record_case(
                 "harness_commit": harness_commit(),
                 "command": command
                 or default_command(family, case, out_dir, seed, steps, num_steps, shapes, init),
-                "gradients": "numpy float32 (parity_tests.tasks.Task.loss_and_grads), fed to the reference",
+                "gradients": "numpy float32 (lopt_bridge.parity_tests.tasks.Task.loss_and_grads), "
+                "fed to the reference",
             },
         }
         copy_ckpt = ckpt_dir if source["source_base"] == "fixture" else None
@@ -290,6 +291,7 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m parity_tests.record FAMILY CASE OUT
+# convenience: python -m lopt_bridge.parity_tests.record FAMILY CASE OUT
+if __name__ == "__main__":  # pragma: no cover
     fam, cs, out = sys.argv[1:4]
     print(record_case(fam, cs, out))

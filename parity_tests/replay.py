@@ -33,7 +33,7 @@ OptimizerFactory = Callable[[Fixture, list[torch.Tensor], Path], Any]
 
 def convert_fixture(fx: Fixture, out_dir: Path) -> Path:
     """Convert the fixture's recorded checkpoint with our converter into ``out_dir``; returns the file."""
-    from converter.convert import convert_source
+    from lopt_bridge.converter.convert import convert_source
 
     src = fx.source_path()
     if not src.exists():
@@ -64,7 +64,7 @@ def default_factory(fx: Fixture, params: list[torch.Tensor], ckpt: Path) -> Any:
     param group per tensor; so does ``options.routing`` (Celo2: the branch the reference's regex chose for
     each tensor, given as the group's ``celo2_branch``).
     """
-    from pylo_runtime import load_optimizer
+    from lopt_bridge.pylo_runtime import load_optimizer
 
     options = fx.meta.get("options") or {}
     per_tensor = {n: dict(v) for n, v in (options.get("param_group_options") or {}).items()}

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from converter.files import atomic_path, atomic_write_bytes
+from lopt_bridge.converter.files import atomic_path, atomic_write_bytes
 
 from .compare import CaseResult
 

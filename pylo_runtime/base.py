@@ -179,7 +179,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return closure_loss
         if self.uses_loss:
             raise ValueError(
-                f"{type(self).__name__}.step needs the training loss: call pylo_runtime.set_loss(optimizer, "
+                f"{type(self).__name__}.step needs the training loss: call lopt_bridge.set_loss(optimizer, "
                 "loss) before step(), or step(loss=loss), or step(closure) (see docs/integrations.md)"
             )
         return None
@@ -265,7 +265,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if cls.architecture and ckpt.architecture != cls.architecture:
             raise ValueError(
                 f"{path}: holds a '{ckpt.architecture}' optimizer, not '{cls.architecture}'; "
-                "use pylo_runtime.load_optimizer to pick the class from the file"
+                "use lopt_bridge.load_optimizer to pick the class from the file"
             )
         try:
             return cls(params, ckpt.tensors, ckpt.config, num_steps=num_steps, **options)

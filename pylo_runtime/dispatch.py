@@ -19,8 +19,8 @@ does not compile, launch or agree within ``SELF_CHECK_TOL`` gives one warning an
 then on (default flags), or raises (``fused=True``).
 
 The decision is a pure function of (family, config, device, flags, placement), so that
-``python -m pylo_runtime.dispatch`` prints the same table the runtime follows, and ``tests/test_dispatch.py``
-walks it.
+``python -m lopt_bridge.pylo_runtime.dispatch`` prints the same table the runtime follows, and
+``tests/test_dispatch.py`` walks it.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ _ADAFAC_FOREACH = (
 FAMILIES: dict[str, Family] = {
     "velo": Family(
         cls="VeLO",
-        defaults="pylo_runtime.specs.velo:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.velo:DEFAULTS",
         reference=_ref("velo._single_tensor_velo"),
         foreach=(
             Foreach(Path("foreach", FOREACH, "velo._multi_tensor_velo"), _velo_fast),
@@ -220,7 +220,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "small_fc_lopt": Family(
         cls="SmallFCLOpt",
-        defaults="pylo_runtime.specs.adafac:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.adafac:DEFAULTS",
         reference=_ref("adafac._adafac_reference"),
         foreach=_ADAFAC_FOREACH,
         fused_cpu=_adafac_c,
@@ -230,7 +230,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "mulo": Family(
         cls="MuLO",
-        defaults="pylo_runtime.specs.mulo:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.mulo:DEFAULTS",
         reference=_ref("adafac._adafac_reference"),
         foreach=_ADAFAC_FOREACH,
         fused_cpu=_adafac_c,
@@ -240,14 +240,14 @@ FAMILIES: dict[str, Family] = {
     ),
     "mlp_lopt": Family(
         cls="MLPLOpt",
-        defaults="pylo_runtime.specs.mlp_lopt:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.mlp_lopt:DEFAULTS",
         reference=_ref("mlp_lopt.MLPLOpt._update (per tensor)"),
         foreach=(Foreach(Path("foreach", FOREACH, "mlp_lopt.MLPLOpt._update (one MLP over all rows)")),),
     ),
     # Celo's per-element features, MLP and output head are HyperV2's: VeLO's fast paths and their coverage.
     "celo": Family(
         cls="Celo",
-        defaults="pylo_runtime.specs.celo:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.celo:DEFAULTS",
         reference=_ref("celo._single_tensor_celo"),
         foreach=(
             Foreach(Path("foreach", FOREACH, "celo._multi_tensor_celo"), _velo_fast),
@@ -261,7 +261,7 @@ FAMILIES: dict[str, Family] = {
     # Element-wise Adam: every option on every path.
     "celo_adam": Family(
         cls="CeloAdam",
-        defaults="pylo_runtime.specs.celo_adam:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.celo_adam:DEFAULTS",
         reference=_ref("celo_adam._single_tensor_celo_adam"),
         foreach=(Foreach(Path("foreach", FOREACH, "celo_adam._multi_tensor_celo_adam")),),
         fused_cpu=lambda c: None,
@@ -271,19 +271,19 @@ FAMILIES: dict[str, Family] = {
     ),
     "celo2": Family(
         cls="Celo2",
-        defaults="pylo_runtime.specs.celo2:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.celo2:DEFAULTS",
         reference=_ref("celo2._single_tensor_celo2"),
         foreach=(Foreach(Path("foreach", FOREACH, "celo2._multi_tensor_celo2 (stacked per shape)")),),
     ),
     "rnn_mlp_lopt": Family(
         cls="RNNMLPLOpt",
-        defaults="pylo_runtime.specs.rnn_mlp_lopt:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.rnn_mlp_lopt:DEFAULTS",
         reference=_ref("rnn_mlp_lopt._single_tensor_rnn_mlp_lopt"),
         foreach=(Foreach(Path("foreach", FOREACH, "rnn_mlp_lopt._multi_tensor_rnn_mlp_lopt")),),
     ),
     "nn_adam": Family(
         cls="NNAdam",
-        defaults="pylo_runtime.specs.nn_adam:DEFAULTS",
+        defaults="lopt_bridge.pylo_runtime.specs.nn_adam:DEFAULTS",
         reference=_ref("nn_adam._single_tensor_nn_adam"),
         foreach=(Foreach(Path("foreach", FOREACH, "nn_adam._multi_tensor_nn_adam"), shard_safe=False),),
     ),
@@ -296,8 +296,8 @@ def declared(architecture: str) -> Family:
         return FAMILIES[architecture]
     except KeyError:
         raise ValueError(
-            f"architecture {architecture!r} is not declared in pylo_runtime.dispatch.FAMILIES (its reference "
-            "and foreach paths, what its fast paths cover): add it there (docs/architecture.md)"
+            f"architecture {architecture!r} is not declared in lopt_bridge.pylo_runtime.dispatch.FAMILIES "
+            "(its reference and foreach paths, what its fast paths cover): add it (docs/architecture.md)"
         ) from None
 
 
@@ -742,5 +742,5 @@ def format_table(entries: list[Entry] | None = None) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m pylo_runtime.dispatch
+if __name__ == "__main__":  # python -m lopt_bridge.pylo_runtime.dispatch
     print(format_table())

@@ -187,6 +187,6 @@ def closure_loss_problem(closure: Any) -> str | None:
         return (
             f"Lightning accumulates {k} batches per step and its closure returns only the last one's "
             f"loss / {k}: "
-            "call pylo_runtime.set_loss(self.optimizers(), loss) in training_step (docs/integrations.md)"
+            "call lopt_bridge.set_loss(self.optimizers(), loss) in training_step (docs/integrations.md)"
         )
     return None

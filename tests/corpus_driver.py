@@ -57,7 +57,7 @@ def _on_timer(signum: int, frame: Any) -> None:
 def _run_cli(args: list[str]) -> tuple[int | None, str, str | None]:
     from click.testing import CliRunner
 
-    from converter.commands import main
+    from lopt_bridge.converter.commands import main
 
     result = CliRunner().invoke(main, args)
     exc = result.exception
@@ -69,7 +69,7 @@ def _run_runtime(args: list[str]) -> tuple[int | None, str, str | None]:
     """Load a converted file and take one step; a clean refusal is a ValueError/TypeError (code 2)."""
     import torch
 
-    import pylo_runtime
+    from lopt_bridge import pylo_runtime
 
     p = torch.nn.Parameter(torch.zeros(4, 3))
     try:
@@ -87,12 +87,12 @@ def main() -> None:
         cases = json.load(f)
     import click.testing  # noqa: F401  (imports count toward the baseline, not toward a case)
 
-    import converter.commands  # noqa: F401
+    import lopt_bridge.converter.commands  # noqa: F401
 
     if any(c["mode"] == "runtime" for c in cases):
         import torch  # noqa: F401
 
-        import pylo_runtime  # noqa: F401
+        from lopt_bridge import pylo_runtime  # noqa: F401
     base_kb = _status("VmSize")
     if base_kb:
         limit = (base_kb << 10) + (MEMORY_MB << 20)

@@ -23,7 +23,7 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
     """Theta of the right shapes with random values, and the config, for a small instance of ``family``."""
     gen = torch.Generator().manual_seed(seed)
     if family in ("small_fc_lopt", "mulo"):
-        from pylo_runtime.adafac import DEFAULTS, n_inputs
+        from lopt_bridge.pylo_runtime.adafac import DEFAULTS, n_inputs
 
         config = dict(DEFAULTS)
         if family == "mulo":
@@ -41,7 +41,7 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
             theta[key] = 0.01 * torch.randn(len(config[init]), generator=gen)
         return theta, config
     if family == "velo":
-        from pylo_runtime.velo import VeLOConfig, expected_theta_shapes
+        from lopt_bridge.pylo_runtime.velo import VeLOConfig, expected_theta_shapes
 
         config = {"lstm_hidden_size": 8, "param_inits": 4, "ff_hidden_size": 4}
         shapes = expected_theta_shapes(VeLOConfig.from_mapping(config))
@@ -51,7 +51,7 @@ def random_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], d
                 theta[k] = theta[k] / 3.0
         return theta, config
     if family == "mlp_lopt":
-        from pylo_runtime.mlp_lopt import DECAYS
+        from lopt_bridge.pylo_runtime.mlp_lopt import DECAYS
 
         config = {"hidden_size": 8, "hidden_layers": 2}
         sizes = [2 + len(DECAYS) + 11, 8, 8, 2]
@@ -80,7 +80,7 @@ def spec_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dic
     vectors ``0.1 N(0, 1)``; NNAdam's scaled hparams at lr 1e-2, betas 0.9 / 0.99, epsilon 1e-8."""
     import math
 
-    from pylo_runtime import specs
+    from lopt_bridge.pylo_runtime import specs
 
     spec = specs.family(family)
     config = spec.validate(SPEC_CONFIGS[family]).to_dict()
@@ -100,9 +100,9 @@ def spec_theta(family: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dic
 
 def _fixture_theta(case: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Theta and config of a committed parity fixture, converted by our architecture module."""
-    from converter.architectures import by_name
-    from converter.flax_msgpack import load
-    from parity_tests.fixture import load_fixture, repo_root
+    from lopt_bridge.converter.architectures import by_name
+    from lopt_bridge.converter.flax_msgpack import load
+    from lopt_bridge.parity_tests.fixture import load_fixture, repo_root
 
     fx = load_fixture(repo_root() / "parity_tests" / "fixtures" / case)
     src = fx.source_path()
@@ -116,7 +116,7 @@ def make_optimizer(
     family: str, params: Any, *, num_steps: int = 100, **options: Any
 ) -> torch.optim.Optimizer:
     """A ``family`` optimizer with random theta (the same theta on every call and every rank)."""
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     theta, config = random_theta(family)
     return optimizer_class(family)(params, theta, config, num_steps=num_steps, **options)

@@ -27,7 +27,7 @@ def adafac_theta(hidden: int = 32, layers: int = 2, seed: int = 0) -> tuple[dict
 
 def velo_theta(seed: int = 0, **config: Any) -> tuple[dict[str, torch.Tensor], dict]:
     """Random VeLO theta for a small LSTM (16 hidden, 8 param inits) and its config."""
-    from pylo_runtime.velo import VeLOConfig, expected_theta_shapes
+    from lopt_bridge.pylo_runtime.velo import VeLOConfig, expected_theta_shapes
 
     cfg = {"lstm_hidden_size": 16, "param_inits": 8, **config}
     gen = torch.Generator().manual_seed(seed)
@@ -42,7 +42,7 @@ def celo_theta(seed: int = 0, **config: Any) -> tuple[dict[str, torch.Tensor], d
     """Random Celo theta for a small LSTM (16 hidden) shaped for ``config`` (any option set: the MLP's
     input groups and widths follow the feature switches), and the config (step_mult 0.3: steps far above
     the params' ulp)."""
-    from pylo_runtime import specs
+    from lopt_bridge.pylo_runtime import specs
 
     cfg = {"lstm_hidden_size": 16, "step_mult": 0.3, **config}
     gen = torch.Generator().manual_seed(seed)

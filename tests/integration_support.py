@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from parity_tests.fixture import load_fixture, repo_root
+from lopt_bridge.parity_tests.fixture import load_fixture, repo_root
 
 #: Set by .ci/run: the integrations extra is installed, so a missing package is an error, not a skip.
 REQUIRE_ENV = "LOPT_REQUIRE_INTEGRATIONS"
@@ -42,7 +42,7 @@ def published_celo() -> Path:
 
 def optimizer_files(out_dir: Path) -> dict[str, Path]:
     """``{"velo": ..., "celo": ...}`` converted ``.safetensors`` files in ``out_dir``."""
-    from converter.convert import convert_source
+    from lopt_bridge.converter.convert import convert_source
 
     out: dict[str, Path] = {}
     fx = load_fixture(repo_root() / "parity_tests" / "fixtures" / "velo_default")
@@ -100,7 +100,7 @@ def hand_loop(
 ) -> tuple[torch.Tensor, Any]:
     """The reference loop the stacks must reproduce bit for bit: ``(loss / k).backward()`` per micro-batch,
     then ``step(loss=mean of the k losses)``; ``autocast``: the forward under torch.autocast, to float32."""
-    import pylo_runtime
+    from lopt_bridge import pylo_runtime
 
     model = mlp(seed)
     opt = pylo_runtime.load_optimizer(str(family_file), model.parameters(), num_steps=100)

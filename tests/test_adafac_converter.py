@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from converter import architectures, jax_pickle
-from converter.architectures.adafac import SMALL_FC_LOPT
-from converter.architectures.mlp_lopt import ARCHITECTURES as MLP_ARCHS
-from converter.architectures.mulo import MULO
-from converter.convert import convert_source, verify
-from converter.errors import ConversionError
-from pylo_runtime import load_optimizer, read_checkpoint
+from lopt_bridge.converter import architectures, jax_pickle
+from lopt_bridge.converter.architectures.adafac import SMALL_FC_LOPT
+from lopt_bridge.converter.architectures.mlp_lopt import ARCHITECTURES as MLP_ARCHS
+from lopt_bridge.converter.architectures.mulo import MULO
+from lopt_bridge.converter.convert import convert_source, verify
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.pylo_runtime import load_optimizer, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "parity_tests" / "fixtures"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture, repo_root
-from parity_tests.replay import convert_fixture, replay
-from pylo_runtime import load_optimizer
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import convert_fixture, replay
+from lopt_bridge.pylo_runtime import load_optimizer
 
 FIX = repo_root() / "parity_tests" / "fixtures"
 

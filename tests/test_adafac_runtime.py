@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from pylo_runtime.adafac import DEFAULTS, SmallFCLOpt, factored_dims, n_inputs
+from lopt_bridge.pylo_runtime.adafac import DEFAULTS, SmallFCLOpt, factored_dims, n_inputs
 
 SHAPES = [(), (7,), (16, 9), (3, 3, 4, 8), (4, 4, 3, 3), (5, 1), (64, 32)]
 

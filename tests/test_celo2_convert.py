@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter import architectures
-from converter.architectures.celo2 import CELO2
-from converter.commands import main
-from converter.convert import convert_source, verify
-from converter.errors import ConversionError
-from converter.flax_msgpack import load
-from parity_tests.fixture import repo_root
-from pylo_runtime import Celo2, read_checkpoint, specs
+from lopt_bridge.converter import architectures
+from lopt_bridge.converter.architectures.celo2 import CELO2
+from lopt_bridge.converter.commands import main
+from lopt_bridge.converter.convert import convert_source, verify
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.converter.flax_msgpack import load
+from lopt_bridge.parity_tests.fixture import repo_root
+from lopt_bridge.pylo_runtime import Celo2, read_checkpoint, specs
 
 FIXTURES = repo_root() / "parity_tests" / "fixtures"
 SRC = FIXTURES / "celo2_random" / "checkpoint" / "random_theta.state"  # factory Celo2 (3/1/3 decays)

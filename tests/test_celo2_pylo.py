@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from converter import writer
-from converter.convert import load_source
-from converter.errors import ConversionError
-from converter.pylo_maps import PyloFile
-from converter.pylo_maps.celo2 import EMBED_KEY, MAPS, safetensors_bytes
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture, repo_root
-from parity_tests.replay import replay
-from pylo_runtime import Celo2
-from pylo_runtime.checkpoint import read_checkpoint
+from lopt_bridge.converter import writer
+from lopt_bridge.converter.convert import load_source
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.converter.pylo_maps import PyloFile
+from lopt_bridge.converter.pylo_maps.celo2 import EMBED_KEY, MAPS, safetensors_bytes
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import replay
+from lopt_bridge.pylo_runtime import Celo2
+from lopt_bridge.pylo_runtime.checkpoint import read_checkpoint
 
 PYLO = repo_root() / "tests" / "data" / "pylo" / "celo2"
 MAP = MAPS[0]

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.commands import DEFAULT_FIXTURES
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import discover, load_fixture, repo_root
-from parity_tests.replay import check_fixture
-from pylo_runtime import Celo2, FusedUnavailableError, NonFiniteError, specs
+from lopt_bridge.parity_tests.commands import DEFAULT_FIXTURES
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import discover, load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import check_fixture
+from lopt_bridge.pylo_runtime import Celo2, FusedUnavailableError, NonFiniteError, specs
 from tests.distributed_support import random_theta
 from tests.fused_support import SHAPES, grad_stream, make_params, update_error
 
@@ -297,7 +297,7 @@ def test_lr_scales_step_mult_and_none_grads_are_untouched():
 # ----------------------------------------------------------------------------------------------------------
 # Paths.
 def _pinned(fx, params, ckpt, *, foreach):
-    from pylo_runtime import load_optimizer
+    from lopt_bridge.pylo_runtime import load_optimizer
 
     routing = fx.meta["options"]["routing"]
     groups = [{"params": [p], "celo2_branch": routing[n]} for n, p in zip(fx.names, params, strict=True)]

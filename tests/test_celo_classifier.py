@@ -1,9 +1,9 @@
 """Published Celo / Celo-Adam weights train a real model in PyTorch exactly as in JAX (closed loop).
 
 The JAX curves (parity_tests/closed_loop/celo_digits.json) were recorded by
-``python -m parity_tests.recorders.celo classifier``: the same model, initialisation and batches, each side
-computing its own gradients. Tolerance: 1e-4 relative on the training loss at each of the first 100 steps
-(float32; issue 6). Per-step differences are ~1e-7 (operation order in matmuls, convolutions and
+``python -m lopt_bridge.parity_tests.recorders.celo classifier``: the same model, initialisation and batches,
+each side computing its own gradients. Tolerance: 1e-4 relative on the training loss at each of the first
+100 steps (float32; issue 6). Per-step differences are ~1e-7 (operation order in matmuls, convolutions and
 log-softmax) and grow slowly along the closed-loop trajectory, so 1e-4 leaves room without hiding a bug: a
 wrong feature or scheduler input changes the loss curve by far more within a few steps.
 
@@ -36,10 +36,10 @@ import sys
 import numpy as np
 import pytest
 
-from converter.convert import convert_source
-from parity_tests.digits import load_digits_split, train_torch
-from parity_tests.fixture import repo_root
-from pylo_runtime import load_optimizer
+from lopt_bridge.converter.convert import convert_source
+from lopt_bridge.parity_tests.digits import load_digits_split, train_torch
+from lopt_bridge.parity_tests.fixture import repo_root
+from lopt_bridge.pylo_runtime import load_optimizer
 
 FIXTURE = repo_root() / "parity_tests" / "closed_loop" / "celo_digits.json"
 SHARED = repo_root().parent / "shared" / "checkpoints"
@@ -98,7 +98,7 @@ ULP_NUDGES = [(name, sign) for name in ("c1", "c2", "fc") for sign in (1.0, -1.0
 def test_celo_adam_cnn_is_chaotic(converted, monkeypatch):
     """Why ``HORIZON`` stops celo_adam/cnn at 30: one-ulp changes of the init (PyTorch alone) stay inside the
     tolerance up to step 30 but most leave it within 50 steps (told ``num_steps=100`` like the fixture)."""
-    import parity_tests.digits as digits
+    import lopt_bridge.parity_tests.digits as digits
 
     data = load_digits_split(DOC["seed"])
     kw = dict(steps=50, batch_size=DOC["batch_size"], seed=DOC["seed"])

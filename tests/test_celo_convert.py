@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter import architectures
-from converter.architectures.celo import CELO, CELO_ADAM
-from converter.convert import convert_source
-from converter.errors import ConversionError
-from converter.flax_msgpack import flatten_tree, load
-from parity_tests.fixture import repo_root
-from pylo_runtime import load_optimizer, read_checkpoint
-from pylo_runtime.celo import Celo
-from pylo_runtime.celo_adam import CeloAdam
-from pylo_runtime.specs.celo import DEFAULTS as CELO_DEFAULTS
-from pylo_runtime.specs.celo import ff_input_widths
-from pylo_runtime.specs.celo_adam import DEFAULTS as CELO_ADAM_DEFAULTS
+from lopt_bridge.converter import architectures
+from lopt_bridge.converter.architectures.celo import CELO, CELO_ADAM
+from lopt_bridge.converter.convert import convert_source
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.converter.flax_msgpack import flatten_tree, load
+from lopt_bridge.parity_tests.fixture import repo_root
+from lopt_bridge.pylo_runtime import load_optimizer, read_checkpoint
+from lopt_bridge.pylo_runtime.celo import Celo
+from lopt_bridge.pylo_runtime.celo_adam import CeloAdam
+from lopt_bridge.pylo_runtime.specs.celo import DEFAULTS as CELO_DEFAULTS
+from lopt_bridge.pylo_runtime.specs.celo import ff_input_widths
+from lopt_bridge.pylo_runtime.specs.celo_adam import DEFAULTS as CELO_ADAM_DEFAULTS
 
 SHARED = repo_root().parent / "shared" / "checkpoints"
 FIXTURES = repo_root() / "parity_tests" / "fixtures"

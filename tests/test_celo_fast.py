@@ -23,13 +23,13 @@ import torch
 from distributed_support import random_theta
 from fused_support import SHAPES, celo_theta, flags, grad_stream, make_params, run_pair
 
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture, repo_root
-from parity_tests.replay import check_fixture
-from pylo_runtime import dispatch, velo
-from pylo_runtime.celo import Celo
-from pylo_runtime.celo_adam import CeloAdam
-from pylo_runtime.kernels.cpu import passes
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import check_fixture
+from lopt_bridge.pylo_runtime import dispatch, velo
+from lopt_bridge.pylo_runtime.celo import Celo
+from lopt_bridge.pylo_runtime.celo_adam import CeloAdam
+from lopt_bridge.pylo_runtime.kernels.cpu import passes
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-5
@@ -275,8 +275,8 @@ CASES = ["celo_random", "celo_random_inits3", "celo_real", "celo_adam_random", "
 
 
 def _fixture_factory(case: str, **options):
-    from converter.architectures.celo import CELO, CELO_ADAM
-    from converter.flax_msgpack import load
+    from lopt_bridge.converter.architectures.celo import CELO, CELO_ADAM
+    from lopt_bridge.converter.flax_msgpack import load
 
     fx = load_fixture(FIXTURES / case)
     src = fx.source_path()
@@ -380,11 +380,11 @@ CHILD = r"""
 import json, sys, warnings
 import torch
 DEVICE = sys.argv[1]
-from pylo_runtime import dispatch
+from lopt_bridge.pylo_runtime import dispatch
 from fused_support import SHAPES, celo_theta, flags, grad_stream, make_params, run_pair
 from distributed_support import random_theta
-from pylo_runtime.celo import Celo
-from pylo_runtime.celo_adam import CeloAdam
+from lopt_bridge.pylo_runtime.celo import Celo
+from lopt_bridge.pylo_runtime.celo_adam import CeloAdam
 
 out = {}
 def celo(**config):

@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from http_support import fake_hub, serve
 
-from converter import sources, writer
-from converter.commands import main
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture
-from parity_tests.replay import replay
-from pylo_runtime import load_optimizer
+from lopt_bridge.converter import sources, writer
+from lopt_bridge.converter.commands import main
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture
+from lopt_bridge.parity_tests.replay import replay
+from lopt_bridge.pylo_runtime import load_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "parity_tests" / "fixtures"

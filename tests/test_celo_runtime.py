@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from converter.architectures.celo import CELO, CELO_ADAM
-from converter.flax_msgpack import load
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture, repo_root
-from parity_tests.replay import check_fixture
-from pylo_runtime.celo import Celo
-from pylo_runtime.celo_adam import CeloAdam
+from lopt_bridge.converter.architectures.celo import CELO, CELO_ADAM
+from lopt_bridge.converter.flax_msgpack import load
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import check_fixture
+from lopt_bridge.pylo_runtime.celo import Celo
+from lopt_bridge.pylo_runtime.celo_adam import CeloAdam
 
 FIXTURES = repo_root() / "parity_tests" / "fixtures"
 CLASSES = {"celo": (CELO, Celo), "celo_adam": (CELO_ADAM, CeloAdam)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pylo_runtime
+from lopt_bridge import pylo_runtime
 from tests.integration_support import classification_batches, flat, mlp, optimizer_files, require
 
 BATCHES = classification_batches(6, 8)

@@ -111,7 +111,7 @@ def _params(model) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _set_params(model, full: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors into the model (this rank's part of each FSDP2 parameter)."""
-    from pylo_runtime.distributed import is_dtensor, local_slices
+    from lopt_bridge.pylo_runtime.distributed import is_dtensor, local_slices
 
     for name, p in model.named_parameters():
         if is_dtensor(p):

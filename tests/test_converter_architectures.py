@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from converter import architectures as archs
-from converter import flax_msgpack
-from converter.errors import ConversionError
+from lopt_bridge.converter import architectures as archs
+from lopt_bridge.converter import flax_msgpack
+from lopt_bridge.converter.errors import ConversionError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoints"
 

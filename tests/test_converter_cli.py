@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from converter import architectures, flax_msgpack, registry
-from converter.commands import main
+from lopt_bridge.converter import architectures, flax_msgpack, registry
+from lopt_bridge.converter.commands import main
 
 DATA = Path(__file__).parent / "data"
 VELO_DIR = DATA / "lo" / "velo_small"
@@ -190,7 +190,7 @@ def test_bad_set_and_usage(tmp_path):
     assert run("mlp-lopt").exit_code == 2  # nothing published: --source required
     assert_bad_input(run("mlp-nom-lopt"), "mlp-nom-lopt", "not supported: No lopt-bridge runtime")
     # Any entry listed as not supported refuses with its note, as one line.
-    from converter.commands import _registry_command
+    from lopt_bridge.converter.commands import _registry_command
 
     entry = registry.Entry("x-lopt", "X", "velo", "theta_state", ("hf://o/r/theta.state",), "MIT",
                            supported=False, note="no runtime for this architecture yet")  # fmt: skip

@@ -21,7 +21,7 @@ from hostile_inputs import MSGPACK_CASES, PICKLE_CASES
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from converter import flax_msgpack
+from lopt_bridge.converter import flax_msgpack
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -52,7 +52,7 @@ def _converted_with(folder: Path, **config: object) -> Path:
     """The small VeLO fixture converted, then its metadata config changed."""
     from click.testing import CliRunner
 
-    from converter.commands import main
+    from lopt_bridge.converter.commands import main
 
     good = folder / "velo_small.safetensors"
     if not good.exists():

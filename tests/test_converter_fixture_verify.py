@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from converter.convert import verify
-from parity_tests.fixture import load_fixture
-from parity_tests.replay import convert_fixture
+from lopt_bridge.converter.convert import verify
+from lopt_bridge.parity_tests.fixture import load_fixture
+from lopt_bridge.parity_tests.replay import convert_fixture
 
 FIXTURES = sorted((Path(__file__).parents[1] / "parity_tests" / "fixtures").glob("*/meta.json"))
 

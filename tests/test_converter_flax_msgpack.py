@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from converter import flax_msgpack as fm
-from converter.errors import ConversionError
+from lopt_bridge.converter import flax_msgpack as fm
+from lopt_bridge.converter.errors import ConversionError
 
 DATA = Path(__file__).parent / "data" / "flax"
 EXPECTED = dict(np.load(DATA / "expected.npz"))

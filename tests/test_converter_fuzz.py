@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converter import architectures, convert, flax_msgpack, gin_config
-from converter.errors import ConversionError
+from lopt_bridge.converter import architectures, convert, flax_msgpack, gin_config
+from lopt_bridge.converter.errors import ConversionError
 
 architectures.all_architectures()  # import every family module now, not under the fuzzer's warning filter
 

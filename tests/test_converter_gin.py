@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from converter.errors import ConversionError
-from converter.gin_config import GinReference, load_optimizer_config, parse_bindings, parse_optimizer
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.converter.gin_config import (
+    GinReference,
+    load_optimizer_config,
+    parse_bindings,
+    parse_optimizer,
+)
 
 DATA = Path(__file__).parent / "data" / "gin"
 EXPECTED = json.loads((DATA / "expected.json").read_text())

@@ -23,9 +23,9 @@ from hostile_inputs import MSGPACK_CASES, PICKLE_CASES
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from converter import flax_msgpack, gin_config, jax_pickle
-from converter.commands import main
-from converter.errors import ConversionError
+from lopt_bridge.converter import flax_msgpack, gin_config, jax_pickle
+from lopt_bridge.converter.commands import main
+from lopt_bridge.converter.errors import ConversionError
 
 DATA = Path(__file__).parent / "data"
 VELO_DIR = DATA / "lo" / "velo_small"
@@ -204,7 +204,7 @@ def test_written_files_follow_the_umask(tmp_path):
 
 
 def test_parity_report_files_follow_the_umask(tmp_path):
-    from parity_tests.report import _atomic_write
+    from lopt_bridge.parity_tests.report import _atomic_write
 
     old = os.umask(0o022)
     try:

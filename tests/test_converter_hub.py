@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 from http_support import COMMIT, fake_hub, free_port, serve
 
-from converter import registry, sources
-from converter.commands import main
-from converter.errors import ConversionError
+from lopt_bridge.converter import registry, sources
+from lopt_bridge.converter.commands import main
+from lopt_bridge.converter.errors import ConversionError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "lo"
@@ -155,7 +155,7 @@ def test_environment_variables_reach_huggingface_hub(tmp_path):
     env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hfhome"), HF_TOKEN="hf_test_token",
                LOPT_BRIDGE_CACHE=str(tmp_path / "ours"))  # fmt: skip
     out = str(tmp_path / "o.safetensors")
-    cmd = [sys.executable, "-c", "import cli; cli.convert_main()", "auto", "--source",
+    cmd = [sys.executable, "-c", "from lopt_bridge import cli; cli.convert_main()", "auto", "--source",
            "hf://me/gated/theta.state", "-o", out, "--force", *SMALL_SETS]  # fmt: skip
     with serve(cls) as url:
         r = subprocess.run(cmd, env={**env, "HF_ENDPOINT": url}, capture_output=True, text=True, cwd=ROOT)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from converter.commands import main
+from lopt_bridge.converter.commands import main
 
 PICKLE = (
     Path(__file__).parents[1]
@@ -40,7 +40,7 @@ def test_pickle_refused_without_flag(tmp_path: Path) -> None:
 
 
 def test_mulo_pickle_converts_and_verifies_bit_exactly(converted: Path) -> None:
-    from pylo_runtime import read_checkpoint
+    from lopt_bridge.pylo_runtime import read_checkpoint
 
     ckpt = read_checkpoint(converted)
     assert ckpt.architecture == "mulo"

@@ -17,7 +17,7 @@ from http_support import serve
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from converter.commands import main
+from lopt_bridge.converter.commands import main
 
 VELO_DIR = Path(__file__).parent / "data" / "lo" / "velo_small"
 EVIL = b"import os; os.system('echo owned')\n"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from http_support import file_server, free_port, serve
 
-from converter import files, sources
-from converter.errors import ConversionError
+from lopt_bridge.converter import files, sources
+from lopt_bridge.converter.errors import ConversionError
 
 PAYLOAD = bytes(range(256)) * 4000  # ~1 MB: several read blocks
 

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from http_support import fake_hub, file_server, free_port, serve
 
-from converter import sources, writer
-from converter.architectures.base import ArchSpec, apply_transform
-from converter.commands import main
-from converter.convert import load_source
-from converter.errors import ConversionError
+from lopt_bridge.converter import sources, writer
+from lopt_bridge.converter.architectures.base import ArchSpec, apply_transform
+from lopt_bridge.converter.commands import main
+from lopt_bridge.converter.convert import load_source
+from lopt_bridge.converter.errors import ConversionError
 
 DATA = Path(__file__).parent / "data" / "lo"
 
@@ -33,7 +33,7 @@ PROV = writer.Provenance("hf://o/r/theta.state", "ab" * 32, "theta_state")
 def test_metadata_matches_the_runtime_contract(tmp_path):
     import torch
 
-    from pylo_runtime import checkpoint
+    from lopt_bridge.pylo_runtime import checkpoint
 
     assert (writer.FORMAT_NAME, writer.FORMAT_VERSION) == (checkpoint.FORMAT_NAME, checkpoint.FORMAT_VERSION)
     out = writer.write(_spec(), tmp_path / "o.safetensors", PROV)
@@ -146,7 +146,7 @@ def test_velo_default_downloads_params_and_config(bucket, tmp_path):
 def test_registry_sha256_is_enforced(bucket, tmp_path):
     import dataclasses
 
-    from converter import commands, registry
+    from lopt_bridge.converter import commands, registry
 
     entry = dataclasses.replace(registry.load().get("velo-4000"), sha256="0" * 64)
     cmd = commands._registry_command(entry)  # the command the registry would generate for this entry

@@ -21,7 +21,7 @@ import pytest
 import torch
 from fused_support import SHAPES, grad_stream, make_params, update_error
 
-from pylo_runtime import adafac, dispatch, velo
+from lopt_bridge.pylo_runtime import adafac, dispatch, velo
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-5
@@ -34,7 +34,7 @@ def build(family: str, options: dict, params, **flags):
     from fused_support import celo_theta, velo_theta
     from test_adafac_runtime import make_theta as adafac_theta
 
-    from pylo_runtime.loading import optimizer_class
+    from lopt_bridge.pylo_runtime.loading import optimizer_class
 
     if family == "velo":
         theta, cfg = velo_theta(**options, param_scale_mult=False, step_mult=0.3)
@@ -124,7 +124,7 @@ def test_every_family_answers_fused_true_the_same_way(monkeypatch):
 
 
 def test_an_undeclared_family_is_told_where_to_declare_itself():
-    with pytest.raises(ValueError, match="not declared in pylo_runtime.dispatch.FAMILIES"):
+    with pytest.raises(ValueError, match="not declared in lopt_bridge.pylo_runtime.dispatch.FAMILIES"):
         dispatch.decide("no_such_family", {}, "cpu", foreach=None, fused=None)
 
 
@@ -134,7 +134,7 @@ def test_table_prints_and_names_every_reason():
         for r in e.decision.reasons:
             assert r in text
     proc = subprocess.run(
-        [sys.executable, "-m", "pylo_runtime.dispatch"],
+        [sys.executable, "-m", "lopt_bridge.pylo_runtime.dispatch"],
         capture_output=True,
         text=True,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
@@ -146,7 +146,7 @@ def test_table_prints_and_names_every_reason():
 
 
 def test_architecture_doc_shows_the_current_table():
-    """docs/architecture.md carries the table the code prints (python -m pylo_runtime.dispatch)."""
+    """docs/architecture.md carries the table that ``python -m lopt_bridge.pylo_runtime.dispatch`` prints."""
     doc = (HERE.parent / "docs" / "architecture.md").read_text()
     start = doc.index("<!-- dispatch-table")
     block = doc[doc.index("\n", start) + 1 : doc.index("<!-- end dispatch-table -->")]
@@ -170,7 +170,7 @@ def test_cuda_and_shard_rows_use_the_kernels_the_cpu_rows_run():
 
 CHILD = r"""
 import json, sys
-from pylo_runtime import dispatch
+from lopt_bridge.pylo_runtime import dispatch
 from test_dispatch import build, run_entry
 from fused_support import make_params
 out = []

@@ -32,7 +32,7 @@ OTHER_PATHS = (
 
 def _train(model, opt, data, rank: int, world: int, distributed: bool, replicated=()) -> None:
     """``STEPS`` steps; ``replicated``: params outside FSDP whose gradients this loop averages by hand."""
-    from pylo_runtime.distributed import global_mean
+    from lopt_bridge.pylo_runtime.distributed import global_mean
 
     for x, y in data:
         if distributed:  # this rank's half of the global batch
@@ -53,7 +53,7 @@ class _Gathers:
     """Counts ``distributed.gather_param`` calls, or makes them raise (the rank-local path never gathers)."""
 
     def __init__(self, allow: bool) -> None:
-        import pylo_runtime.distributed.fsdp as dist_mod
+        import lopt_bridge.pylo_runtime.distributed.fsdp as dist_mod
 
         self.mod, self.real, self.allow, self.calls = dist_mod, dist_mod.gather_param, allow, 0
 
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from pylo_runtime import adafac
+    from lopt_bridge.pylo_runtime import adafac
 
     # small_fc_lopt / muLO take the CPU fast path here: with this threshold the (7, 5) weight and the kernel
     # go through its factored branch, the others through its batched one (both reduce over the shards).

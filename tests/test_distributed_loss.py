@@ -56,8 +56,8 @@ class _CountAllReduce:
 
 
 def _ddp_runs(family: str, base: Net, data, rank: int) -> dict:
-    import pylo_runtime
-    from pylo_runtime.distributed import global_mean
+    from lopt_bridge import pylo_runtime
+    from lopt_bridge.pylo_runtime.distributed import global_mean
 
     runs: dict = {}
     for mode in MODES:
@@ -126,8 +126,8 @@ def _nan_shard_runs(family: str, base: Net, data, mesh, rank: int) -> dict:
 
 def _sharded_nan_runs(family: str, base: Net, data, rank: int) -> dict:
     """ShardedOptimizer over DDP: a NaN in lin.weight's gradient (stepped by ONE rank) at step 1."""
-    import pylo_runtime
-    from pylo_runtime.distributed.sharded import ShardedOptimizer
+    from lopt_bridge import pylo_runtime
+    from lopt_bridge.pylo_runtime.distributed.sharded import ShardedOptimizer
 
     out = {}
     for label, drop in (("poisoned", None), ("dropped", 1)):

@@ -16,7 +16,7 @@ OPTIONS = {"velo": {"weight_decay": 0.01}}
 
 
 def _train(model, opt, data, rank: int, distributed: bool, replicated=()) -> None:
-    from pylo_runtime.distributed import global_mean
+    from lopt_bridge.pylo_runtime.distributed import global_mean
 
     for x, y in data:
         if distributed:
@@ -38,7 +38,7 @@ def _worker(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from pylo_runtime.distributed.sharded import ShardedOptimizer
+    from lopt_bridge.pylo_runtime.distributed.sharded import ShardedOptimizer
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_fewer_tensors_than_ranks_falls_back_to_stepping_all(results):
 
 
 def test_owner_assignment_balances_sizes():
-    from pylo_runtime.distributed.sharded import assign_owners
+    from lopt_bridge.pylo_runtime.distributed.sharded import assign_owners
 
     assert assign_owners([100, 1, 60, 50, 1], 2) == [0, 0, 1, 1, 0]
     assert assign_owners([5], 3) == [0]

@@ -21,10 +21,10 @@ from fused_support import (
     velo_theta,
 )
 
-from pylo_runtime import adafac, dispatch, velo
-from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.mulo import MuLO
-from pylo_runtime.velo import VeLO
+from lopt_bridge.pylo_runtime import adafac, dispatch, velo
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
+from lopt_bridge.pylo_runtime.mulo import MuLO
+from lopt_bridge.pylo_runtime.velo import VeLO
 
 TOL = 1e-5
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 from fused_support import adafac_theta, grad_stream, make_params, velo_theta
 
-from pylo_runtime import adafac, dispatch, velo
-from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.kernels.cpu import passes
-from pylo_runtime.velo import VeLO
+from lopt_bridge.pylo_runtime import adafac, dispatch, velo
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
+from lopt_bridge.pylo_runtime.kernels.cpu import passes
+from lopt_bridge.pylo_runtime.velo import VeLO
 
 HERE = Path(__file__).resolve().parent
 SHAPES = [(), (7,), (3, 40), (8, 8), (2, 3, 5)]
@@ -209,7 +209,7 @@ def test_propagated_nan_reaches_the_reference_result(monkeypatch):
 CHILD = r"""
 import json, warnings
 import torch
-from pylo_runtime import dispatch
+from lopt_bridge.pylo_runtime import dispatch
 dispatch._fused_backend = lambda device, explicit, env: "triton"
 from test_fused_fallback import SHAPES, _make, _train
 from fused_support import make_params

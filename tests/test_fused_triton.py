@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pylo_runtime import dispatch
-from pylo_runtime.adafac import SmallFCLOpt
+from lopt_bridge.pylo_runtime import dispatch
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
 
 pytest.importorskip("triton", reason="triton is an optional dependency (pip install 'lopt-bridge[triton]')")
 
@@ -30,9 +30,9 @@ import json, sys
 import torch
 DEVICE = sys.argv[1]
 from fused_support import SHAPES, adafac_theta, flags, grad_stream, run_pair, velo_theta
-from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.mulo import MuLO
-from pylo_runtime.velo import VeLO
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
+from lopt_bridge.pylo_runtime.mulo import MuLO
+from lopt_bridge.pylo_runtime.velo import VeLO
 
 out = {}
 def adafac(hidden, cls=SmallFCLOpt, **extra):

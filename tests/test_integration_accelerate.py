@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pylo_runtime
+from lopt_bridge import pylo_runtime
 from tests.integration_support import classification_batches, flat, hand_loop, mlp, optimizer_files, require
 
 BATCHES = classification_batches(6, 8)
@@ -73,7 +73,7 @@ def test_prepared_optimizer_takes_no_loss_keyword(files):
     _, prepared = accelerate.Accelerator().prepare(model, opt)
     with pytest.raises(TypeError):
         prepared.step(loss=1.0)
-    with pytest.raises(ValueError, match=r"needs the training loss: call pylo_runtime.set_loss"):
+    with pytest.raises(ValueError, match=r"needs the training loss: call lopt_bridge.set_loss"):
         torch.nn.functional.cross_entropy(model(BATCHES[0][0]), BATCHES[0][1]).backward()
         prepared.step()
 
@@ -123,7 +123,7 @@ def test_example_runs(files):
     require("accelerate")
     import sys
 
-    from parity_tests.fixture import repo_root
+    from lopt_bridge.parity_tests.fixture import repo_root
 
     sys.path.insert(0, str(repo_root() / "examples"))
     try:

@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-import pylo_runtime
-from parity_tests.fixture import repo_root
+from lopt_bridge import pylo_runtime
+from lopt_bridge.parity_tests.fixture import repo_root
 from tests.integration_support import optimizer_files, record_step_losses, require
 
 
@@ -65,7 +65,7 @@ def _trainer(example, path, tmp_path, *, max_steps=-1, epochs=1.0, grad_accum=2,
 
 @pytest.mark.parametrize("family", ["velo", "celo"])
 def test_trainer_feeds_the_update_loss_and_num_steps(example, files, tmp_path, family):
-    from pylo_runtime.integrations.hf_trainer import attach
+    from lopt_bridge.pylo_runtime.integrations.hf_trainer import attach
 
     trainer, opt = _trainer(example, files[family], tmp_path, max_steps=4, grad_accum=2)
     fed = record_step_losses(opt)
@@ -82,7 +82,7 @@ def test_trainer_feeds_the_update_loss_and_num_steps(example, files, tmp_path, f
 
 
 def test_epochs_with_a_short_last_update(example, files, tmp_path):
-    from pylo_runtime.integrations.hf_trainer import attach
+    from lopt_bridge.pylo_runtime.integrations.hf_trainer import attach
 
     # 20 examples / batch 4 = 5 batches, accumulate 2: updates of 2, 2 and 1 batches, twice (2 epochs).
     trainer, opt = _trainer(example, files["celo"], tmp_path, epochs=2, grad_accum=2, examples=20)
@@ -97,7 +97,7 @@ def test_epochs_with_a_short_last_update(example, files, tmp_path):
 
 
 def test_attach_needs_the_optimizer_and_warns_about_a_decaying_schedule(example, files, tmp_path):
-    from pylo_runtime.integrations.hf_trainer import attach
+    from lopt_bridge.pylo_runtime.integrations.hf_trainer import attach
 
     transformers = require("transformers")
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)

@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-import pylo_runtime
-from parity_tests.fixture import repo_root
+from lopt_bridge import pylo_runtime
+from lopt_bridge.parity_tests.fixture import repo_root
 from tests.integration_support import (
     classification_batches,
     flat,
@@ -103,7 +103,7 @@ def test_automatic_optimization_with_accumulation_and_set_loss(files, family):
 def test_accumulation_without_set_loss_is_refused(files):
     # The closure alone would give the last batch's loss / 2: refused, pointing at the fix.
     module = _module(files["celo"], record=False)
-    with pytest.raises(ValueError, match=r"accumulates 2 batches .* pylo_runtime.set_loss\(self.optimizers"):
+    with pytest.raises(ValueError, match=r"accumulates 2 batches .* lopt_bridge.set_loss\(self.optimizers"):
         _fit(module, accumulate=2)
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pylo_runtime
+from lopt_bridge import pylo_runtime
 
 KERNELS = Path(pylo_runtime.__file__).parent / "kernels"
 
 
 def _imports(path: Path) -> list[str]:
     """Absolute names of the pylo_runtime modules ``path`` imports."""
-    pkg = ["pylo_runtime", *path.relative_to(KERNELS.parent).parent.parts]
+    pkg = ["lopt_bridge", "pylo_runtime", *path.relative_to(KERNELS.parent).parent.parts]
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -22,7 +22,7 @@ def _imports(path: Path) -> list[str]:
             out += [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             out += [a.name for a in node.names]
-    return [m for m in out if m.startswith("pylo_runtime")]
+    return [m for m in out if m.startswith(("lopt_bridge.pylo_runtime", "pylo_runtime"))]
 
 
 def test_kernels_import_nothing_outside_kernels():
@@ -32,7 +32,7 @@ def test_kernels_import_nothing_outside_kernels():
         str(f.relative_to(KERNELS)): m
         for f in files
         for m in _imports(f)
-        if not m.startswith("pylo_runtime.kernels")
+        if not m.startswith("lopt_bridge.pylo_runtime.kernels")
     }
     assert not bad, bad
 

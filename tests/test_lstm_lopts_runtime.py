@@ -16,11 +16,11 @@ import pytest
 import torch
 from distributed_support import spec_theta
 
-from parity_tests.commands import DEFAULT_FIXTURES
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import discover, load_fixture, repo_root
-from parity_tests.replay import convert_fixture, replay
-from pylo_runtime import load_optimizer, optimizer_class
+from lopt_bridge.parity_tests.commands import DEFAULT_FIXTURES
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import discover, load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import convert_fixture, replay
+from lopt_bridge.pylo_runtime import load_optimizer, optimizer_class
 
 FAMILIES = ("rnn_mlp_lopt", "nn_adam")
 #: Every rank (0-d, size-1, tied dims, 4-D), as the parity task.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_adafac_runtime import SHAPES, assert_paths_agree, make_params, old_names, run
 
-from pylo_runtime.mlp_lopt import MLPLOpt
+from lopt_bridge.pylo_runtime.mlp_lopt import MLPLOpt
 
 
 def make_theta(hidden: int = 16, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:

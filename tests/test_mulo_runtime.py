@@ -16,12 +16,12 @@ import pytest
 import torch
 from test_adafac_runtime import SHAPES, make_theta
 
-from converter import jax_pickle
-from converter.architectures.mulo import MULO
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture
-from parity_tests.replay import replay
-from pylo_runtime.mulo import MuLO, clip_by_global_norm, mup_param_groups, mup_scale
+from lopt_bridge.converter import jax_pickle
+from lopt_bridge.converter.architectures.mulo import MULO
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture
+from lopt_bridge.parity_tests.replay import replay
+from lopt_bridge.pylo_runtime.mulo import MuLO, clip_by_global_norm, mup_param_groups, mup_scale
 
 FIXTURES = sorted((Path(__file__).parents[1] / "parity_tests" / "fixtures").glob("mulo_*/meta.json"))
 

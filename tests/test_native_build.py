@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pylo_runtime import dispatch
-from pylo_runtime.kernels.cpu import build, passes
+from lopt_bridge.pylo_runtime import dispatch
+from lopt_bridge.pylo_runtime.kernels.cpu import build, passes
 
 HERE = Path(__file__).resolve().parent
 CC = shutil.which(os.environ.get("CC", "cc"))
@@ -58,7 +58,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_processes_started_together_build_once(cache, tmp_path):
     cc, log = wrapper(tmp_path, sleep=1.0)  # a slow compile: the others must wait, not compile too
-    code = "from pylo_runtime.kernels.cpu import build; print(build.build())"
+    code = "from lopt_bridge.pylo_runtime.kernels.cpu import build; print(build.build())"
     env = dict(os.environ, CC=cc, PYTHONPATH=os.pathsep.join(sys.path))
     procs = [
         subprocess.Popen(
@@ -100,7 +100,7 @@ def test_compiler_timeout_warns_once_and_falls_back(cache, tmp_path, monkeypatch
     monkeypatch.setattr(dispatch, "_VERIFIED", set())
     from fused_support import adafac_theta, make_params
 
-    from pylo_runtime.adafac import SmallFCLOpt
+    from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
 
     theta, cfg = adafac_theta(8)
     params = make_params([(300, 300)])
@@ -170,7 +170,7 @@ def test_c_entry_points_check_their_arguments(cache):
 
 def test_build_ahead_of_time_command(tmp_path):
     env = dict(os.environ, LOPT_BRIDGE_CACHE=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "pylo_runtime.kernels.cpu"]
+    cmd = [sys.executable, "-m", "lopt_bridge.pylo_runtime.kernels.cpu"]
     res = subprocess.run([*cmd, "build"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "(verified" in res.stdout, res.stderr
     path = Path(res.stdout.split()[0])

@@ -16,16 +16,16 @@ import pytest
 import torch
 from fused_support import adafac_theta, flags, grad_stream, run_pair, velo_theta
 
-from parity_tests.commands import DEFAULT_FIXTURES
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import discover, load_fixture, repo_root
-from parity_tests.replay import convert_fixture, replay
-from pylo_runtime import adafac, dispatch, velo
-from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.kernels.cpu import build as native
-from pylo_runtime.kernels.cpu import passes
-from pylo_runtime.mulo import MuLO
-from pylo_runtime.velo import VeLO
+from lopt_bridge.parity_tests.commands import DEFAULT_FIXTURES
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import discover, load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import convert_fixture, replay
+from lopt_bridge.pylo_runtime import adafac, dispatch, velo
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
+from lopt_bridge.pylo_runtime.kernels.cpu import build as native
+from lopt_bridge.pylo_runtime.kernels.cpu import passes
+from lopt_bridge.pylo_runtime.mulo import MuLO
+from lopt_bridge.pylo_runtime.velo import VeLO
 
 TOL = 1e-5
 #: Tall, wide, fewer columns than a tile (48), an odd element count: every row / tile split the passes do.

@@ -10,11 +10,11 @@ import pytest
 import torch
 from distributed_support import spec_theta
 
-from converter import architectures, flax_msgpack
-from converter.convert import convert_source
-from converter.errors import ConversionError
-from pylo_runtime import nn_adam, read_checkpoint
-from pylo_runtime.nn_adam import NNAdam, next_hparams, round_trip
+from lopt_bridge.converter import architectures, flax_msgpack
+from lopt_bridge.converter.convert import convert_source
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.pylo_runtime import nn_adam, read_checkpoint
+from lopt_bridge.pylo_runtime.nn_adam import NNAdam, next_hparams, round_trip
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "parity_tests" / "fixtures"

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from pylo_runtime.step_inputs import NonFiniteError
+from lopt_bridge.pylo_runtime.step_inputs import NonFiniteError
 from tests.distributed_support import FAMILIES, Net, batches, make_optimizer, max_rel_diff
 
 #: The families whose update reads the training loss.

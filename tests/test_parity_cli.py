@@ -8,7 +8,7 @@ import types
 
 from click.testing import CliRunner
 
-from parity_tests.commands import main
+from lopt_bridge.parity_tests.commands import main
 from tests.test_parity_compare import _sgd_fixture
 
 
@@ -69,14 +69,14 @@ def test_record_unknown_family_and_missing_reference(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["record", "no_such_family", "--case", "x", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no recorder for family" in res.output
 
-    mod = types.ModuleType("parity_tests.recorders.needsjax")
+    mod = types.ModuleType("lopt_bridge.parity_tests.recorders.needsjax")
     mod.CASES = {"c": {}}
 
     def make_reference(options, ckpt_dir, seed):
         raise ModuleNotFoundError("No module named 'learned_optimization'", name="learned_optimization")
 
     mod.make_reference = make_reference
-    monkeypatch.setitem(sys.modules, "parity_tests.recorders.needsjax", mod)
+    monkeypatch.setitem(sys.modules, "lopt_bridge.parity_tests.recorders.needsjax", mod)
     res = CliRunner().invoke(main, ["record", "needsjax", "--case", "c", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "PYTHONPATH" in res.output and "learned_optimization" in res.output
@@ -102,8 +102,8 @@ def test_fixture_with_absent_shared_weights_is_skipped_not_failed(tmp_path):
 def test_live_results_survive_the_subprocess_json_round_trip():
     import numpy as np
 
-    from parity_tests.commands import _result_from_dict, _result_to_dict
-    from parity_tests.compare import CaseResult
+    from lopt_bridge.parity_tests.commands import _result_from_dict, _result_to_dict
+    from lopt_bridge.parity_tests.compare import CaseResult
 
     r = CaseResult("c", "f", "a", ["x", "y"], np.array([[1e-7, np.inf]]), drifts=np.array([[1.0, 2.0]]),
                    mode="closed-loop", tolerance=1e-4, resolutions=np.array([[1e-6, 1e-6]]))  # fmt: skip

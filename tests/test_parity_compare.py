@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.compare import CaseResult, drift, ulp, update_error
-from parity_tests.fixture import load_fixture, write_fixture
-from parity_tests.replay import check_fixture
-from parity_tests.report import format_table, write_report
-from parity_tests.tasks import Task
+from lopt_bridge.parity_tests.compare import CaseResult, drift, ulp, update_error
+from lopt_bridge.parity_tests.fixture import load_fixture, write_fixture
+from lopt_bridge.parity_tests.replay import check_fixture
+from lopt_bridge.parity_tests.report import format_table, write_report
+from lopt_bridge.parity_tests.tasks import Task
 
 
 def test_ulp_matches_numpy_spacing_for_float32():
@@ -183,9 +183,9 @@ class _NumpySGDReference:
 def test_record_case_with_sampled_large_tensor(tmp_path, monkeypatch):
     import types
 
-    from parity_tests.record import record_case
+    from lopt_bridge.parity_tests.record import record_case
 
-    mod = types.ModuleType("parity_tests.recorders.sgdtest")
+    mod = types.ModuleType("lopt_bridge.parity_tests.recorders.sgdtest")
     mod.CASES = {"sgd_large": {"lr": float(LR)}}
 
     def make_reference(options, ckpt_dir, seed):
@@ -193,7 +193,7 @@ def test_record_case_with_sampled_large_tensor(tmp_path, monkeypatch):
         return _NumpySGDReference()
 
     mod.make_reference = make_reference
-    monkeypatch.setitem(__import__("sys").modules, "parity_tests.recorders.sgdtest", mod)
+    monkeypatch.setitem(__import__("sys").modules, "lopt_bridge.parity_tests.recorders.sgdtest", mod)
     out = record_case("sgdtest", "sgd_large", tmp_path / "fx", steps=5, num_steps=10, shapes="large")
     fx = load_fixture(out)
     assert fx.steps == 5 and "z_large" in fx.sample_index and "z_large" not in fx.params
@@ -222,7 +222,7 @@ def test_plot_has_one_panel_per_architecture_and_draws_zero_errors_at_zero():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from parity_tests.report import plot_figure
+    from lopt_bridge.parity_tests.report import plot_figure
 
     exact = CaseResult("exact", "velo", "velo", ["x"], np.array([[0.0], [2e-7], [0.0]]))
     broken = CaseResult("broken", "velo", "velo", ["x"], np.array([[1e-7], [np.inf], [3e-5]]))

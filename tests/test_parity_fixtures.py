@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from parity_tests.commands import DEFAULT_FIXTURES, _fixture_digest, main
-from parity_tests.compare import FLOAT32_TOLERANCE, X64_FACTOR
-from parity_tests.fixture import discover, load_fixture, repo_root
+from lopt_bridge.parity_tests.commands import DEFAULT_FIXTURES, _fixture_digest, main
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE, X64_FACTOR
+from lopt_bridge.parity_tests.fixture import discover, load_fixture, repo_root
 
 FIXTURES = discover(repo_root() / DEFAULT_FIXTURES)
 IDS = [p.name for p in FIXTURES]

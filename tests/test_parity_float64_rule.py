@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity_tests.compare import X64_FACTOR, CaseResult
-from parity_tests.report import format_table
+from lopt_bridge.parity_tests.compare import X64_FACTOR, CaseResult
+from lopt_bridge.parity_tests.report import format_table
 
 
 def _case(errors, ours64, ref64) -> CaseResult:

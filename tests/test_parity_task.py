@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.tasks import LARGE, SHAPES, Task, loss_scale, shapes
+from lopt_bridge.parity_tests.tasks import LARGE, SHAPES, Task, loss_scale, shapes
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 

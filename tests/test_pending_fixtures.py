@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity_tests.commands import RECORDERS_DIR, _recorder_families
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture, repo_root, sha256_file
+from lopt_bridge.parity_tests.commands import RECORDERS_DIR, _recorder_families
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture, repo_root, sha256_file
 
 PENDING = sorted((repo_root() / "parity_tests" / "fixtures_pending").glob("*/meta.json"))
 PYLO = repo_root() / "tests" / "data" / "pylo"
@@ -27,7 +27,10 @@ def test_pending_fixtures_exist():
     names = {m.parent.name for m in PENDING}
     # Every case recorded for a runtime that did not exist yet has been switched on (none pending today);
     # a recorder still marked RUNTIME_PENDING must have its cases here.
-    mods = [importlib.import_module(f"parity_tests.recorders.{p.stem}") for p in RECORDERS_DIR.glob("*.py")]
+    mods = [
+        importlib.import_module(f"lopt_bridge.parity_tests.recorders.{p.stem}")
+        for p in RECORDERS_DIR.glob("*.py")
+    ]
     pending = {c for m in mods if getattr(m, "RUNTIME_PENDING", False) for c in getattr(m, "CASES", ())}
     assert names == pending
 
@@ -36,7 +39,7 @@ def _check_pending(meta: Path) -> None:
     fx = load_fixture(meta.parent)
     assert fx.meta["source_base"] == "fixture"
     assert sha256_file(fx.source_path()) == fx.meta["source_sha256"]
-    rec = importlib.import_module(f"parity_tests.recorders.{fx.meta['family']}")
+    rec = importlib.import_module(f"lopt_bridge.parity_tests.recorders.{fx.meta['family']}")
     assert fx.meta["case"] in rec.CASES and rec.RUNTIME_PENDING is True
     first, last = fx.meta["loss_first_last"]
     assert last < 0.5 * first, "the recorded loss must fall meaningfully (REFERENCE_NOTES: conditioning)"
@@ -60,7 +63,7 @@ X64 = sorted(repo_root().glob("parity_tests/fixtures*/*/x64.npz"))  # pending or
 def test_float64_reference_beside_ill_conditioned_fixtures(path: Path) -> None:
     # parity_tests.conditioning --write: the float64 reference's parameters after each step (as a difference
     # from the recorded float32 ones) and the recorded update's error against it (the float32 floor).
-    from parity_tests.compare import update_error
+    from lopt_bridge.parity_tests.compare import update_error
 
     fx = load_fixture(path.parent)
     with np.load(path) as z:
@@ -73,7 +76,7 @@ def test_float64_reference_beside_ill_conditioned_fixtures(path: Path) -> None:
 
 
 def test_celo2_routing_is_recorded_and_covers_both_branches():
-    from parity_tests.recorders.celo2 import CASES, expected_routing
+    from lopt_bridge.parity_tests.recorders.celo2 import CASES, expected_routing
 
     for case, opts in CASES.items():
         meta = json.loads((repo_root() / "parity_tests" / "fixtures" / case / "meta.json").read_text())

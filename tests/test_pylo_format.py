@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from converter import pylo_format as pf
-from converter import registry, sources, writer
-from converter.commands import main
-from converter.errors import ConversionError
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import load_fixture
-from parity_tests.replay import convert_fixture, replay
+from lopt_bridge.converter import pylo_format as pf
+from lopt_bridge.converter import registry, sources, writer
+from lopt_bridge.converter.commands import main
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import load_fixture
+from lopt_bridge.parity_tests.replay import convert_fixture, replay
 
 ROOT = Path(__file__).resolve().parents[1]
 PYLO = ROOT / "tests" / "data" / "pylo"
@@ -82,7 +82,7 @@ def test_our_runtime_reproduces_pylo_recordings(family, path, tmp_path):
     ckpt = converted(VELO if family == "velo" else MULO, tmp_path)
 
     def factory(fx_, params, ckpt_):
-        from pylo_runtime import load_optimizer
+        from lopt_bridge.pylo_runtime import load_optimizer
 
         groups = params
         per = (fx_.meta.get("options") or {}).get("param_group_options")
@@ -471,7 +471,7 @@ def test_pylo_conversion_and_export_never_import_torch(tmp_path):
     for args in steps:
         code = (
             "import sys\nsys.modules['torch'] = None\nsys.modules['triton'] = None\n"
-            f"sys.argv = ['lopt-convert', *{args!r}]\nimport cli\n"
+            f"sys.argv = ['lopt-convert', *{args!r}]\nfrom lopt_bridge import cli\n"
             "try:\n    cli.convert_main()\nfinally:\n    assert sys.modules.get('torch') is None\n"
         )
         env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()}

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from fused_support import adafac_theta, grad_stream, make_params, velo_theta
 
-import pylo_runtime
-from pylo_runtime.adafac import SmallFCLOpt
-from pylo_runtime.velo import VeLO
+from lopt_bridge import pylo_runtime
+from lopt_bridge.pylo_runtime.adafac import SmallFCLOpt
+from lopt_bridge.pylo_runtime.velo import VeLO
 from tests.distributed_support import run_ranks
 
 SHAPE = (6, 4, 5)
@@ -27,7 +27,7 @@ SHAPE = (6, 4, 5)
 def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from pylo_runtime.distributed.reducer import WHOLE, GroupTensors, ShardReducer, ShardSpec
+    from lopt_bridge.pylo_runtime.distributed.reducer import WHOLE, GroupTensors, ShardReducer, ShardSpec
 
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(SHAPE, generator=gen, dtype=torch.float64)

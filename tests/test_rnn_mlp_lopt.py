@@ -17,12 +17,12 @@ import pytest
 import torch
 from distributed_support import spec_theta
 
-from converter import architectures, flax_msgpack
-from converter.convert import convert_source
-from converter.errors import ConversionError
-from parity_tests.compare import FLOAT32_TOLERANCE, update_error
-from pylo_runtime import load_optimizer, read_checkpoint, specs
-from pylo_runtime.rnn_mlp_lopt import RNNMLPLOpt, clip_amount, corrected_mean
+from lopt_bridge.converter import architectures, flax_msgpack
+from lopt_bridge.converter.convert import convert_source
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE, update_error
+from lopt_bridge.pylo_runtime import load_optimizer, read_checkpoint, specs
+from lopt_bridge.pylo_runtime.rnn_mlp_lopt import RNNMLPLOpt, clip_amount, corrected_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "rnn_mlp_lopt"

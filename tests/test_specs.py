@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from converter import architectures
-from converter.architectures.base import table_shapes
-from converter.errors import ConversionError
-from pylo_runtime import load_optimizer, optimizer_class, specs
-from pylo_runtime.checkpoint import FORMAT_NAME, FORMAT_VERSION
-from pylo_runtime.specs import SpecError, common
+from lopt_bridge.converter import architectures
+from lopt_bridge.converter.architectures.base import table_shapes
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.pylo_runtime import load_optimizer, optimizer_class, specs
+from lopt_bridge.pylo_runtime.checkpoint import FORMAT_NAME, FORMAT_VERSION
+from lopt_bridge.pylo_runtime.specs import SpecError, common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_every_family_has_a_spec_and_a_runtime_class():
 
 
 def test_constants_agree_with_the_runtime():
-    from pylo_runtime.features import STEP_TIMESCALES
+    from lopt_bridge.pylo_runtime.features import STEP_TIMESCALES
 
     assert specs.adafac.N_TIME_FEATURES == len(STEP_TIMESCALES)
     assert specs.adafac.n_inputs(specs.adafac.DEFAULTS) == 39
@@ -350,7 +350,7 @@ def _run_cli(*args: str, block_torch: bool, timeout: float = 120) -> subprocess.
         "import sys\n"
         + ("sys.modules['torch'] = None\nsys.modules['triton'] = None\n" if block_torch else "")
         + f"sys.argv = ['lopt-convert', *{list(args)!r}]\n"
-        + "import cli\n"
+        + "from lopt_bridge import cli\n"
         + "try:\n    cli.convert_main()\nfinally:\n"
         + "    assert sys.modules.get('torch') is None, 'torch was imported'\n"
     )
@@ -369,7 +369,10 @@ def test_the_converter_never_imports_torch(tmp_path):
         assert r.returncode == 0, (args, r.stdout, r.stderr)
     assert out.is_file()
     # The specs import nothing heavier than the standard library.
-    code = "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; import pylo_runtime.specs"
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; "
+        "import lopt_bridge.pylo_runtime.specs"
+    )
     assert (
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}).returncode == 0
     )

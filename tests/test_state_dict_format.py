@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pylo_runtime.distributed import ShardSpec
-from pylo_runtime.distributed.dcp import state_axes
+from lopt_bridge.pylo_runtime.distributed import ShardSpec
+from lopt_bridge.pylo_runtime.distributed.dcp import state_axes
 from tests.distributed_support import FAMILIES, Net, batches, make_optimizer, max_rel_diff
 
 pytestmark = [

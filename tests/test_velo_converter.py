@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converter.architectures.velo import VELO, expected_shapes
-from converter.errors import ConversionError
-from pylo_runtime.specs.velo import ff_input_widths, tensor_table
-from pylo_runtime.velo import VeLOConfig, expected_theta_shapes
+from lopt_bridge.converter.architectures.velo import VELO, expected_shapes
+from lopt_bridge.converter.errors import ConversionError
+from lopt_bridge.pylo_runtime.specs.velo import ff_input_widths, tensor_table
+from lopt_bridge.pylo_runtime.velo import VeLOConfig, expected_theta_shapes
 
 SMALL = {"lstm_hidden_size": 16, "param_inits": 4}
 

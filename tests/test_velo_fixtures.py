@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.commands import DEFAULT_FIXTURES
-from parity_tests.compare import FLOAT32_TOLERANCE
-from parity_tests.fixture import discover, load_fixture, repo_root
-from parity_tests.replay import convert_fixture, replay
+from lopt_bridge.parity_tests.commands import DEFAULT_FIXTURES
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE
+from lopt_bridge.parity_tests.fixture import discover, load_fixture, repo_root
+from lopt_bridge.parity_tests.replay import convert_fixture, replay
 
 #: learned_optimization's HyperV2 recordings and amoudgl/celo's (VeLO-S / velo_4000: ff_mult).
 VELO_FIXTURES = [
@@ -32,7 +32,7 @@ def test_velo_fixtures_are_committed():
 
 
 def _factory(fx, params, ckpt, *, foreach):
-    from pylo_runtime import VeLO
+    from lopt_bridge.pylo_runtime import VeLO
 
     return VeLO.from_checkpoint(
         str(ckpt), params, num_steps=int(fx.meta["num_steps"]), foreach=foreach, fused=False

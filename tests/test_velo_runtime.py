@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from pylo_runtime.velo import VeLO, VeLOConfig, expected_theta_shapes
+from lopt_bridge.pylo_runtime.velo import VeLO, VeLOConfig, expected_theta_shapes
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import adafac as adafac_spec
-from pylo_runtime.specs.adafac import DECAY_OFFSETS, NN, separate_weights
+from lopt_bridge.pylo_runtime.specs import adafac as adafac_spec
+from lopt_bridge.pylo_runtime.specs.adafac import DECAY_OFFSETS, NN, separate_weights
 
 from ..errors import ConversionError
 from .base import ArchSpec, check_shapes, float32_tensors, lookup, table_shapes, validated

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pylo_runtime.specs import Config, SpecError, TensorSpec
-from pylo_runtime.specs.common import few as few  # re-exported: one-line lists in error messages
+from lopt_bridge.pylo_runtime.specs import Config, SpecError, TensorSpec
+from lopt_bridge.pylo_runtime.specs.common import few as few  # re-exported: one-line lists in error messages
 
 from ..errors import ConversionError
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import celo as celo_spec
-from pylo_runtime.specs import celo_adam as celo_adam_spec
-from pylo_runtime.specs.celo import LSTM_BASE_INPUTS
-from pylo_runtime.specs.velo import FF
+from lopt_bridge.pylo_runtime.specs import celo as celo_spec
+from lopt_bridge.pylo_runtime.specs import celo_adam as celo_adam_spec
+from lopt_bridge.pylo_runtime.specs.celo import LSTM_BASE_INPUTS
+from lopt_bridge.pylo_runtime.specs.velo import FF
 
 from ..errors import ConversionError
 from .base import ArchSpec, Keys, check_shapes, float32_tensors, lookup, table_shapes, validated

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import celo2 as spec
-from pylo_runtime.specs.celo2 import FF
+from lopt_bridge.pylo_runtime.specs import celo2 as spec
+from lopt_bridge.pylo_runtime.specs.celo2 import FF
 
 from ..errors import ConversionError
 from .base import ArchSpec, check_shapes, float32_tensors, lookup, table_shapes, validated

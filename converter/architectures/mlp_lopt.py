@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import mlp_lopt as spec
-from pylo_runtime.specs.mlp_lopt import N_INPUTS, layer
+from lopt_bridge.pylo_runtime.specs import mlp_lopt as spec
+from lopt_bridge.pylo_runtime.specs.mlp_lopt import N_INPUTS, layer
 
 from ..errors import ConversionError
 from .base import ArchSpec, check_shapes, float32_tensors, lookup, table_shapes, validated

@@ -11,7 +11,7 @@ never picks muLO: choose it with the ``mulo`` subcommand or ``--set architecture
 
 from __future__ import annotations
 
-from pylo_runtime.specs import mulo as mulo_spec
+from lopt_bridge.pylo_runtime.specs import mulo as mulo_spec
 
 from .adafac import AdafacFamily
 

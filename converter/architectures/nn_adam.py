@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import nn_adam as spec
+from lopt_bridge.pylo_runtime.specs import nn_adam as spec
 
 from ..errors import ConversionError
 from .base import ArchSpec, check_shapes, float32_tensors, lookup, table_shapes, validated

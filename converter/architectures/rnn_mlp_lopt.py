@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import rnn_mlp_lopt as spec
+from lopt_bridge.pylo_runtime.specs import rnn_mlp_lopt as spec
 
 from ..errors import ConversionError
 from .base import ArchSpec, Keys, check_shapes, float32_tensors, lookup, table_shapes, tree_path, validated

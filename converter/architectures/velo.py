@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import velo as spec
-from pylo_runtime.specs.velo import FF
+from lopt_bridge.pylo_runtime.specs import velo as spec
+from lopt_bridge.pylo_runtime.specs.velo import FF
 
 from ..errors import ConversionError
 from .base import ArchSpec, Keys, check_shapes, lookup, table_shapes, tree_path, validated

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import SpecError
-from pylo_runtime.specs import mulo as spec
-from pylo_runtime.specs.adafac import DECAY_OFFSETS
+from lopt_bridge.pylo_runtime.specs import SpecError
+from lopt_bridge.pylo_runtime.specs import mulo as spec
+from lopt_bridge.pylo_runtime.specs.adafac import DECAY_OFFSETS
 
 from ..architectures.base import ArchSpec
 from ..errors import ConversionError
@@ -163,7 +163,7 @@ def to_ours(files: list[PyloFile], source: str) -> ArchSpec:
 
 def to_pylo(arch: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> list[PyloFile]:
     """Our mulo tensors -> MetaMLP state dict, config.json contents and AdafacLO_naive arguments."""
-    from pylo_runtime.specs.adafac import separate_weights
+    from lopt_bridge.pylo_runtime.specs.adafac import separate_weights
 
     if separate_weights(config) or not config["concat_weights"]:
         raise ConversionError(None, "concat_weights=False: PyLO's MetaMLP holds weight matrices only")

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pylo_runtime.specs import SpecError
-from pylo_runtime.specs import velo as spec
+from lopt_bridge.pylo_runtime.specs import SpecError
+from lopt_bridge.pylo_runtime.specs import velo as spec
 
 from ..architectures.base import ArchSpec
 from ..errors import ConversionError

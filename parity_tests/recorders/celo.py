@@ -197,7 +197,7 @@ def run_classifier_reference(
     """Training losses of ``model`` on the digits with the published ``arch`` weights, in JAX (float32)."""
     import jax.numpy as jnp
 
-    from parity_tests.digits import MODELS, batch_indices, load_digits_split
+    from lopt_bridge.parity_tests.digits import MODELS, batch_indices, load_digits_split
 
     lopt, theta, _, _ = load_reference(arch, weights="real")
     opt = lopt.opt_fn(theta)
@@ -221,7 +221,7 @@ def record_classifier(
     """Write the JAX loss curves (celo / celo_adam x mlp / cnn) with provenance as a small JSON fixture."""
     import json
 
-    from parity_tests.record import harness_commit, package_versions
+    from lopt_bridge.parity_tests.record import harness_commit, package_versions
 
     curves = {
         f"{arch}/{model}": run_classifier_reference(
@@ -231,7 +231,7 @@ def record_classifier(
         for model in ("mlp", "cnn")
     }
     doc = {
-        "task": "sklearn digits 8x8 (parity_tests.digits): seeded split, init and batches; float32",
+        "task": "sklearn digits 8x8 (lopt_bridge.parity_tests.digits): seeded split, init, batches; float32",
         "steps": steps,
         "num_steps": steps,
         "batch_size": batch_size,
@@ -254,20 +254,21 @@ def record_classifier(
             },
             "packages": package_versions(),
             "harness_commit": harness_commit(),
-            "command": "python -m parity_tests.recorders.celo classifier",
+            "command": "python -m lopt_bridge.parity_tests.recorders.celo classifier",
         },
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from converter.files import atomic_write_bytes
+    from lopt_bridge.converter.files import atomic_write_bytes
 
     atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m parity_tests.recorders.celo classifier [OUT]
+# python -m lopt_bridge.parity_tests.recorders.celo classifier [OUT]
+if __name__ == "__main__":  # pragma: no cover
     import sys
 
     if len(sys.argv) < 2 or sys.argv[1] != "classifier":
-        raise SystemExit("usage: python -m parity_tests.recorders.celo classifier [OUT.json]")
+        raise SystemExit("usage: python -m lopt_bridge.parity_tests.recorders.celo classifier [OUT.json]")
     print(record_classifier(Path(sys.argv[2]) if len(sys.argv) > 2 else CLASSIFIER_FIXTURE))

@@ -35,7 +35,7 @@ from .common import check_theta as _check_theta
 ARCH = "small_fc_lopt"
 REFERENCE = "AdafacMLPLOpt"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.adafac:SmallFCLOpt"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.adafac:SmallFCLOpt"
 
 #: Every constructor argument of ``AdafacMLPLOpt`` with its default (learned_optimization @32186aa4).
 DEFAULTS: dict[str, Any] = {

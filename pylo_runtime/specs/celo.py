@@ -29,7 +29,7 @@ from .velo import ff_input_widths as ff_input_widths  # Celo's MLP inputs are Hy
 ARCH = "celo"
 REFERENCE = "celo.optimizers.celo.Celo"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.celo:Celo"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.celo:Celo"
 #: LSTM inputs: 9 tanh embeddings of the fraction trained + 9 loss features (+1 validation flag).
 LSTM_BASE_INPUTS = 18
 

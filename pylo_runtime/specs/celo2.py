@@ -46,7 +46,7 @@ from .common import check_theta as _check_theta
 ARCH = "celo2"
 REFERENCE = "celo.optimizers.celo2.Celo2"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.celo2:Celo2"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.celo2:Celo2"
 
 #: The per-element MLP input switches of ``Celo2Transformation`` (all on by default).
 FEATURE_SWITCHES: dict[str, bool] = {

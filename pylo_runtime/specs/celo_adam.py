@@ -18,7 +18,7 @@ from .velo import FEATURE_SWITCHES, lstm_table
 ARCH = "celo_adam"
 REFERENCE = "celo.optimizers.celo_adam.Celo"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.celo_adam:CeloAdam"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.celo_adam:CeloAdam"
 
 #: Constructor arguments of ``celo.optimizers.celo_adam.Celo`` as ``get_optimizer('celo_adam')`` sets them.
 DEFAULTS: dict[str, Any] = {

@@ -26,7 +26,7 @@ from .common import check_theta as _check_theta
 ARCH = "mlp_lopt"
 REFERENCE = "MLPLOpt"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.mlp_lopt:MLPLOpt"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.mlp_lopt:MLPLOpt"
 
 #: Every constructor argument of ``MLPLOpt`` with its default (learned_optimization @32186aa4).
 DEFAULTS: dict[str, Any] = {

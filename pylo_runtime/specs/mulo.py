@@ -17,7 +17,7 @@ from .common import check_theta as _check_theta
 ARCH = "mulo"
 REFERENCE = "MuAdafacMLPLOpt"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.mulo:MuLO"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.mulo:MuLO"
 
 #: Every constructor argument of ``MuAdafacMLPLOpt`` with its default (mu_learned_optimization @e160d548).
 #: ``mup_lrs`` is stored by the reference but unused: the scales come from the model's state at each step.

@@ -33,7 +33,7 @@ from .common import check_theta as _check_theta
 ARCH = "nn_adam"
 REFERENCE = "NNAdam"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.nn_adam:NNAdam"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.nn_adam:NNAdam"
 
 #: Every constructor argument of ``NNAdam`` with its default (learned_optimization @32186aa4 = celo @66d9761).
 DEFAULTS: dict[str, Any] = {

@@ -40,7 +40,7 @@ from .common import check_theta as _check_theta
 ARCH = "rnn_mlp_lopt"
 REFERENCE = "RNNMLPLOpt"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.rnn_mlp_lopt:RNNMLPLOpt"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.rnn_mlp_lopt:RNNMLPLOpt"
 
 #: learned_optimization's ``_LossNormalizer.corrected_mean`` epsilon, and amoudgl/celo's.
 LO_CORRECTED_MEAN_EPS = 1e-8

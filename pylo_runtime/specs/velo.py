@@ -46,7 +46,7 @@ ARCH = "velo"
 #: The reference class (its constructor arguments are the config's keys).
 REFERENCE = "HyperV2"
 #: The runtime class ("module:Class", imported only when used).
-RUNTIME_CLASS = "pylo_runtime.velo:VeLO"
+RUNTIME_CLASS = "lopt_bridge.pylo_runtime.velo:VeLO"
 
 #: HyperV2's per-element feature switches and their defaults, which Celo and Celo-Adam inherit unchanged.
 FEATURE_SWITCHES: dict[str, bool] = {

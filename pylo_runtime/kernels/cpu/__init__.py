@@ -2,5 +2,5 @@
 
 Build them ahead of time (instead of inside the first ``opt.step()``)::
 
-    python -m pylo_runtime.kernels.cpu build
+    python -m lopt_bridge.pylo_runtime.kernels.cpu build
 """

@@ -1,4 +1,4 @@
-"""``python -m pylo_runtime.kernels.cpu build [--force] [--cc CC]``: build the C passes ahead of time.
+"""``python -m lopt_bridge.pylo_runtime.kernels.cpu build [--force] [--cc CC]``: build the C passes now.
 
 Otherwise the first ``opt.step()`` on the CPU builds them (~5 s quiet, up to a minute on a loaded machine).
 ``info`` prints where the library is and whether it is built and verified. Exit 0 on success; 1 (one line on
@@ -18,7 +18,7 @@ from . import build
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pylo_runtime.kernels.cpu", description=__doc__.splitlines()[0]
+        prog="python -m lopt_bridge.pylo_runtime.kernels.cpu", description=__doc__.splitlines()[0]
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile lopt_cpu.c into the cache (no-op if a verified copy is there)")

@@ -3,8 +3,8 @@ loaded with ctypes; their parallel regions run on torch's OpenMP threads.
 
 No build step at install time and no Python headers: the source is compiled with ``$CC`` (default ``cc``)
 into ``<user cache>/lopt-bridge/native/lopt_cpu-<key>.so`` on first use, or ahead of time with
-``python -m pylo_runtime.kernels.cpu build``. ``-fopenmp`` where the compiler has it, so that the passes'
-parallel regions run on the libgomp torch has loaded (its threads, not a second pool spinning against
+``python -m lopt_bridge.pylo_runtime.kernels.cpu build``. ``-fopenmp`` where the compiler has it, so that the
+passes' parallel regions run on the libgomp torch has loaded (its threads, not a second pool spinning against
 them), else single-threaded. The build cannot corrupt the cache:
 
 - ``key`` hashes the source, the compiler (its path and ``--version``), the flags and what ``-march=native``

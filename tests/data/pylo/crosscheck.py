@@ -28,8 +28,8 @@ ROOT = HERE.parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from parity_tests.compare import FLOAT32_TOLERANCE, resolution, update_error  # noqa: E402
-from parity_tests.fixture import load_fixture  # noqa: E402
+from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE, resolution, update_error  # noqa: E402
+from lopt_bridge.parity_tests.fixture import load_fixture  # noqa: E402
 
 #: HyperV2's per-element MLP input widths (w0__0 .. w0__13) with the default flags and decays (3, 1, 3):
 #: g, clip(g), p, m, rms, m*rsqrt, rsqrt, fac_g, g*rsqrt, row, col, rsqrt(row), rsqrt(col), fac_mom_mult.
@@ -183,7 +183,7 @@ def write_agreement(
             per[n]["why_not_faithful"] = why[n]
     doc = {
         "what": "PyLO's recorded update vs the JAX reference's on the same weights and inputs (params reset "
-        "to PyLO's before each step), max over steps of parity_tests.compare.update_error",
+        "to PyLO's before each step), max over steps of lopt_bridge.parity_tests.compare.update_error",
         "tolerance": FLOAT32_TOLERANCE,
         "tensors": per,
         "reference": how,
@@ -237,7 +237,7 @@ def run_celo2() -> None:
     import jax
     from celo.optimizers import celo2
 
-    from parity_tests.recorders.celo2 import FACTORY_CELO2, _nest, _unnest
+    from lopt_bridge.parity_tests.recorders.celo2 import FACTORY_CELO2, _nest, _unnest
 
     fx = load_fixture(HERE / "celo2")
     sd = load_safetensors(HERE / "celo2" / "model")

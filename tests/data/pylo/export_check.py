@@ -61,9 +61,9 @@ def sha256(path: Path) -> str:
 
 def prepare(out: Path) -> None:
     """JAX fixtures -> our files -> export-pylo folders, and a manifest."""
-    from converter import pylo_format
-    from converter.convert import convert_source
-    from parity_tests.fixture import load_fixture
+    from lopt_bridge.converter import pylo_format
+    from lopt_bridge.converter.convert import convert_source
+    from lopt_bridge.parity_tests.fixture import load_fixture
 
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {}
@@ -125,9 +125,9 @@ def _lockstep(
     import torch
     from pylo.optim import MuLO_naive, VeLO_naive
 
-    from parity_tests import tasks
-    from parity_tests.compare import FLOAT32_TOLERANCE, resolution, update_error
-    from pylo_runtime import load_optimizer
+    from lopt_bridge.parity_tests import tasks
+    from lopt_bridge.parity_tests.compare import FLOAT32_TOLERANCE, resolution, update_error
+    from lopt_bridge.pylo_runtime import load_optimizer
 
     tasks.SHAPE_SETS["_export_check"] = shapes
     task = tasks.Task("_export_check", seed=SEED, init=spec["init"])
@@ -207,7 +207,7 @@ def run(out: Path) -> None:
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="Custom CUDA optimizers")
-    from parity_tests import tasks
+    from lopt_bridge.parity_tests import tasks
 
     manifest = json.loads((out / "manifest.json").read_text())
     result: dict[str, Any] = {}
@@ -232,7 +232,7 @@ def run(out: Path) -> None:
     doc = {
         "what": "export-pylo output of two JAX fixtures loaded by PyLO's own classes (from_pretrained, "
         "strict=True) and run by PyLO's naive optimizers in lockstep with our runtime's reference path; "
-        "max over steps of parity_tests.compare.update_error per tensor",
+        "max over steps of lopt_bridge.parity_tests.compare.update_error per tensor",
         "pylo": {"repo": "Belilovsky-Lab/pylo", "commit": PYLO_COMMIT},
         "steps": STEPS,
         "num_steps": NUM_STEPS,

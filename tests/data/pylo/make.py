@@ -41,7 +41,7 @@ ROOT = HERE.parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from parity_tests.tasks import Task  # noqa: E402
+from lopt_bridge.parity_tests.tasks import Task  # noqa: E402
 
 PYLO_REPO = "Belilovsky-Lab/pylo"
 PYLO_COMMIT = "d05c6c1e4f4d7c46a91828a0826c2699bfe48211"
@@ -187,7 +187,8 @@ def write_fixture(
             + "  (script sha256 "
             + sha256(Path(__file__))
             + ")",
-            "gradients": "numpy float32 (parity_tests.tasks.Task.loss_and_grads), fed to PyLO's optimizer",
+            "gradients": "numpy float32 (lopt_bridge.parity_tests.tasks.Task.loss_and_grads), "
+            "fed to PyLO's optimizer",
         },
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 def convert_main() -> None:
     """``lopt-convert``: convert published learned-optimizer checkpoints to safetensors."""
-    from converter.commands import main
+    from lopt_bridge.converter.commands import main
 
     main()
 
 
 def parity_main() -> None:
     """``lopt-parity``: record, check and report parity against the JAX reference."""
-    from parity_tests.commands import main
+    from lopt_bridge.parity_tests.commands import main
 
     main()
 
