@@ -472,8 +472,9 @@ def test_triton_kernels_match_reference(device):
 
 
 def test_no_warning_on_the_default_cpu_path(fresh_checks):
-    """The default CPU path runs its self-check once (the smallest tensor per variant) without a warning."""
-    shapes = [(), (7,), (64, 80), (100, 90)]
+    """The default CPU path runs its self-check once (the smallest tensor per variant: Celo's C passes per
+    rank) without a warning."""
+    shapes = [(), (7,), (64, 80), (100, 90), (64, 8, 3, 3)]
     for make in (_celo(), _celo_adam()):
         params = make_params(shapes)
         opt = make(params, None)
@@ -485,4 +486,4 @@ def test_no_warning_on_the_default_cpu_path(fresh_checks):
                 opt.step(loss=3.0 - 0.1 * t)
         assert opt.last_path == "fused-cpu"
     keys = sorted(str(k[3]) for k in dispatch._VERIFIED)
-    assert keys == ["('c-pass',)", "('c-passes',)"], keys
+    assert keys == ["('c-pass',)", "('c-passes', 2)", "('c-passes', 4)"], keys
