@@ -1,12 +1,15 @@
-"""Median optimizer step time on a small CPU tree or a ViT-B/16-shaped tree, as ratios to torch AdamW.
+"""Median optimizer step time on a small CPU tree, a ResNet-18- or a ViT-B/16-shaped tree, as ratios to torch
+AdamW.
 
-Times, in one run: torch AdamW (foreach; fused on CUDA), each of our optimizers on its reference path
+Times, in one run: torch AdamW (``adamw``: foreach; fused on CUDA; ``adamw_fused``: ``fused=True`` on any
+device, the baseline users compare against on CPU too), each of our optimizers on its reference path
 (``foreach=False``), its foreach path (``foreach=True``: torch ops, what CUDA falls back to) and its default
 path (``fused=None``: Triton on CUDA, C passes on CPU),
 the JAX reference (jitted, in a subprocess with ``--jax-python``) and PyLO's naive PyTorch optimizers
 (``--pylo-src``). Prints a table, writes ``bench/results/<host>-<date>.json``. A tool, not a test:
 
     python bench/step_time.py --tree small --quick
+    python bench/step_time.py --tree conv --optimizers adamw,adamw_fused,velo_fused,small_fc_lopt_fused
     python bench/step_time.py --tree vit --device cuda --optimizers adamw,velo,velo_fused
 """
 
@@ -35,7 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from theta import random_theta  # noqa: E402
-from trees import num_params, tree_shapes  # noqa: E402
+from trees import TREES, num_params, tree_shapes  # noqa: E402
 
 #: Our optimizers: bench name -> (architecture id, constructor options, config overrides for random theta).
 OURS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -59,7 +62,7 @@ JAX = {
     "jax_celo_adam": "celo_adam",
 }
 PYLO = {"pylo_velo": "VeLO_naive", "pylo_small_fc_lopt": "AdafacLO_naive"}
-ALL = ["adamw", *OURS, *JAX, *PYLO]
+ALL = ["adamw", "adamw_fused", *OURS, *JAX, *PYLO]
 
 
 def _sync(device: torch.device) -> None:
@@ -127,8 +130,10 @@ def _torch_runner(opt, params, grads, device, warmup, steps, loss_arg: str | Non
     return times, state_bytes(opt)
 
 
-def bench_adamw(params, grads, device, warmup, steps):
-    fused = device.type == "cuda"
+def bench_adamw(params, grads, device, warmup, steps, fused: bool | None = None):
+    """torch AdamW: ``fused=None`` the table's base (fused on CUDA, foreach elsewhere), else as asked."""
+    if fused is None:
+        fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=not fused, fused=fused or None)
     return (*_torch_runner(opt, params, grads, device, warmup, steps, None), "fused" if fused else "foreach")
 
@@ -148,6 +153,15 @@ def bench_ours(name, params, grads, device, warmup, steps, theta_path: str | Non
     loss_arg = "loss" if cls.uses_loss else None
     times, nbytes = _torch_runner(opt, params, grads, device, warmup, steps, loss_arg)
     return times, nbytes, f"{cls.__name__}({options}), {src}"
+
+
+#: Sizes PyLO's models need where their constructor defaults are not the published ones.
+_PYLO_SIZES = {"MetaMLP": dict(input_size=39, hidden_size=32, hidden_layers=1)}
+
+
+def _random_model(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``from_pretrained`` without the hub: the model at its default sizes with random weights."""
+    return cls(**_PYLO_SIZES.get(cls.__name__, {}))
 
 
 def _stub_pylo_imports() -> None:
@@ -170,15 +184,12 @@ def _stub_pylo_imports() -> None:
         return
     except ImportError:
         pass
-    sizes = {"MetaMLP": dict(input_size=39, hidden_size=32, hidden_layers=1)}
 
     class PyTorchModelHubMixin:
         def __init_subclass__(cls, **kwargs: Any) -> None:
             super().__init_subclass__()
 
-        @classmethod
-        def from_pretrained(cls, *args: Any, **kwargs: Any):
-            return cls(**sizes.get(cls.__name__, {}))
+        from_pretrained = classmethod(_random_model)
 
     mod = types.ModuleType("huggingface_hub")
     mod.PyTorchModelHubMixin = PyTorchModelHubMixin
@@ -196,7 +207,20 @@ def bench_pylo(name, params, grads, device, warmup, steps, pylo_src: str):
         import pylo.optim
 
     cls = getattr(pylo.optim, PYLO[name])
-    opt = cls(params, num_steps=10000) if "VeLO" in PYLO[name] else cls(params)
+
+    def make() -> torch.optim.Optimizer:
+        return cls(params, num_steps=10000) if "VeLO" in PYLO[name] else cls(params)
+
+    stubbed = getattr(sys.modules.get("huggingface_hub"), "__file__", None) is None
+    weights = "random weights: no huggingface_hub" if stubbed else "hub weights"
+    try:
+        opt = make()
+    except Exception as exc:  # the hub unreachable (or huggingface_hub stubbed): random weights, timing only
+        import huggingface_hub
+
+        huggingface_hub.PyTorchModelHubMixin.from_pretrained = classmethod(_random_model)
+        opt = make()
+        weights = f"random weights: {type(exc).__name__} from the hub"
     for p, g in zip(params, grads, strict=True):
         p.grad = g
 
@@ -204,7 +228,7 @@ def bench_pylo(name, params, grads, device, warmup, steps, pylo_src: str):
         opt.step(torch.tensor(2.0 - 0.001 * i, device=device))
 
     times = time_steps(step, device, warmup, steps)
-    return times, state_bytes(opt), f"pylo.optim.{PYLO[name]} (random weights)"
+    return times, state_bytes(opt), f"pylo.optim.{PYLO[name]} ({weights})"
 
 
 def bench_jax(name, tree, warmup, steps, jax_python: str):
@@ -240,7 +264,7 @@ def matmul_peak(device: torch.device, rows: int, k: int = 32, n: int = 32) -> di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tree", default="small", choices=["small", "vit"])
+    ap.add_argument("--tree", default="small", choices=sorted(TREES))
     ap.add_argument("--optimizers", default=",".join(ALL), help=f"comma list from: {', '.join(ALL)}")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -285,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"times_s": times, "state_bytes_per_param": bpp, "note": note}
             else:
                 params, grads = make_tree(shapes, device, dtype)
-                if name == "adamw":
-                    times, nbytes, note = bench_adamw(params, grads, device, a.warmup, a.steps)
+                if name in ("adamw", "adamw_fused"):
+                    fused = True if name == "adamw_fused" else None
+                    times, nbytes, note = bench_adamw(params, grads, device, a.warmup, a.steps, fused)
                 elif name in OURS:
                     path = thetas.get(OURS[name][0])
                     times, nbytes, note = bench_ours(name, params, grads, device, a.warmup, a.steps, path)
@@ -308,19 +333,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<22} {status}   ({time.perf_counter() - t0:.0f} s wall)", flush=True)
 
     base = results.get("adamw", {}).get("median_s")
+    base_fused = results.get("adamw_fused", {}).get("median_s")
     peak = matmul_peak(device, rows=min(n, 1 << 20))
     print()
-    print(f"{'optimizer':<22} {'median step':>12} {'x AdamW':>9} {'state B/param':>14}  note")
+    print(f"{'optimizer':<22} {'median step':>12} {'x AdamW':>9} {'x fused':>9} {'state B/param':>14}  note")
     for name, r in results.items():
         if "median_s" in r:
             ratio = r["median_s"] / base if base else float("nan")
             r["ratio_to_adamw"] = ratio
+            ratio_f = r["median_s"] / base_fused if base_fused else float("nan")
+            if base_fused:
+                r["ratio_to_adamw_fused"] = ratio_f
             print(
-                f"{name:<22} {r['median_s']:>10.4f} s {ratio:>8.1f}x {r['state_bytes_per_param']:>14.1f}  "
-                f"{r['note']}"
+                f"{name:<22} {r['median_s']:>10.4f} s {ratio:>8.1f}x {ratio_f:>8.1f}x "
+                f"{r['state_bytes_per_param']:>14.1f}  {r['note']}"
             )
         else:
-            print(f"{name:<22} {'-':>12} {'-':>9} {'-':>14}  {r['error']}")
+            print(f"{name:<22} {'-':>12} {'-':>9} {'-':>9} {'-':>14}  {r['error']}")
     print(
         f"\nsgemm peak on {device}: tall-skinny (rows x 32 x 32) {peak['tall_skinny_gflops']:.1f} GFLOP/s, "
         f"square 1024^3 {peak['square_gflops']:.1f} GFLOP/s"

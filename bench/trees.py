@@ -1,4 +1,4 @@
-"""Parameter-tree shapes the benchmarks time: a small CPU tree and a ViT-B/16-shaped tree.
+"""Parameter-tree shapes the benchmarks time: a small CPU tree, a ResNet-18-shaped and a ViT-B/16-shaped tree.
 
 Plain data (no torch/jax import) so the JAX worker process can use the same definition.
 """
@@ -47,7 +47,32 @@ def vit_b16_tree(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-TREES = {"small": small_tree, "vit": vit_b16_tree}
+def resnet18_tree(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
+    """torchvision ``resnet18`` parameter shapes: 62 tensors, 11.69M parameters (conv kernels, 1x1
+    downsamples, BatchNorm weight / bias vectors, a (1000, 512) head)."""
+    shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7)}
+    shapes.update({"bn1.weight": (64,), "bn1.bias": (64,)})
+    c_in = 64
+    for li, c in enumerate((64, 128, 256, 512), start=1):
+        for b in range(2):
+            pre = f"layer{li}.{b}."
+            first_in = c_in if b == 0 else c
+            shapes[pre + "conv1.weight"] = (c, first_in, 3, 3)
+            shapes[pre + "bn1.weight"] = (c,)
+            shapes[pre + "bn1.bias"] = (c,)
+            shapes[pre + "conv2.weight"] = (c, c, 3, 3)
+            shapes[pre + "bn2.weight"] = (c,)
+            shapes[pre + "bn2.bias"] = (c,)
+            if b == 0 and first_in != c:
+                shapes[pre + "downsample.0.weight"] = (c, first_in, 1, 1)
+                shapes[pre + "downsample.1.weight"] = (c,)
+                shapes[pre + "downsample.1.bias"] = (c,)
+        c_in = c
+    shapes.update({"fc.weight": (num_classes, 512), "fc.bias": (num_classes,)})
+    return shapes
+
+
+TREES = {"small": small_tree, "vit": vit_b16_tree, "conv": resnet18_tree}
 
 
 def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:

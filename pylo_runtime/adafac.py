@@ -298,9 +298,9 @@ def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
         if path == "fused-triton":
             key: tuple = (p.dtype, factored)
         elif path == "fused-cpu":
-            if not (factored and len(shape) == 2 and p.numel() >= SMALL):
+            if not (factored and p.numel() >= SMALL):
                 continue  # the torch ops take it: nothing fused to check
-            key = ("c-passes",)
+            key = ("c-passes", len(shape))  # each rank's layouts checked once
         else:
             return {}
         if key not in out or p.numel() < params[out[key]].numel():
@@ -414,25 +414,21 @@ def _mlp_tail(h: torch.Tensor, h2: torch.Tensor, weights, biases, out: torch.Ten
 
 
 def _c_passes_factored(step, st, p, pf, g, fdims, w1_parts, b1, scale, lr) -> None:
-    """The whole step of one 2-D factored tensor on the C passes: accumulators, features, MLP, update."""
+    """The whole step of one factored tensor (any rank >= 2, contiguous) on the C passes: accumulators,
+    features, MLP, update."""
     mom_d, rms_d, fac_d = step.decays
     weights, biases = step.weights, step.biases
     w_elem, w_rowf, w_colf = w1_parts
-    shape = tuple(pf.shape)
-    d0 = fdims[1]
     g = g.to(torch.float32).contiguous()
-    mean = passes.gsq_means(g)
-    st["fac_row"], st["fac_col"] = factored_rolling(
-        st["fac_row"], st["fac_col"], mean[d0], mean[fdims[0]], fac_d
-    )
+    mean_d0, mean_d1 = passes.gsq_means(g, fdims)
+    st["fac_row"], st["fac_col"] = factored_rolling(st["fac_row"], st["fac_col"], mean_d0, mean_d1, fac_d)
     rf, cf = row_col_factors(st["fac_row"], st["fac_col"], fdims, WHOLE)
-    fa, fb = passes.by_axis(rf, cf, d0, shape)
-    sumsq = passes.sfc_pass1(pf, g, st["mom"], st["rms"], fa, fb, mom_d, rms_d)
+    fa, fb = rf.contiguous(), cf.contiguous()
+    sumsq = passes.sfc_pass1(pf, fdims, g, st["mom"], st["rms"], fa, fb, mom_d, rms_d)
     w_e = folded.rms_scale(sumsq, pf.numel()).unsqueeze(1) * w_elem
-    a_row, a_col = folded.first_layer_shares(st["fac_row"], st["fac_col"], w_rowf, w_colf, b1, fdims, WHOLE)
-    a0, a1 = passes.by_axis(a_row, a_col, d0, shape)
+    a0, a1 = folded.first_layer_shares(st["fac_row"], st["fac_col"], w_rowf, w_colf, b1, fdims, WHOLE)
     layers = (weights[1], biases[1], weights[2], biases[2])
-    passes.sfc_pass2(pf, g, st["mom"], st["rms"], fa, fb, w_e, a0, a1, layers,
+    passes.sfc_pass2(pf, fdims, g, st["mom"], st["rms"], fa, fb, w_e, a0, a1, layers,
                      step.exp_mult, step.step_mult, scale, lr)  # fmt: skip
     _write_back(p, pf)
 

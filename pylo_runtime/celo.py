@@ -239,21 +239,9 @@ def _implementation(path: str) -> Any:
     raise ValueError(f"Celo has no implementation {path!r}")
 
 
-def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
-    """For ``dispatch.verified``: the smallest tensor of each kernel variant ``path`` would run."""
-    out: dict[tuple, int] = {}
-    for i, p in enumerate(params):
-        if path == "fused-triton":
-            key: tuple = (p.dtype, p.dim() >= 2)
-        elif path == "fused-cpu":
-            if p.dim() != 2 or p.numel() < velo.NATIVE_MIN:
-                continue  # the torch ops take it: nothing fused to check
-            key = ("c-passes",)
-        else:
-            return {}
-        if key not in out or p.numel() < params[out[key]].numel():
-            out[key] = i
-    return out
+#: For ``dispatch.verified``: Celo runs VeLO's kernel variants (its C passes and Triton kernels), so the same
+#: samples.
+_kernel_samples = velo._kernel_samples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,7 +412,8 @@ def _batched_celo(
 # - one MLP for every tensor (the LSTM reads only global inputs): ``CeloStep.mlp``, interpolated once;
 # - per tensor, the normalisation folded into the first layer and the Adafactor row / column features
 #   entering it once per row / column (``velo._tensor_mlp_out``, ``folded``), the MLP over cache-sized chunks;
-# - on the fused CPU path, 2-D tensors from ``velo.NATIVE_MIN`` elements on VeLO's C passes
+# - on the fused CPU path, contiguous tensors of rank >= 2 (conv kernels too) from ``velo.NATIVE_MIN``
+#   elements on VeLO's C passes
 #   (``velo._c_pass1`` without the per-tensor LSTM statistics, ``velo._c_pass2`` with Celo's multiplier);
 # - on the fused CUDA path, VeLO's Triton kernels (``kernels.triton.velo``) with Celo's MLP in every row of
 #   the weight table and its multiplier in every row of the scalars.
@@ -453,12 +442,7 @@ def _multi_tensor_celo(
     mom_d, rms_d, fac_d = step.decays
     for p, g, lr, s, red in zip(params, grads, lrs, states, reducers, strict=True):
         pf = p.detach().to(torch.float32)
-        if (
-            c_passes
-            and pf.dim() == 2
-            and pf.numel() >= velo.NATIVE_MIN
-            and passes.usable(pf, [s["mom"], s["rms"]])
-        ):
+        if c_passes and pf.numel() >= velo.NATIVE_MIN and passes.usable(pf, [s["mom"], s["rms"]]):
             if lr_mult_f is None:
                 lr_mult_f = float(lr_mult)
             pre = velo._c_pass1(

@@ -412,9 +412,9 @@ def _kernel_samples(path: str, params: list[torch.Tensor]) -> dict[tuple, int]:
         if path == "fused-triton":
             key: tuple = (p.dtype, p.dim() >= 2)
         elif path == "fused-cpu":
-            if p.dim() != 2 or p.numel() < NATIVE_MIN:
+            if p.dim() < 2 or p.numel() < NATIVE_MIN:
                 continue  # the torch ops take it: nothing fused to check
-            key = ("c-passes",)
+            key = ("c-passes", p.dim())  # each rank's layouts checked once
         else:
             return {}
         if key not in out or p.numel() < params[out[key]].numel():
@@ -748,19 +748,18 @@ def _tensor_mlp_out(pf, g, st, w0, b0, w1, b1, w2, b2, decays, cfg, red: TensorR
 def _c_pass1(
     pf: torch.Tensor, g: torch.Tensor, s: dict, fac_d, mom_d, rms_d, *, lstm_stats: bool = True
 ) -> dict:
-    """A 2-D tensor's first C passes: this step's ``g**2`` row / column sums (factored accumulators updated
-    in ``s``), then the momentum / rms update with the features' sums of squares and the previous state's
-    LSTM statistics (``gsq_sums``, ``velo_pass1`` in lopt_cpu.c; ``lstm_stats=False``: not those, for Celo).
-    Returns what the MLP pass needs."""
-    shape = tuple(pf.shape)
-    fdims = feat.factored_dims(shape)
-    mean = passes.gsq_means(g)
-    s["fac_row"], s["fac_col"] = acc.factored_rolling(
-        s["fac_row"], s["fac_col"], mean[fdims[1]], mean[fdims[0]], fac_d
-    )
+    """A factored tensor's first C passes (any rank >= 2, contiguous): this step's ``g**2`` sums over its
+    factored dims (factored accumulators updated in ``s``), then the momentum / rms update with the features'
+    sums of squares and the previous state's LSTM statistics (``gsq_sums``, ``velo_pass1`` in lopt_cpu.c;
+    ``lstm_stats=False``: not those, for Celo). Returns what the MLP pass needs."""
+    fdims = feat.factored_dims(tuple(pf.shape))
+    mean_d0, mean_d1 = passes.gsq_means(g, fdims)
+    s["fac_row"], s["fac_col"] = acc.factored_rolling(s["fac_row"], s["fac_col"], mean_d0, mean_d1, fac_d)
     row_factor, col_factor = acc.row_col_factors(s["fac_row"], s["fac_col"], fdims, WHOLE)
-    fa, fb = passes.by_axis(row_factor, col_factor, fdims[1], shape)
-    sumsq, stats = passes.velo_pass1(pf, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d, lstm_stats=lstm_stats)
+    fa, fb = row_factor.contiguous(), col_factor.contiguous()
+    sumsq, stats = passes.velo_pass1(
+        pf, fdims, g, s["mom"], s["rms"], fa, fb, mom_d, rms_d, lstm_stats=lstm_stats
+    )
     return {"fa": fa, "fb": fb, "sumsq": sumsq, "stats": stats, "fdims": fdims, "g": g}
 
 
@@ -781,22 +780,21 @@ def _lstm_row_from_stats(sums: torch.Tensor, n: int, ctx: Any, rank: torch.Tenso
 
 
 def _c_pass2(p, pf, s, pre: dict, mlp, lr_mult: float, lr: float, ctx) -> None:
-    """The MLP pass and update of a 2-D tensor on the C passes, after ``_c_pass1``."""
+    """The MLP pass and update of a factored tensor on the C passes, after ``_c_pass1``."""
     cfg = ctx.cfg
     w0, b0, w1, b1, w2, b2 = mlp
-    shape = tuple(pf.shape)
     n = pf.numel()
     w_e = folded.rms_scale(pre["sumsq"], n).unsqueeze(1) * w0[_ELEM]
-    shares = folded.first_layer_shares(
+    a0, a1 = folded.first_layer_shares(
         s["fac_row"], s["fac_col"], w0[_ROW], w0[_COL], b0, pre["fdims"], WHOLE
     )
-    a0, a1 = passes.by_axis(*shares, pre["fdims"][1], shape)
     pscale = -1.0  # lopt_cpu.c: no param scale
     if cfg.param_scale_mult:  # mean(p**2): from the LSTM statistics, else the p feature's sum of squares
         sum_p2 = pre["stats"][0] if pre["stats"] is not None else pre["sumsq"][2]
         pscale = float(param_scale((sum_p2 / n).to(torch.float32), n, cfg))
-    passes.velo_pass2(pf, pre["g"], s["mom"], s["rms"], pre["fa"], pre["fb"], w_e, a0, a1, (w1, b1, w2, b2),
-                      cfg.exp_mult, cfg.step_mult, pscale, lr_mult, cfg.precondition_output, lr)  # fmt: skip
+    passes.velo_pass2(pf, pre["fdims"], pre["g"], s["mom"], s["rms"], pre["fa"], pre["fb"], w_e, a0, a1,
+                      (w1, b1, w2, b2), cfg.exp_mult, cfg.step_mult, pscale, lr_mult, cfg.precondition_output,
+                      lr)  # fmt: skip
     if not (p.dtype == torch.float32 and p.data_ptr() == pf.data_ptr() and p.is_contiguous()):
         write_param(p, pf.reshape(p.shape))
 

@@ -35,6 +35,9 @@ HERE = Path(__file__).resolve().parent
 TOL = 1e-5
 #: Tall, wide, fewer columns than a tile (48), an odd element count: every row / tile split of the C passes.
 C_SHAPES = [(130, 600), (600, 130), (2003, 40), (7, 11)]
+#: Rank 3 and 4 on the C passes (tests/test_native_cpu.py ND_SHAPES): ResNet conv kernels, a small 3-D
+#: tensor, a wide and a tall one.
+ND_SHAPES = [(64, 3, 7, 7), (128, 64, 3, 3), (64, 64, 1, 1), (7, 5, 3), (3, 600, 5), (600, 5, 3)]
 LOSSES = [3.0 - 0.2 * t for t in range(4)]
 
 
@@ -110,13 +113,14 @@ CELO_ADAM_CONFIGS = [
 # Celo
 @pytest.mark.parametrize("n_threads", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("config", CELO_CONFIGS, ids=["default", "phase1-precond-inits3", "no-scale-h8"])
-def test_celo_c_passes_match_reference(low_thresholds, calls, threads, n_threads, config):
+@pytest.mark.parametrize("shapes", [C_SHAPES, ND_SHAPES], ids=["2-D", "3-D-4-D"])
+def test_celo_c_passes_match_reference(low_thresholds, calls, threads, n_threads, config, shapes):
     threads(n_threads)
-    errs, oa, ob = run_pair(_celo(**config), C_SHAPES, grad_stream(C_SHAPES, 3), losses=LOSSES, fast=True)
+    errs, oa, ob = run_pair(_celo(**config), shapes, grad_stream(shapes, 3), losses=LOSSES, fast=True)
     assert ob.last_path == "fused-cpu"
     assert max(errs) <= TOL, errs
-    assert calls.count(("velo_pass2", True)) == 3 * len(C_SHAPES)
-    assert calls.count(("velo_pass1", False)) == 3 * len(C_SHAPES)  # no per-tensor LSTM statistics
+    assert calls.count(("velo_pass2", True)) == 3 * len(shapes)
+    assert calls.count(("velo_pass1", False)) == 3 * len(shapes)  # no per-tensor LSTM statistics
     for pa, pb in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"], strict=True):
         sa, sb = oa.state[pa], ob.state[pb]
         for k in ("mom", "rms"):  # rounded op for op as the reference's
@@ -468,8 +472,9 @@ def test_triton_kernels_match_reference(device):
 
 
 def test_no_warning_on_the_default_cpu_path(fresh_checks):
-    """The default CPU path runs its self-check once (the smallest tensor per variant) without a warning."""
-    shapes = [(), (7,), (64, 80), (100, 90)]
+    """The default CPU path runs its self-check once (the smallest tensor per variant: Celo's C passes per
+    rank) without a warning."""
+    shapes = [(), (7,), (64, 80), (100, 90), (64, 8, 3, 3)]
     for make in (_celo(), _celo_adam()):
         params = make_params(shapes)
         opt = make(params, None)
@@ -481,4 +486,4 @@ def test_no_warning_on_the_default_cpu_path(fresh_checks):
                 opt.step(loss=3.0 - 0.1 * t)
         assert opt.last_path == "fused-cpu"
     keys = sorted(str(k[3]) for k in dispatch._VERIFIED)
-    assert keys == ["('c-pass',)", "('c-passes',)"], keys
+    assert keys == ["('c-pass',)", "('c-passes', 2)", "('c-passes', 4)"], keys

@@ -156,7 +156,7 @@ def test_c_passes_are_checked_once_per_process(monkeypatch):
             warnings.simplefilter("error")
             _train(opt, params, 2)
         assert opt.last_path == "fused-cpu"
-    assert calls == [3]  # once, on the smallest 2-D tensor, (8, 8)
+    assert calls == [3, 4]  # once per rank: on the smallest 2-D tensor, (8, 8), and the 3-D (2, 3, 5)
 
     monkeypatch.setattr(dispatch, "_VERIFIED", set())
     orig = passes.velo_pass2

@@ -147,25 +147,31 @@ def test_cache_key_is_what_the_compiler_makes_of_march_native(cache, monkeypatch
 def test_c_entry_points_check_their_arguments(cache):
     assert build.library() is not None
     g = torch.ones(6, 4)
-    rows, cols = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    fdims = (1, 0)  # features.factored_dims((6, 4)): the row arrays drop axis 0, the column arrays axis 1
+    lay = passes.layout((6, 4), fdims)
+    assert lay == (4, 6, 1, 4)  # (stride, size) of axis 0, then of axis 1
+    rows, cols = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 6, dtype=torch.float64)
     ptr = passes.ptr
     with pytest.raises(RuntimeError, match="gsq_sums refused its arguments: a bad size"):
-        passes._call("gsq_sums", 24, 1, 5, ptr(g), ptr(rows), ptr(cols))  # 24 elements are not rows of 5
+        passes._call("gsq_sums", 24, 1, 4, 5, 1, 4, ptr(g), ptr(rows), ptr(cols))  # 24 is not 4 x 5 blocks
     with pytest.raises(RuntimeError, match="a bad number of thread slots"):
-        passes._call("gsq_sums", 24, 0, 4, ptr(g), ptr(rows), ptr(cols))
+        passes._call("gsq_sums", 24, 0, *lay, ptr(g), ptr(rows), ptr(cols))
     with pytest.raises(RuntimeError, match="a null pointer"):
-        passes._call("gsq_sums", 24, 1, 4, None, ptr(rows), ptr(cols))
+        passes._call("gsq_sums", 24, 1, *lay, None, ptr(rows), ptr(cols))
     pf, st = torch.ones(6, 4), torch.zeros(6, 4, 3)
-    fa, fb = torch.ones(6, 3), torch.ones(4, 3)
+    fa, fb = torch.ones(4, 3), torch.ones(6, 3)
     decays = torch.full((3,), 0.9), torch.full((1,), 0.99)
+    with pytest.raises(ValueError, match="the row array has 18 floats, not 4 x 3"):  # checked before C
+        passes.sfc_pass1(pf, fdims, g, st, torch.zeros(6, 4, 1), fb, fb, *decays)
     with pytest.raises(RuntimeError, match="decay counts the passes do not take"):
-        passes.sfc_pass1(pf, g, torch.zeros(6, 4, 2), torch.zeros(6, 4, 1), fa, fb, decays[0][:2], decays[1])
+        passes.sfc_pass1(pf, fdims, g, torch.zeros(6, 4, 2), torch.zeros(6, 4, 1), fa, fb, decays[0][:2],
+                         decays[1])  # fmt: skip
     assert torch.equal(pf, torch.ones(6, 4))  # refused before touching memory
     with pytest.raises(RuntimeError, match="a hidden layer width outside 1..256"):
         w = torch.zeros(16, 300)
         layers = (torch.zeros(300, 300), torch.zeros(300), torch.zeros(300, 2), torch.zeros(2))
-        passes.sfc_pass2(pf, g, st, torch.zeros(6, 4, 1), fa, fb, w, torch.zeros(6, 300), torch.zeros(4, 300),
-                         layers, 0.001, 0.001, 1.0, 1.0)  # fmt: skip
+        passes.sfc_pass2(pf, fdims, g, st, torch.zeros(6, 4, 1), fa, fb, w, torch.zeros(4, 300),
+                         torch.zeros(6, 300), layers, 0.001, 0.001, 1.0, 1.0)  # fmt: skip
 
 
 def test_build_ahead_of_time_command(tmp_path):

@@ -30,6 +30,10 @@ from lopt_bridge.pylo_runtime.velo import VeLO
 TOL = 1e-5
 #: Tall, wide, fewer columns than a tile (48), an odd element count: every row / tile split the passes do.
 SHAPES = [(130, 600), (600, 130), (2003, 40), (7, 11)]
+#: Rank 3 and 4 (ResNet conv kernels (out, in, kh, kw) with 7x7 / 3x3 / 1x1 windows, a small 3-D tensor, a
+#: wide and a tall one): the factored dims (the two largest) anywhere in the shape, runs of 1..49 elements
+#: along which a row / column entry stays or advances, size-1 axes.
+ND_SHAPES = [(64, 3, 7, 7), (128, 64, 3, 3), (64, 64, 1, 1), (7, 5, 3), (3, 600, 5), (600, 5, 3)]
 
 
 @pytest.fixture
@@ -134,6 +138,48 @@ def test_velo_native_matches_reference(low_thresholds, calls, threads, config):
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=0)
         for k in ("fac_row", "fac_col", "lstm_hidden", "lstm_cell"):  # means / LSTM: summation order only
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("small_fc_lopt", {}),
+        ("velo", {}),
+        ("velo", {"param_scale_mult": False, "step_mult": 0.3}),
+        ("velo", {"precondition_output": True, "clip_param_scale_amount": 0.5}),
+    ],
+)
+def test_nd_tensors_on_the_c_passes(low_thresholds, calls, threads, family, config):
+    """Conv kernels and other rank-3/4 tensors on the C passes: the 2-D bound and state checks."""
+    make = _adafac() if family == "small_fc_lopt" else _velo(**config)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        errs, oa, ob = run_pair(make, ND_SHAPES, grad_stream(ND_SHAPES, 3), losses=[3.0, 2.8, 2.6])
+    finally:
+        torch.set_num_threads(n)
+    assert max(errs) <= TOL, errs
+    assert calls.count("sfc_pass2" if family == "small_fc_lopt" else "velo_pass2") == 3 * len(ND_SHAPES)
+    for pa, pb in zip(oa.param_groups[0]["params"], ob.param_groups[0]["params"], strict=True):
+        sa, sb = oa.state[pa], ob.state[pb]
+        for k in ("mom", "rms"):  # the accumulators are rounded op for op as the reference's
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=0)
+        for k in ("fac_row", "fac_col"):  # means: summation order only
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", ND_SHAPES + SHAPES)
+def test_gsq_means_reduce_over_the_factored_dims(shape):
+    """``gsq_sums`` on any rank: the means of g**2 + 1e-30 over d0 and over d1, shaped as torch.mean's."""
+    from lopt_bridge.pylo_runtime.features import factored_dims
+
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    d1, d0 = fdims = factored_dims(shape)
+    mean_d0, mean_d1 = passes.gsq_means(g, fdims)
+    want = g * g + 1e-30  # float32, as lopt_cpu.c squares (its sums are float64)
+    torch.testing.assert_close(mean_d0, want.double().mean(d0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean_d1, want.double().mean(d1).float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("family", ["small_fc_lopt", "velo"])

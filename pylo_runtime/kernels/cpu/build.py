@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -50,21 +51,23 @@ _f32p = ctypes.POINTER(ctypes.c_float)
 _f64p = ctypes.POINTER(ctypes.c_double)
 _i64, _int, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_float
 #: argtypes of every exported function ("p": float*, "d": double*, "i": int64, "n": int, "f": float); each
-#: starts with (number of elements, number of thread slots, number of columns), the passes then with the
-#: momentum / rms / Adafactor decay counts (and pass 2 the hidden width); each returns an int status.
+#: starts with (number of elements, number of thread slots, the stride and size of the axis the row arrays
+#: drop, those of the axis the column arrays drop), the passes then with the momentum / rms / Adafactor
+#: decay counts (and pass 2 the hidden width); each returns an int status.
+_LAYOUT = "in" + "iiii"
 SIGNATURES = {
-    "sfc_pass1": "ininnn" + "p" * 8 + "ffd",
-    "sfc_pass2": "ininnnn" + "p" * 13 + "ffff" + "p",
-    "gsq_sums": "ini" + "p" + "dd",
-    "velo_pass1": "ininnn" + "p" * 8 + "ffdd",
-    "velo_pass2": "ininnnn" + "p" * 13 + "ffff" + "n" + "f" + "p",
+    "sfc_pass1": _LAYOUT + "nnn" + "p" * 8 + "ffd",
+    "sfc_pass2": _LAYOUT + "nnnn" + "p" * 13 + "ffff" + "p",
+    "gsq_sums": _LAYOUT + "p" + "dd",
+    "velo_pass1": _LAYOUT + "nnn" + "p" * 8 + "ffdd",
+    "velo_pass2": _LAYOUT + "nnnn" + "p" * 13 + "ffff" + "n" + "f" + "p",
     "celo_adam_step": "ininn" + "p" * 8 + "f" * 6 + "p",
 }
 _CODES = {"p": _f32p, "d": _f64p, "i": _i64, "n": _int, "f": _f32}
 #: The C entry points' status codes (lopt_cpu.c, LOPT_E*).
 ERRORS = {
     -1: "a null pointer",
-    -2: "a bad size (n < 0, ncol < 1 or n not a multiple of ncol)",
+    -2: "a bad size (n < 0, an axis stride or size < 1, or n not a multiple of stride * size)",
     -3: "a bad number of thread slots (< 1)",
     -4: "a hidden layer width outside 1..256",
     -5: "decay counts the passes do not take (3 momentum, 1 rms, 3 Adafactor decays; Celo-Adam: >= 1 each)",
@@ -111,12 +114,20 @@ def _run(cmd: list[str], seconds: float) -> subprocess.CompletedProcess:
         ) from None
 
 
+@functools.lru_cache(maxsize=8)
 def native_target(exe: str, seconds: float) -> str:
     """What ``-march=native`` means to this compiler on this machine: its ``--version`` line and the target
     options its driver expands it to (GCC's cc1 ``-march=... -m...``, clang's ``-target-cpu`` /
-    ``-target-feature``); x86 /proc/cpuinfo only if the driver says nothing."""
+    ``-target-feature``); x86 /proc/cpuinfo only if the driver says nothing. Asked once per process per
+    compiler: a process never switches between two libraries."""
     version = _run([exe, "--version"], seconds).stdout.splitlines()[:1]
-    res = _run([exe, "-march=native", "-###", "-x", "c", "-c", os.devnull, "-o", os.devnull], seconds)
+    probe = [exe, "-march=native", "-###", "-x", "c", "-c", os.devnull, "-o", os.devnull]
+    for _ in range(3):  # a driver that could not run (e.g. fork failing on a loaded machine): ask again
+        res = _run(probe, seconds)
+        if res.returncode == 0:
+            break
+    else:  # never a silent fallback: a different answer would give the library another cache key
+        raise RuntimeError(f"{Path(exe).name} -march=native -### failed: {res.stderr.strip()[-300:]}")
     lines = [ln for ln in res.stderr.splitlines() if "-march=" in ln or "-target-cpu" in ln or "cc1" in ln]
     words = sorted({w.strip('"') for ln in lines for w in ln.split() if w.strip('"').startswith("-")})
     target = " ".join(w for w in words if os.devnull not in w and not w.startswith(("-o", "-dumpbase")))

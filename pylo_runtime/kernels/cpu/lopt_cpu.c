@@ -1,14 +1,16 @@
 /* Hand-fused per-element passes of the fused CPU path (built by kernels/cpu/build.py, called through
  * kernels/cpu/passes.py from velo.py and adafac.py).
  *
- * A pass walks a range of a 2-D tensor's elements in tiles of T elements: it computes the per-element
- * features of a tile into a feature-major buffer (f[k * T + t]), then either sums their squares (the
- * per-tensor normalisation) or runs the per-element MLP on them with register-blocked vector code and
- * writes the parameter update. Row statistics (per axis-0 index) and column statistics (per axis-1 index)
- * come in as small arrays computed by torch. The math restates Python functions, each cited where it is
- * restated (the reference, velo.py / adafac.py / accumulators.py, is the specification; the column
- * layouts are those of the foreach paths that reorganise it), in float32; only summation order and FMA
- * contraction differ (sums of squares are accumulated in double).
+ * A pass walks a range of a factored tensor's elements (any rank >= 2, contiguous) in tiles of T elements:
+ * it computes the per-element features of a tile into a feature-major buffer (f[k * T + t]), then either
+ * sums their squares (the per-tensor normalisation) or runs the per-element MLP on them with
+ * register-blocked vector code and writes the parameter update. The row statistics (over the tensor's shape
+ * with its largest axis d0 dropped) and the column statistics (axis d1 dropped) come in as small arrays
+ * computed by torch; see "Factored tensors of any rank" below for how an element finds its entries. The math
+ * restates Python functions, each cited where it is restated (the reference, velo.py / adafac.py /
+ * accumulators.py, is the specification; the column layouts are those of the foreach paths that reorganise
+ * it), in float32; only summation order and FMA contraction differ (sums of squares are accumulated in
+ * double).
  *
  * Each exported function takes a whole tensor (n elements) and splits it into at most nslots ranges run
  * by OpenMP threads; built with -fopenmp against the libgomp torch loaded, they share torch's thread pool
@@ -165,14 +167,24 @@ static void add_sumsq(int K, const float *f, double *sums) {
     }
 }
 
-/* Layer-1 init of a segment: h[j * T + t0 + t] = a0[j] + a1t[j * ncol + c + t] (a row's and the columns'
- * shares of the first layer, feature scales folded in), t < len. */
-static void init_seg(int H, int t0, int len, int64_t c, int64_t ncol, const float *a0, const float *a1t,
-                     float *h) {
+/* Layer-1 init of a segment: h[j * T + t0 + t] = a0t[j * na + t * da] + a1t[j * nb + t * db], t < len (the
+ * row's and the column's shares of the first layer, feature scales folded in; (H, na) and (H, nb) arrays
+ * offset to the segment's first entries, which advance by da / db (0 or 1) per element). */
+static void init_seg(int H, int t0, int len, const float *a0t, int da, int64_t na, const float *a1t, int db,
+                     int64_t nb, float *h) {
     for (int j = 0; j < H; j++) {
-        const float a = a0[j], *src = a1t + j * ncol + c;
+        const float *pa = a0t + j * na, *pb = a1t + j * nb;
         float *dst = h + j * T + t0;
-        for (int t = 0; t < len; t++) dst[t] = a + src[t];
+        if (!da) {
+            const float a = pa[0];
+            if (db) for (int t = 0; t < len; t++) dst[t] = a + pb[t];
+            else for (int t = 0; t < len; t++) dst[t] = a + pb[0];
+        } else if (!db) {
+            const float b = pb[0];
+            for (int t = 0; t < len; t++) dst[t] = pa[t] + b;
+        } else {
+            for (int t = 0; t < len; t++) dst[t] = pa[t] + pb[t];
+        }
     }
 }
 
@@ -193,11 +205,10 @@ EXACT_FN static void update_acc(int64_t e0, int len, const float *g, float *m, f
     }
 }
 
-/* Per-element features of one segment (elements [e0, e0 + len) of row r, from column c) into columns
- * [t0, t0 + len) of a feature-major tile f (K x T). fa: the row's factors (3), fb: the columns' (3 each). */
-typedef void (*feat_fn)(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
-                        const float *p, const float *g, const float *m, const float *rms, const float *fa,
-                        const float *fb);
+/* Per-element features of the tile of elements [e0, e0 + len) into a feature-major tile f (K x T); q: the
+ * tile's Adafactor factor products (3 per element, tile_factors). */
+typedef void (*feat_fn)(float *restrict f, int len, int64_t e0, const float *p, const float *g,
+                        const float *m, const float *rms, const float *q);
 
 /* Run BODY on ranges [i0, i1) of [0, n), one per thread (at most nslots), j the range's slot. */
 #ifdef _OPENMP
@@ -213,15 +224,64 @@ typedef void (*feat_fn)(float *restrict f, int t0, int len, int64_t e0, int64_t 
         __VA_ARGS__;                                                                                    \
     }
 
-/* Walk elements [i, i + n) of a row-major tensor with ncol columns in row segments; the body sees the
- * segment's first element e, its row r and column c, its length len and its tile column t0. */
-#define FOR_SEGMENTS(i, n, ncol, ...)                                                                   \
+/* Factored tensors of any rank. Besides its own elements (row-major, contiguous), a factored tensor's
+ * element reads two small arrays: the row statistics, over the tensor's shape with axis d0 dropped, and the
+ * column statistics, with axis d1 dropped (features.factored_dims: d0 the largest axis, in numpy argsort
+ * order), each laid out as torch lays out a reduction over that axis (contiguous, keepdim=False). Element e
+ * finds its entry in the array that drops the axis of stride st and size s at
+ *     (e / (st * s)) * st + e % st,
+ * which, from e on, stays constant for a run of elements (st == 1: the dropped axis is the innermost one
+ * larger than 1, runs of s) or advances by one per element (st > 1, runs up to the next multiple of st).
+ * A 2-D (rows, cols) tensor is the case of one of each; a conv kernel (out, in, kh, kw) factored over out
+ * and in advances in both over runs of kh * kw. The passes walk a tile in segments on which both entries
+ * run so. */
+typedef struct {
+    int64_t st, s; /* stride and size of the dropped axis */
+} axis_t;
+typedef struct {
+    axis_t a, b;   /* the axes the row (a: d0) and column (b: d1) arrays drop */
+    int64_t na, nb; /* their entries: n / a.s and n / b.s */
+} layout_t;
+
+static inline int64_t entry_of(axis_t x, int64_t e) { return (e / (x.st * x.s)) * x.st + e % x.st; }
+static inline int64_t run_left(axis_t x, int64_t e) {
+    const int64_t q = x.st == 1 ? x.s : x.st;
+    return q - e % q;
+}
+
+/* Walk elements [i, i + n) of a factored tensor with layout L in segments; the body sees the segment's first
+ * element e, its row / column entries ia / ib and their steps da / db (0 or 1), its length len and its tile
+ * column t0. (A 2-D tile is one or two segments; a 3 x 3 conv kernel's about n / 9.) */
+#define FOR_SEGMENTS(i, n, L, ...)                                                                      \
     for (int t0 = 0; t0 < (n);) {                                                                       \
-        const int64_t e = (i) + t0, r = e / (ncol), c = e % (ncol);                                     \
-        const int len = (int)((ncol) - c < (n) - t0 ? (ncol) - c : (n) - t0);                           \
+        const int64_t e = (i) + t0, ia = entry_of((L).a, e), ib = entry_of((L).b, e);                   \
+        const int da = (L).a.st != 1, db = (L).b.st != 1;                                               \
+        int64_t len_ = (n) - t0, ra_ = run_left((L).a, e), rb_ = run_left((L).b, e);                    \
+        if (ra_ < len_) len_ = ra_;                                                                     \
+        if (rb_ < len_) len_ = rb_;                                                                     \
+        const int len = (int)len_;                                                                      \
         __VA_ARGS__;                                                                                    \
         t0 += len;                                                                                      \
     }
+
+/* q[3 t + k] = fa[row entry][k] * fb[column entry][k], the Adafactor factor product of decay k of the tile's
+ * element t (accumulators.row_col_factors' row and column factors, as velo._elem_chunk multiplies them). */
+static inline __attribute__((always_inline)) void factor_seg(float *restrict q, int len, const float *ra,
+                                                             int sa, const float *rb, int sb) {
+    for (int t = 0; t < len; t++)
+        for (int k = 0; k < 3; k++) q[3 * t + k] = ra[sa * t + k] * rb[sb * t + k];
+}
+
+static void tile_factors(int64_t i, int n, layout_t L, const float *fa, const float *fb, float *restrict q) {
+    FOR_SEGMENTS(i, n, L, {
+        const float *ra = fa + 3 * ia, *rb = fb + 3 * ib;
+        float *qt = q + 3 * t0;
+        if (!da && db) factor_seg(qt, len, ra, 0, rb, 3); /* each a specialisation */
+        else if (da && !db) factor_seg(qt, len, ra, 3, rb, 0);
+        else if (da && db) factor_seg(qt, len, ra, 3, rb, 3);
+        else factor_seg(qt, len, ra, 0, rb, 0);
+    });
+}
 
 typedef double vd __attribute__((vector_size(4 * sizeof(double))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
@@ -265,18 +325,17 @@ static void state_stats_add(const vd *s1, const vd *s2, double *stats) {
 
 /* Pass 1 over elements [i0, i1): update m / rms in place, add the sums of squares of the K features to
  * sums; with stats (VeLO's LSTM inputs), first add the previous state's statistics (state_stats_add). */
-static void pass1(feat_fn feat, int K, int64_t i0, int64_t i1, int64_t ncol, const float *p, const float *g,
+static void pass1(feat_fn feat, int K, int64_t i0, int64_t i1, layout_t L, const float *p, const float *g,
                   float *m, float *rms, const float *fa, const float *fb, const float *md, const float *mc,
                   float rd, float rc, double *sums, double *stats) {
-    float f[32 * T];
+    float f[32 * T], q[3 * T];
     vd s1[5] = {{0}}, s2[5] = {{0}};
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
         if (stats) state_stats_tile(i, n, p, m, rms, s1, s2);
-        FOR_SEGMENTS(i, n, ncol, {
-            update_acc(e, len, g, m, rms, md, mc, rd, rc);
-            feat(f, t0, len, e, r, c, p, g, m, rms, fa + 3 * r, fb + 3 * c);
-        });
+        update_acc(i, n, g, m, rms, md, mc, rd, rc);
+        tile_factors(i, n, L, fa, fb, q);
+        feat(f, n, i, p, g, m, rms, q);
         zero_tail(K, n, f);
         add_sumsq(K, f, sums);
     }
@@ -284,15 +343,15 @@ static void pass1(feat_fn feat, int K, int64_t i0, int64_t i1, int64_t ncol, con
 }
 
 /* The MLP output o (J x T) of the tile of elements [i, i + n): features, relu(K -> H), relu(H -> H), H -> J;
- * the first layer starts from a0[row] + a1t[:, col] (its bias and the row / column features' share). */
-static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, int64_t ncol, const float *p,
+ * the first layer starts from a0t[:, row] + a1t[:, col] (its bias and the row / column features' share). */
+static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, layout_t L, const float *p,
                      const float *g, const float *m, const float *rms, const float *fa, const float *fb,
-                     const float *we, const float *a0, const float *a1t, const float *w2, const float *b2,
+                     const float *we, const float *a0t, const float *a1t, const float *w2, const float *b2,
                      const float *w3, const float *b3, float *f, float *h1, float *h2, float *o) {
-    FOR_SEGMENTS(i, n, ncol, {
-        feat(f, t0, len, e, r, c, p, g, m, rms, fa + 3 * r, fb + 3 * c);
-        init_seg(H, t0, len, c, ncol, a0 + r * H, a1t, h1);
-    });
+    float q[3 * T];
+    tile_factors(i, n, L, fa, fb, q);
+    feat(f, n, i, p, g, m, rms, q);
+    FOR_SEGMENTS(i, n, L, init_seg(H, t0, len, a0t + ia, da, L.na, a1t + ib, db, L.nb, h1));
     zero_tail(K, n, f);
     zero_tail(H, n, h1);
     layer(K, H, we, f, h1, 1);
@@ -309,17 +368,17 @@ static void mlp_tile(feat_fn feat, int K, int H, int J, int64_t i, int n, int64_
  *                                                m * fac (3);
  * VeLO (velo._elem_chunk, 18): g, clip(g, -0.1, 0.1), p, m (3), rms, m * rsqrt (3), rsqrt, g * fac (3),
  *                                  g * rsqrt, m * fac (3);
- * rsqrt = 1 / sqrt(rms + 1e-6), fac = fa * fb (the Adafactor row and column factors, 3 decays). */
-static inline void features(const int velo, float *restrict f, int t0, int len, int64_t e0, const float *p,
-                            const float *g, const float *m, const float *rms, const float *fa,
-                            const float *fb) {
-    const float fr0 = fa[0], fr1 = fa[1], fr2 = fa[2];
+ * rsqrt = 1 / sqrt(rms + 1e-6), fac = q (the Adafactor row and column factors' product, 3 decays). */
+static inline __attribute__((always_inline)) void features(const int velo, float *restrict f, int len,
+                                                            int64_t e0, const float *p, const float *g,
+                                                            const float *m, const float *rms,
+                                                            const float *q) {
     for (int t = 0; t < len; t++) {
         const int64_t e = e0 + t;
         const float gi = g[e], m0 = m[3 * e], m1 = m[3 * e + 1], m2 = m[3 * e + 2], v = rms[e];
         const float rs = 1.0f / sqrtf(v + 1e-6f);
-        const float q0 = fr0 * fb[3 * t], q1 = fr1 * fb[3 * t + 1], q2 = fr2 * fb[3 * t + 2];
-        float *o = f + t0 + t;
+        const float q0 = q[3 * t], q1 = q[3 * t + 1], q2 = q[3 * t + 2];
+        float *o = f + t;
         int k = 0;
         o[k++ * T] = gi;
         if (velo) o[k++ * T] = gi < -0.1f ? -0.1f : (gi > 0.1f ? 0.1f : gi); /* torch.clamp: NaN stays */
@@ -332,32 +391,28 @@ static inline void features(const int velo, float *restrict f, int t0, int len, 
     }
 }
 
-static void sfc_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
-                         const float *p, const float *g, const float *m, const float *rms, const float *fa,
-                         const float *fb) {
-    (void)r; (void)c;
-    features(0, f, t0, len, e0, p, g, m, rms, fa, fb);
+static void sfc_features(float *restrict f, int len, int64_t e0, const float *p, const float *g,
+                         const float *m, const float *rms, const float *q) {
+    features(0, f, len, e0, p, g, m, rms, q);
 }
 
-static void velo_features(float *restrict f, int t0, int len, int64_t e0, int64_t r, int64_t c,
-                          const float *p, const float *g, const float *m, const float *rms, const float *fa,
-                          const float *fb) {
-    (void)r; (void)c;
-    features(1, f, t0, len, e0, p, g, m, rms, fa, fb);
+static void velo_features(float *restrict f, int len, int64_t e0, const float *p, const float *g,
+                          const float *m, const float *rms, const float *q) {
+    features(1, f, len, e0, p, g, m, rms, q);
 }
 
 /* small_fc_lopt pass 2 over elements [i0, i1): MLP 16 -> H -> H -> 2, the step
  * ((o0 * exp(o1 * exp_mult)) * step_mult) * scale (* lr) (adafac._step, then muLO's scale and the lr as in
  * adafac._adafac_reference), out = p - step (out may alias p). */
-static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,
+static void sfc_pass2_range(int64_t i0, int64_t i1, layout_t L, int H, const float *p, const float *g,
                             const float *m, const float *rms, const float *fa, const float *fb,
-                            const float *we, const float *a0, const float *a1t, const float *w2,
+                            const float *we, const float *a0t, const float *a1t, const float *w2,
                             const float *b2, const float *w3, const float *b3, float exp_mult,
                             float step_mult, float scale, float lr, float *out) {
     float f[16 * T], h1[MAXH * T], h2[MAXH * T], o[2 * T];
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
-        mlp_tile(sfc_features, 16, H, 2, i, n, ncol, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, f,
+        mlp_tile(sfc_features, 16, H, 2, i, n, L, p, g, m, rms, fa, fb, we, a0t, a1t, w2, b2, w3, b3, f,
                  h1, h2, o);
         float res[T];
         for (int t = 0; t < T; t += V) {
@@ -371,19 +426,30 @@ static void sfc_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const f
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* The row and column sums of this step's g^2 + 1e-30 over elements [i0, i1), into this range's own
- * rows[nrow] and cols[ncol] (double): the means accumulators.factored_rolling takes. */
-static void gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, double *rows, double *cols) {
+/* The sums of this step's g^2 + 1e-30 over axis d0 and over axis d1 for elements [i0, i1), into this
+ * range's own rows[na] and cols[nb] (double): the means accumulators.factored_rolling takes. */
+static void gsq_range(int64_t i0, int64_t i1, layout_t L, const float *g, double *rows, double *cols) {
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
-        FOR_SEGMENTS(i, n, ncol, {
-            double acc = 0.0;
-            for (int t = 0; t < len; t++) {
-                const float gi = g[e + t], q = gi * gi + 1e-30f;
-                acc += (double)q;
-                cols[c + t] += (double)q;
+        FOR_SEGMENTS(i, n, L, {
+            double *ra = rows + ia, *rb = cols + ib;
+            if (da && db) {
+                for (int t = 0; t < len; t++) {
+                    const float gi = g[e + t], q = gi * gi + 1e-30f;
+                    ra[t] += (double)q;
+                    rb[t] += (double)q;
+                }
+            } else {
+                double acc = 0.0;
+                for (int t = 0; t < len; t++) {
+                    const float gi = g[e + t], q = gi * gi + 1e-30f;
+                    acc += (double)q;
+                    if (da) ra[t] += (double)q;
+                    if (db) rb[t] += (double)q;
+                }
+                if (!da) ra[0] += acc;
+                if (!db) rb[0] += acc;
             }
-            rows[r] += acc;
         });
     }
 }
@@ -391,16 +457,16 @@ static void gsq_range(int64_t i0, int64_t i1, int64_t ncol, const float *g, doub
 /* VeLO pass 2 over elements [i0, i1): MLP 18 -> H -> H -> 3 and the output head, velo.output_step:
  * step = dir * (pscale * exp(mag * exp_mult)) * step_mult (pscale < 0: dir * exp(..) * step_mult), then
  * lr_mult * step, * 1 / sqrt(rms + 1e-6) if precond, out = p - step (lr == 1) or p - lr * step. */
-static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const float *p, const float *g,
+static void velo_pass2_range(int64_t i0, int64_t i1, layout_t L, int H, const float *p, const float *g,
                              const float *m, const float *rms, const float *fa, const float *fb,
-                             const float *we, const float *a0, const float *a1t, const float *w2,
+                             const float *we, const float *a0t, const float *a1t, const float *w2,
                              const float *b2, const float *w3, const float *b3, float exp_mult,
                              float step_mult, float pscale, float lr_mult, int precond, float lr,
                              float *out) {
     float f[18 * T], h1[MAXH * T], h2[MAXH * T], o[3 * T];
     for (int64_t i = i0; i < i1; i += T) {
         const int n = (int)(i1 - i < T ? i1 - i : T);
-        mlp_tile(velo_features, 18, H, 3, i, n, ncol, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, f,
+        mlp_tile(velo_features, 18, H, 3, i, n, L, p, g, m, rms, fa, fb, we, a0t, a1t, w2, b2, w3, b3, f,
                  h1, h2, o);
         float res[T];
         for (int t = 0; t < T; t += V) {
@@ -422,9 +488,14 @@ static void velo_pass2_range(int64_t i0, int64_t i1, int64_t ncol, int H, const 
  * row / column factor arrays of 3, and hidden layers up to MAXH wide. */
 enum { LOPT_OK = 0, LOPT_ENULL = -1, LOPT_ESIZE = -2, LOPT_ESLOTS = -3, LOPT_EHIDDEN = -4, LOPT_EDECAYS = -5 };
 
-static int check_shape(int64_t n, int nslots, int64_t ncol) {
-    if (n < 0 || ncol < 1 || n % ncol != 0) return LOPT_ESIZE;
+/* The layout of n elements whose row / column arrays drop the axes (sta, sa) / (stb, sb) (stride, size): both
+ * blocks st * s must tile the n elements (a contiguous tensor's axes do). */
+static int check_shape(int64_t n, int nslots, int64_t sta, int64_t sa, int64_t stb, int64_t sb, layout_t *L) {
+    if (n < 0 || sta < 1 || sa < 1 || stb < 1 || sb < 1) return LOPT_ESIZE;
+    if (sta > INT64_MAX / sa || stb > INT64_MAX / sb || n % (sta * sa) != 0 || n % (stb * sb) != 0)
+        return LOPT_ESIZE;
     if (nslots < 1) return LOPT_ESLOTS;
+    *L = (layout_t){{sta, sa}, {stb, sb}, n / sa, n / sb};
     return LOPT_OK;
 }
 
@@ -445,61 +516,68 @@ static int check_decays(int nmom, int nrms, int nfac) {
         if (rc_ != LOPT_OK) return rc_;                                                                 \
     } while (0)
 
-int sfc_pass1(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, const float *p, const float *g,
-              float *m, float *rms, const float *fa, const float *fb, const float *md, const float *mc, float rd,
-              float rc, double *sums) {
-    TRY(check_shape(n, nslots, ncol));
+int sfc_pass1(int64_t n, int nslots, int64_t sta, int64_t sa, int64_t stb, int64_t sb, int nmom, int nrms,
+              int nfac, const float *p, const float *g, float *m, float *rms, const float *fa,
+              const float *fb,
+              const float *md, const float *mc, float rd, float rc, double *sums) {
+    layout_t L;
+    TRY(check_shape(n, nslots, sta, sa, stb, sb, &L));
     TRY(check_decays(nmom, nrms, nfac));
     REQUIRE(p, g, m, rms, fa, fb, md, mc, sums);
-    PARALLEL_RANGES(n, nslots, pass1(sfc_features, 16, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
+    PARALLEL_RANGES(n, nslots, pass1(sfc_features, 16, i0, i1, L, p, g, m, rms, fa, fb, md, mc, rd, rc,
                                      sums + 16 * j, NULL));
     return LOPT_OK;
 }
 
-int sfc_pass2(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, int H, const float *p,
-              const float *g, const float *m, const float *rms, const float *fa, const float *fb,
-              const float *we, const float *a0, const float *a1t, const float *w2, const float *b2,
-              const float *w3, const float *b3, float exp_mult, float step_mult, float scale, float lr,
-              float *out) {
-    TRY(check_shape(n, nslots, ncol));
+int sfc_pass2(int64_t n, int nslots, int64_t sta, int64_t sa, int64_t stb, int64_t sb, int nmom, int nrms,
+              int nfac, int H, const float *p, const float *g, const float *m, const float *rms,
+              const float *fa, const float *fb, const float *we, const float *a0t, const float *a1t,
+              const float *w2, const float *b2, const float *w3, const float *b3, float exp_mult,
+              float step_mult, float scale, float lr, float *out) {
+    layout_t L;
+    TRY(check_shape(n, nslots, sta, sa, stb, sb, &L));
     TRY(check_decays(nmom, nrms, nfac));
     if (H < 1 || H > MAXH) return LOPT_EHIDDEN;
-    REQUIRE(p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, out);
-    PARALLEL_RANGES(n, nslots, sfc_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
+    REQUIRE(p, g, m, rms, fa, fb, we, a0t, a1t, w2, b2, w3, b3, out);
+    PARALLEL_RANGES(n, nslots, sfc_pass2_range(i0, i1, L, H, p, g, m, rms, fa, fb, we, a0t, a1t, w2, b2,
                                                w3, b3, exp_mult, step_mult, scale, lr, out));
     return LOPT_OK;
 }
 
-int gsq_sums(int64_t n, int nslots, int64_t ncol, const float *g, double *rows, double *cols) {
-    TRY(check_shape(n, nslots, ncol));
+int gsq_sums(int64_t n, int nslots, int64_t sta, int64_t sa, int64_t stb, int64_t sb, const float *g,
+             double *rows, double *cols) {
+    layout_t L;
+    TRY(check_shape(n, nslots, sta, sa, stb, sb, &L));
     REQUIRE(g, rows, cols);
-    const int64_t nrow = n / ncol;
-    PARALLEL_RANGES(n, nslots, gsq_range(i0, i1, ncol, g, rows + nrow * j, cols + ncol * j));
+    PARALLEL_RANGES(n, nslots, gsq_range(i0, i1, L, g, rows + L.na * j, cols + L.nb * j));
     return LOPT_OK;
 }
 
 /* stats may be NULL: no LSTM statistics (Celo, whose LSTM reads only global inputs). */
-int velo_pass1(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, const float *p,
-               const float *g, float *m, float *rms, const float *fa, const float *fb, const float *md,
+int velo_pass1(int64_t n, int nslots, int64_t sta, int64_t sa, int64_t stb, int64_t sb, int nmom, int nrms,
+               int nfac, const float *p, const float *g, float *m, float *rms, const float *fa,
+               const float *fb, const float *md,
                const float *mc, float rd, float rc, double *sums, double *stats) {
-    TRY(check_shape(n, nslots, ncol));
+    layout_t L;
+    TRY(check_shape(n, nslots, sta, sa, stb, sb, &L));
     TRY(check_decays(nmom, nrms, nfac));
     REQUIRE(p, g, m, rms, fa, fb, md, mc, sums);
-    PARALLEL_RANGES(n, nslots, pass1(velo_features, 18, i0, i1, ncol, p, g, m, rms, fa, fb, md, mc, rd, rc,
+    PARALLEL_RANGES(n, nslots, pass1(velo_features, 18, i0, i1, L, p, g, m, rms, fa, fb, md, mc, rd, rc,
                                      sums + 18 * j, stats ? stats + 9 * j : NULL));
     return LOPT_OK;
 }
 
-int velo_pass2(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, int nfac, int H, const float *p,
-               const float *g, const float *m, const float *rms, const float *fa, const float *fb,
-               const float *we, const float *a0, const float *a1t, const float *w2, const float *b2,
-               const float *w3, const float *b3, float exp_mult, float step_mult, float pscale, float lr_mult,
-               int precond, float lr, float *out) {
-    TRY(check_shape(n, nslots, ncol));
+int velo_pass2(int64_t n, int nslots, int64_t sta, int64_t sa, int64_t stb, int64_t sb, int nmom, int nrms,
+               int nfac, int H, const float *p, const float *g, const float *m, const float *rms,
+               const float *fa, const float *fb, const float *we, const float *a0t, const float *a1t,
+               const float *w2, const float *b2, const float *w3, const float *b3, float exp_mult,
+               float step_mult, float pscale, float lr_mult, int precond, float lr, float *out) {
+    layout_t L;
+    TRY(check_shape(n, nslots, sta, sa, stb, sb, &L));
     TRY(check_decays(nmom, nrms, nfac));
     if (H < 1 || H > MAXH) return LOPT_EHIDDEN;
-    REQUIRE(p, g, m, rms, fa, fb, we, a0, a1t, w2, b2, w3, b3, out);
-    PARALLEL_RANGES(n, nslots, velo_pass2_range(i0, i1, ncol, H, p, g, m, rms, fa, fb, we, a0, a1t, w2, b2,
+    REQUIRE(p, g, m, rms, fa, fb, we, a0t, a1t, w2, b2, w3, b3, out);
+    PARALLEL_RANGES(n, nslots, velo_pass2_range(i0, i1, L, H, p, g, m, rms, fa, fb, we, a0t, a1t, w2, b2,
                                                 w3, b3, exp_mult, step_mult, pscale, lr_mult, precond, lr,
                                                 out));
     return LOPT_OK;
@@ -560,7 +638,9 @@ EXACT_FN static void celo_adam_range(int64_t i0, int64_t i1, int nmom, int nrms,
 int celo_adam_step(int64_t n, int nslots, int64_t ncol, int nmom, int nrms, const float *p, const float *g,
                    float *m, float *v, const float *md, const float *mc, const float *rd, const float *rc,
                    float c1, float c2, float lr, float eps, float scale, float glr, float *out) {
-    TRY(check_shape(n, nslots, ncol));
+    layout_t L; /* element-wise: no row / column arrays */
+    if (ncol != 1) return LOPT_ESIZE;
+    TRY(check_shape(n, nslots, 1, 1, 1, 1, &L));
     if (nmom < 1 || nrms < 1) return LOPT_EDECAYS;
     REQUIRE(p, g, m, v, md, mc, rd, rc, out);
     PARALLEL_RANGES(n, nslots, celo_adam_range(i0, i1, nmom, nrms, p, g, m, v, md, mc, rd, rc, c1, c2, lr, eps,

@@ -1,9 +1,11 @@
 """The C passes as functions of tensors and numbers (``lopt_cpu.c``, loaded by ``build``).
 
-Every pass takes one contiguous 2-D float32 tensor (rows: axis 0, columns: axis 1) with its state and the
-small per-row / per-column arrays the caller computed with torch; it splits the elements over torch's
-OpenMP threads (``slots``) and returns or writes float32 (its internal sums are float64). Which math each
-pass restates is said in lopt_cpu.c; the family modules (``velo.py``, ``adafac.py``) call them.
+Every pass takes one contiguous factored float32 tensor of any rank >= 2 (2-D matrices, conv kernels
+(out, in, kh, kw)) and its factored dims ``(d1, d0)`` (``features.factored_dims``) with its state and the
+small row / column arrays the caller computed with torch (shaped as reductions over d0 / over d1, as the
+factored accumulators are); it splits the elements over torch's OpenMP threads (``slots``) and returns or
+writes float32 (its internal sums are float64). Which math each pass restates is said in lopt_cpu.c; the
+family modules (``velo.py``, ``adafac.py``, ``celo.py``) call them.
 """
 
 from __future__ import annotations
@@ -58,31 +60,52 @@ def slots() -> int:
 
 
 def usable(pf: torch.Tensor, state: list[torch.Tensor]) -> bool:
-    """Whether the passes can take a tensor: 2-D, and it and its state float32 and contiguous."""
-    return pf.dim() == 2 and all(t.dtype == torch.float32 and t.is_contiguous() for t in (pf, *state))
+    """Whether the passes can take a tensor: rank >= 2 (factored), it and its state float32 and contiguous."""
+    return pf.dim() >= 2 and all(t.dtype == torch.float32 and t.is_contiguous() for t in (pf, *state))
 
 
-def by_axis(
-    x_row: torch.Tensor, x_col: torch.Tensor, d0: int, shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-axis-0, per-axis-1) contiguous arrays of a 2-D tensor's factored row / column statistics
-    (``x_row`` is reduced over d0, the largest axis, so it runs along the other one)."""
-    a, b = (x_row, x_col) if d0 == 1 else (x_col, x_row)
-    return a.reshape(shape[0], -1).contiguous(), b.reshape(shape[1], -1).contiguous()
+def layout(shape: tuple[int, ...], fdims: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(stride, size) of axis d0, which the row arrays drop, then of axis d1, which the column arrays drop, in
+    a contiguous tensor of ``shape`` (``fdims = (d1, d0)``, ``features.factored_dims``): how lopt_cpu.c finds
+    an element's entries in arrays laid out as torch's reductions over those axes."""
+    d1, d0 = fdims
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return strides[d0], shape[d0], strides[d1], shape[d1]
 
 
-def gsq_means(g: torch.Tensor) -> dict[int, torch.Tensor]:
-    """``mean(g**2 + 1e-30)`` of a 2-D gradient over axis 0 (per column) and axis 1 (per row), summed in
-    float64 by one pass (``gsq_sums``); keyed by the reduced axis, float32."""
-    (nrow, ncol), k = g.shape, slots()
-    rows = torch.zeros(k, nrow, dtype=torch.float64)
-    cols = torch.zeros(k, ncol, dtype=torch.float64)
-    _call("gsq_sums", g.numel(), k, ncol, ptr(g), ptr(rows), ptr(cols))
-    return {0: (cols.sum(0) / nrow).float(), 1: (rows.sum(0) / ncol).float()}
+def _entries(pf: torch.Tensor, fdims: tuple[int, int], fa: torch.Tensor, fb: torch.Tensor, width: int):
+    """The layout, after checking that the row / column arrays hold ``width`` floats per entry (the C passes
+    index them without bounds)."""
+    lay = layout(tuple(pf.shape), fdims)
+    n = pf.numel()
+    for name, arr, size in (("row", fa, lay[1]), ("column", fb, lay[3])):
+        if arr.numel() != n // size * width:
+            raise ValueError(f"the {name} array has {arr.numel()} floats, not {n // size} x {width}")
+    return lay
 
 
-def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, rms_d, null_stats=False):
-    n, ncol = pf.numel(), pf.shape[1]
+def gsq_means(g: torch.Tensor, fdims: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean over d0, mean over d1)`` of ``g**2 + 1e-30`` for a contiguous factored gradient (shaped as
+    ``torch.mean(., dim=d)``), summed in float64 by one pass (``gsq_sums``), float32."""
+    shape, k = tuple(g.shape), slots()
+    d1, d0 = fdims
+    lay = layout(shape, fdims)
+    n = g.numel()
+    rows = torch.zeros(k, n // lay[1], dtype=torch.float64)
+    cols = torch.zeros(k, n // lay[3], dtype=torch.float64)
+    _call("gsq_sums", n, k, *lay, ptr(g), ptr(rows), ptr(cols))
+    mean_d0 = (rows.sum(0) / shape[d0]).float().reshape(shape[:d0] + shape[d0 + 1 :])
+    mean_d1 = (cols.sum(0) / shape[d1]).float().reshape(shape[:d1] + shape[d1 + 1 :])
+    return mean_d0, mean_d1
+
+
+def _pass1(
+    name: str, nfeat: int, nstats: int, pf, fdims, g, mom, rms, fa, fb, mom_d, rms_d, null_stats=False
+):
+    n = pf.numel()
+    lay = _entries(pf, fdims, fa, fb, 3)
     mc = (1.0 - mom_d).contiguous()
     rd = torch.clamp(rms_d, 0.0, 1.0)
     rd_f, rc_f = float(rd[0]), float((1.0 - rd)[0])
@@ -91,51 +114,57 @@ def _pass1(name: str, nfeat: int, nstats: int, pf, g, mom, rms, fa, fb, mom_d, r
     sums = torch.zeros(k, nfeat, dtype=torch.float64)
     counts = _counts(mom, rms, fa)
     if not nstats:
-        _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums), *([None] if null_stats else []))
+        _call(name, n, k, *lay, *counts, *ptrs, rd_f, rc_f, ptr(sums), *([None] if null_stats else []))
         return sums.sum(0).to(torch.float32), None
     stats = torch.zeros(k, nstats, dtype=torch.float64)
-    _call(name, n, k, ncol, *counts, *ptrs, rd_f, rc_f, ptr(sums), ptr(stats))
+    _call(name, n, k, *lay, *counts, *ptrs, rd_f, rc_f, ptr(sums), ptr(stats))
     return sums.sum(0).to(torch.float32), stats.sum(0)
 
 
-def sfc_pass1(pf, g, mom, rms, fa, fb, mom_d, rms_d) -> torch.Tensor:
-    """small_fc_lopt pass 1: ``mom`` / ``rms`` updated in place; the sums of squares of the 16 per-element
-    features (float32). ``fa`` / ``fb``: the row / column Adafactor factors by axis (``by_axis``)."""
-    return _pass1("sfc_pass1", 16, 0, pf, g, mom, rms, fa, fb, mom_d, rms_d)[0]
+def sfc_pass1(pf, fdims, g, mom, rms, fa, fb, mom_d, rms_d) -> torch.Tensor:
+    """small_fc_lopt pass 1 over a contiguous factored tensor ``pf`` (``fdims = (d1, d0)``): ``mom`` / ``rms``
+    updated in place; the sums of squares of the 16 per-element features (float32). ``fa`` / ``fb``: the
+    Adafactor row / column factors (``accumulators.row_col_factors``: the shape less d0 / less d1, x 3)."""
+    return _pass1("sfc_pass1", 16, 0, pf, fdims, g, mom, rms, fa, fb, mom_d, rms_d)[0]
 
 
 def velo_pass1(
-    pf, g, mom, rms, fa, fb, mom_d, rms_d, *, lstm_stats: bool = True
+    pf, fdims, g, mom, rms, fa, fb, mom_d, rms_d, *, lstm_stats: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """VeLO pass 1: as ``sfc_pass1`` for its 18 features, and the previous state's sums for the LSTM inputs
     (float64: sum p^2, sum m (3), sum m^2 (3), sum rms, sum rms^2); ``lstm_stats=False`` (Celo, whose LSTM
     reads no per-tensor input) skips them and returns None in their place."""
     if not lstm_stats:
-        return _pass1("velo_pass1", 18, 0, pf, g, mom, rms, fa, fb, mom_d, rms_d, null_stats=True)
-    return _pass1("velo_pass1", 18, 9, pf, g, mom, rms, fa, fb, mom_d, rms_d)
+        return _pass1("velo_pass1", 18, 0, pf, fdims, g, mom, rms, fa, fb, mom_d, rms_d, null_stats=True)
+    return _pass1("velo_pass1", 18, 9, pf, fdims, g, mom, rms, fa, fb, mom_d, rms_d)
 
 
-def _pass2(name: str, pf, g, mom, rms, fa, fb, we, a0, a1, layers, *scalars: Any) -> None:
-    n, ncol, hidden = pf.numel(), pf.shape[1], we.shape[1]
-    keep = [t.contiguous() for t in (we, a0, a1.t(), *layers)]  # alive until the passes end
+def _pass2(name: str, pf, fdims, g, mom, rms, fa, fb, we, a0, a1, layers, *scalars: Any) -> None:
+    n, hidden = pf.numel(), we.shape[1]
+    lay = _entries(pf, fdims, fa, fb, 3)
+    _entries(pf, fdims, a0, a1, hidden)
+    # The row / column shares transposed to (hidden, entries): a segment reads each unit's run contiguously.
+    a0t, a1t = (a.reshape(-1, hidden).t() for a in (a0, a1))
+    keep = [t.contiguous() for t in (we, a0t, a1t, *layers)]  # alive until the passes end
     ptrs = [ptr(t) for t in (pf, g, mom, rms, fa, fb, *keep)]
-    _call(name, n, slots(), ncol, *_counts(mom, rms, fa), hidden, *ptrs, *scalars, ptr(pf))
+    _call(name, n, slots(), *lay, *_counts(mom, rms, fa), hidden, *ptrs, *scalars, ptr(pf))
 
 
-def sfc_pass2(pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr) -> None:
+def sfc_pass2(pf, fdims, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr) -> None:
     """small_fc_lopt pass 2: features, MLP 16 -> H -> H -> 2 (``we``: first-layer weights of the per-element
-    features, normalisation folded in; ``a0`` / ``a1``: the per-row / per-column first-layer shares;
-    ``layers``: (w2, b2, w3, b3)) and ``p - step``, written into ``pf`` (read before written)."""
-    _pass2("sfc_pass2", pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr)
+    features, normalisation folded in; ``a0`` / ``a1``: the first layer's row / column shares, shaped as
+    ``fa`` / ``fb`` with H per entry; ``layers``: (w2, b2, w3, b3)) and ``p - step``, written into ``pf``
+    (read before written)."""
+    _pass2("sfc_pass2", pf, fdims, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, scale, lr)
 
 
 def velo_pass2(
-    pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale, lr_mult, precond, lr
+    pf, fdims, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale, lr_mult, precond, lr
 ) -> None:
     """VeLO pass 2: features, MLP 18 -> H -> H -> 3 and the output head (``pscale < 0``: no param scale;
     ``precond``: 0 / 1), ``p - lr * step`` written into ``pf``; arguments as ``sfc_pass2``."""
-    _pass2("velo_pass2", pf, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale, lr_mult,
-           int(precond), lr)  # fmt: skip
+    _pass2("velo_pass2", pf, fdims, g, mom, rms, fa, fb, we, a0, a1, layers, exp_mult, step_mult, pscale,
+           lr_mult, int(precond), lr)  # fmt: skip
 
 
 #: Elements per thread below which the Celo-Adam pass runs on one thread (a hand-off costs more).
