@@ -182,7 +182,7 @@ def test_force_never_replaces_a_device_or_fifo(tmp_path):
     assert stat.S_ISCHR(os.lstat(dev).st_mode)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; CI runs as a user")
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root, which writes into read-only folders")
 def test_read_only_output_folder(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
