@@ -236,9 +236,9 @@ def run(
         sys.exit(1)
 
 
-#: Rough seconds per fixture (float32, reset + open-loop replay) when no earlier report says: 7.5-11 s
-#: measured on a 2-core machine shared with other jobs (load 7), 16 cases in 2-3 min.
-ROUGH_SECONDS_PER_CASE = 8.0
+#: Rough seconds per fixture (float32, reset + open-loop replay) when no earlier report says: 26 cases in
+#: 15 s on a quiet 2-core machine with the fast paths (2026-12-02), up to about 3x that on a busy one.
+ROUGH_SECONDS_PER_CASE = 1.5
 
 
 def _fixture_digest(path: Path) -> str:
