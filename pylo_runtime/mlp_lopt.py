@@ -13,7 +13,7 @@ import torch
 
 from . import specs
 from .adafac import mlp_matmul, second_moment_normalize, tanh_embedding, update_momentum
-from .base import LearnedOptimizer, ParamsT, write_param
+from .base import LearnedOptimizer, write_param
 from .distributed.reducer import TensorReducer
 
 #: Every constructor argument of ``MLPLOpt`` with its default: the family spec's.
@@ -36,19 +36,6 @@ class MLPLOpt(LearnedOptimizer):
     LEGACY_STATE_KEYS: ClassVar[Mapping[str, str]] = {"m": "mom"}
     DEFAULTS: ClassVar[Mapping[str, Any]] = DEFAULTS
     SPEC = specs.mlp_lopt
-
-    def __init__(
-        self,
-        params: ParamsT,
-        theta: Mapping[str, torch.Tensor],
-        config: Mapping[str, Any],
-        *,
-        num_steps: int,
-        **options: Any,
-    ) -> None:
-        # Config and theta names / shapes / dtypes (19 inputs to the first layer) are validated through SPEC
-        # before anything is built.
-        super().__init__(params, theta, config, num_steps=num_steps, **options)
 
     def _init_global(self, device: torch.device) -> dict[str, Any]:
         return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}

@@ -18,13 +18,12 @@ by segment sums); both run the LSTM once on all tensors' rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import specs
-from .base import LearnedOptimizer, ParamsT, write_param
+from .base import LearnedOptimizer, write_param
 from .distributed.reducer import TensorReducer
 from .features import clip_log_abs
 from .lstm import lstm_step
@@ -250,18 +249,6 @@ class NNAdam(LearnedOptimizer):
     architecture = "nn_adam"
     shard_local = True
     SPEC = specs.nn_adam
-
-    def __init__(
-        self,
-        params: ParamsT,
-        theta: Mapping[str, torch.Tensor],
-        config: Mapping[str, Any],
-        *,
-        num_steps: int,
-        **options: Any,
-    ) -> None:
-        # Config and theta names / shapes / dtypes are validated through SPEC before anything is built.
-        super().__init__(params, theta, config, num_steps=num_steps, **options)
 
     def _init_global(self, device: torch.device) -> dict[str, Any]:
         return {"iteration": torch.zeros((), dtype=torch.int32, device=device)}
