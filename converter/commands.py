@@ -77,21 +77,13 @@ def _output_path(output: str | None, default_name: str, force: bool) -> Path:
     return files.check_output(_default_output(default_name) if output is None else output, force=force)
 
 
-def _known_sha(src: str, fallback: str | None = None) -> str | None:
-    """The registry's sha256 for a remote source it knows (any entry), else ``fallback``."""
+def _known_entry(src: str) -> registry.Entry | None:
+    """The registry entry whose weights file is the remote source ``src`` (URIs compared normalised), if any:
+    its sha256 is checked and, for a config-less hub file, its ``sets`` bound, as its subcommand would."""
     try:
-        return registry.load().sha256_for(src) or fallback
+        return registry.load().entry_for(src)
     except (OSError, ValueError):
-        return fallback
-
-
-def _known_sets(src: str) -> tuple[str, ...]:
-    """The registry's ``sets`` for a remote source it knows (a config-less hub file), else none."""
-    try:
-        entry = registry.load().entry_for(src)
-    except (OSError, ValueError):
-        return ()
-    return entry.sets if entry is not None else ()
+        return None
 
 
 def _conversion_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -215,7 +207,8 @@ def _registry_command(entry: registry.Entry) -> click.Command:
             )
         src = srcs[0]
         out = _output_path(output, entry.name, force)
-        sha = entry.sha256 if src == entry.source else _known_sha(src)
+        known = entry if src == entry.source else _known_entry(src)
+        sha = known.sha256 if known is not None else None
         path = convert.convert_source(
             src,
             out,
@@ -297,10 +290,11 @@ def auto(source: tuple[str, ...], output: str | None, force: bool, sets: tuple[s
         files.check_output(output, force=force)
     else:  # the file name comes from the architecture found; its folder can be checked now
         files.check_folder(_default_output("x").parent)
+    known = _known_entry(src)
     spec, provenance = convert.load_source(
         src, sets=list(sets), config_file=config_file, allow_pickle=allow_pickle,
-        expected_sha256=_known_sha(src), refresh=refresh, max_bytes=limit,
-        fallback_sets=_known_sets(src),
+        expected_sha256=known.sha256 if known is not None else None, refresh=refresh, max_bytes=limit,
+        fallback_sets=known.sets if known is not None else (),
     )  # fmt: skip
     out = _output_path(output, spec.name, force)
     path = writer.write(spec, out, provenance, force=force, allow_nonfinite=allow_nonfinite)

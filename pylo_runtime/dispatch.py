@@ -197,10 +197,24 @@ def _ref(where: str) -> Path:
     return Path("reference", REFERENCE, where)
 
 
-_ADAFAC_FOREACH = (
-    Foreach(Path("foreach", FOREACH, "adafac._multi_tensor_adafac"), _adafac_fast),
-    Foreach(Path("foreach-batched", FOREACH, "adafac._adafac_reference(batched=True)"), _adafac_batched),
-)  # fmt: skip
+def _adafac_family(cls: str, spec: str) -> Family:
+    """small_fc_lopt and muLO: the same implementations (adafac.py), their own class and defaults."""
+    return Family(
+        cls=cls,
+        defaults=f"lopt_bridge.pylo_runtime.specs.{spec}:DEFAULTS",
+        reference=_ref("adafac._adafac_reference"),
+        foreach=(
+            Foreach(Path("foreach", FOREACH, "adafac._multi_tensor_adafac"), _adafac_fast),
+            Foreach(
+                Path("foreach-batched", FOREACH, "adafac._adafac_reference(batched=True)"), _adafac_batched
+            ),
+        ),
+        fused_cpu=_adafac_c,
+        fused_triton=_adafac_triton,
+        cpu_where="adafac._multi_tensor_adafac(c_passes=True) -> kernels.cpu.passes",
+        triton_where="adafac._triton_adafac -> kernels.triton.adafac",
+    )
+
 
 FAMILIES: dict[str, Family] = {
     "velo": Family(
@@ -218,26 +232,8 @@ FAMILIES: dict[str, Family] = {
         cpu_where="velo._multi_tensor_velo(c_passes=True) -> kernels.cpu.passes",
         triton_where="velo._triton_velo -> kernels.triton.velo",
     ),
-    "small_fc_lopt": Family(
-        cls="SmallFCLOpt",
-        defaults="lopt_bridge.pylo_runtime.specs.adafac:DEFAULTS",
-        reference=_ref("adafac._adafac_reference"),
-        foreach=_ADAFAC_FOREACH,
-        fused_cpu=_adafac_c,
-        fused_triton=_adafac_triton,
-        cpu_where="adafac._multi_tensor_adafac(c_passes=True) -> kernels.cpu.passes",
-        triton_where="adafac._triton_adafac -> kernels.triton.adafac",
-    ),
-    "mulo": Family(
-        cls="MuLO",
-        defaults="lopt_bridge.pylo_runtime.specs.mulo:DEFAULTS",
-        reference=_ref("adafac._adafac_reference"),
-        foreach=_ADAFAC_FOREACH,
-        fused_cpu=_adafac_c,
-        fused_triton=_adafac_triton,
-        cpu_where="adafac._multi_tensor_adafac(c_passes=True) -> kernels.cpu.passes",
-        triton_where="adafac._triton_adafac -> kernels.triton.adafac",
-    ),
+    "small_fc_lopt": _adafac_family("SmallFCLOpt", "adafac"),
+    "mulo": _adafac_family("MuLO", "mulo"),
     "mlp_lopt": Family(
         cls="MLPLOpt",
         defaults="lopt_bridge.pylo_runtime.specs.mlp_lopt:DEFAULTS",
