@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from step_time import state_bytes  # noqa: E402
+
 OPTIMIZERS = ["adamw_foreach", "adamw_fused", "velo", "small_fc_lopt", "celo", "celo_adam"]
 MODELS = ["resnet18", "gpt2"]
 
@@ -132,24 +134,8 @@ def run_one(model: str, opt_name: str, steps: int, warmup: int, batch: int) -> d
         "model": model, "optimizer": opt_name, "params": n, "tensors": len(params), "batch": batch,
         "fwd_bwd_s": fb, "step_s": st, "share": st / (fb + st),
         "peak_step_mib": max(peak) if peak else None, "loss_last": float(loss),
-        "state_bytes_per_param": _state_bytes(opt) / n,
+        "state_bytes_per_param": state_bytes(opt) / n,
     }  # fmt: skip
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    seen, total = set(), 0
-    stack: list[Any] = [dict(opt.state)]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            if x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, list | tuple):
-            stack.extend(x)
-    return total
 
 
 def _child(cmd: list[str], env: dict[str, str]) -> dict[str, Any] | None:
