@@ -24,11 +24,8 @@ Writes ``bench/results/<host>-<date>-celo-speed.json``. A tool, not a test.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from step_time import write_result  # noqa: E402
 from theta import random_theta  # noqa: E402
 from trees import num_params, tree_shapes  # noqa: E402
 
@@ -325,15 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         record["callgrind_instructions_per_element"] = cg
         per = ", ".join(f"{k} {v:.1f}" for k, v in cg.items())
         print(f"\ncallgrind, instructions per element (AVX2 build, one thread): {per}")
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    record["utc"] = stamp.isoformat()
-    path = out_dir / f"{socket.gethostname()}-{stamp:%Y%m%d-%H%M%S}-celo-speed.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    print(f"wrote {path}")
+    write_result(a.out, "celo-speed", record)
     return 0
 
 

@@ -16,11 +16,9 @@ A tool, not a test:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from step_time import state_bytes  # noqa: E402
+from step_time import state_bytes, write_result  # noqa: E402
 
 OPTIMIZERS = ["adamw_foreach", "adamw_fused", "velo", "small_fc_lopt", "celo", "celo_adam"]
 MODELS = ["resnet18", "gpt2"]
@@ -185,13 +183,9 @@ def main() -> None:
                   f"  step {r['step_s'] * 1e3:8.1f} ms  share {100 * r['share']:5.1f}%"
                   f"  peak step {peak:>5} MiB  state {r['state_bytes_per_param']:.0f} B/param",
                   flush=True)  # fmt: skip
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(a.out) / f"{socket.gethostname()}-{stamp}-e2e-share.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "steps": a.steps, "batch": a.batch, "args": vars(a)}  # fmt: skip
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_result(a.out, "e2e-share", {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -116,6 +116,18 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
+def write_result(out: str | Path, kind: str, record: dict[str, Any]) -> Path:
+    """``record``, stamped with the UTC time, as ``<out>/<host>-<UTC date-time>-<kind>.json`` (atomically)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    path = Path(out) / f"{socket.gethostname()}-{stamp:%Y%m%d-%H%M%S}-{kind}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**record, "utc": stamp.isoformat()}, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path
+
+
 def _torch_runner(opt, params, grads, device, warmup, steps, loss_arg: str | None) -> tuple[list[float], int]:
     for p, g in zip(params, grads, strict=True):
         p.grad = g
@@ -360,10 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         f"square 1024^3 {peak['square_gflops']:.1f} GFLOP/s"
     )
 
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    path = out_dir / f"{socket.gethostname()}-{stamp:%Y%m%d-%H%M%S}-{a.tree}-{device.type}.json"
     record = {
         "tree": a.tree,
         "num_params": n,
@@ -375,14 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "warmup": a.warmup,
         "steps": a.steps,
-        "utc": stamp.isoformat(),
         "matmul_peak": peak,
         "results": results,
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    print(f"wrote {path}")
+    write_result(a.out, f"{a.tree}-{device.type}", record)
     return 0
 
 
