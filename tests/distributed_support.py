@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -157,23 +156,20 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 # --------------------------------------------------------------------------------------------------------
 # Launching 2 ranks on the CPU with gloo.
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable[[int, int], Any], out_dir: str) -> None:
+def _entry(rank: int, world: int, fn: Callable[[int, int], Any], out_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store in this run's own folder: no TCP port to pick (a port found free can be taken before the
+    # store binds it).
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         result = fn(rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        # Leave together: a rank that tears down gloo while its peer's connections are still open can make the
+        # peer's gloo thread abort the process ("terminate called without an active exception", seen in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -183,7 +179,7 @@ def run_ranks(fn: Callable[[int, int], Any], world: int = 2) -> list[Any]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, _free_port(), fn, out_dir), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, fn, out_dir), nprocs=world, join=True)
         results = []
         for r in range(world):
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:
